@@ -42,6 +42,7 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 @dataclass
 class PretrainConfig:
     """The built-in base model: a small GPT pretrained once on the built-in corpus, then cached."""
+    corpus: str = "builtin"  # "builtin" (the Python standard library) or a file, glob, folder, or .jsonl
     vocab_size: int = field(default=8192, metadata=_range(256, 65536))
     n_layer: int = field(default=4, metadata=_range(1, 96))
     n_head: int = field(default=4, metadata=_range(1, 128))
