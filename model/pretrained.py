@@ -1,0 +1,204 @@
+"""Load checkpoints from a local folder as transformers writes it (config.json + safetensors / bin), mapping
+OPT and GPT-2 onto our GPT, and save / load our own base model ("slm-gpt"). Nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .gpt import GPT
+
+SUPPORTED_MODEL_TYPES = ("opt", "gpt2", "slm-gpt")
+_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT from a local checkpoint folder of model_type opt, gpt2 or slm-gpt. The returned model is in eval
+    mode; `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
+    hf = json.loads(config_file.read_text())
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if model_type == "opt":
+        config = _opt_config(hf)
+    elif model_type == "gpt2":
+        config = _gpt2_config(hf)
+    else:
+        config = GPTConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
+    raw = _read_tensors(folder)
+    if model_type == "opt":
+        tensors, ignorable = _opt_tensors(raw, config), {"lm_head.weight"} if config.tie_embeddings else set()
+    elif model_type == "gpt2":
+        tensors, ignorable = _gpt2_tensors(raw, config), {"lm_head.weight"} if config.tie_embeddings else set()
+    else:
+        tensors, ignorable = dict(raw), set()
+    model = GPT(config)
+    _load_checked(model, tensors, ignorable, source=str(folder))
+    tokenizer = folder / "tokenizer.json"
+    model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
+    return model.to(dtype).eval()
+
+
+def save_pretrained(model: GPT, path: str | Path) -> None:
+    """Write config.json (our GPTConfig, model_type "slm-gpt") + model.safetensors with the base model's tensors
+    (LoRA tensors, if injected, are not written: save them with lora.save_adapter). A tied head is stored once
+    (safetensors refuses shared tensors) and re-tied on load. Copies the model's tokenizer.json along if set."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        base_keys = list(GPT(model.config).state_dict())
+    state = model.state_dict()
+    missing = [k for k in base_keys if k not in state]
+    if missing:
+        raise ValueError(f"model has no tensors {missing}; is it a GPT built from its own config?")
+    skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    save_file({k: state[k].detach().contiguous().cpu() for k in base_keys if k not in skip}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "slm-gpt", **model.config.to_dict()}, indent=2) + "\n")
+    if model.tokenizer_path and Path(model.tokenizer_path).resolve() != (folder / "tokenizer.json").resolve():
+        shutil.copyfile(model.tokenizer_path, folder / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------- reading files
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder: model.safetensors, sharded safetensors (index), or pytorch_model.bin (+ index),
+    the latter only through torch.load(weights_only=True), which refuses arbitrary pickled code."""
+    for index_name, single, load in (
+        ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin",
+         lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
+        if (folder / single).is_file():
+            return load(folder / single)
+        if (folder / index_name).is_file():
+            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(load(folder / shard))
+            return tensors
+    raise FileNotFoundError(
+        f"{folder} has no weights: looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+        f"pytorch_model.bin.index.json; found {sorted(p.name for p in folder.iterdir())}"
+    )
+
+
+def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], ignorable: set[str], source: str) -> None:
+    """Load with errors that name the tensor: missing, unexpected, or shape mismatch (both shapes)."""
+    expected = model.state_dict()
+    tied = model.config.tie_embeddings
+    needed = [k for k in expected if not (tied and k == "lm_head.weight")]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise ValueError(f"{source}: checkpoint lacks tensors {missing} (names after mapping onto our GPT)")
+    unexpected = sorted(k for k in tensors if k not in needed and k not in ignorable)
+    if unexpected:
+        raise ValueError(f"{source}: checkpoint has tensors the model has no place for: {unexpected}")
+    for k in needed:
+        if tuple(tensors[k].shape) != tuple(expected[k].shape):
+            raise ValueError(
+                f"{source}: tensor {k} has shape {tuple(tensors[k].shape)} in the checkpoint but "
+                f"{tuple(expected[k].shape)} in the model built from config.json"
+            )
+    state = {k: tensors[k] for k in needed}
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------- OPT
+
+
+def _activation(hf: dict) -> str:
+    name = hf.get("activation_function")
+    if name not in _HF_ACTIVATIONS:
+        raise ValueError(f"activation_function {name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
+    return _HF_ACTIVATIONS[name]
+
+
+def _opt_config(hf: dict) -> GPTConfig:
+    if not hf.get("layer_norm_elementwise_affine", True):
+        raise ValueError("OPT with layer_norm_elementwise_affine=false is not supported (our LayerNorms are affine)")
+    d, proj = hf["hidden_size"], hf.get("word_embed_proj_dim", hf["hidden_size"])
+    pre_norm = hf.get("do_layer_norm_before", True)
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=d,
+        d_ff=hf["ffn_dim"], max_position_embeddings=hf["max_position_embeddings"], position_embedding="learned",
+        dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
+        bias=hf.get("enable_bias", True), activation=_activation(hf), tie_embeddings=hf.get("tie_word_embeddings", True),
+        pre_norm=pre_norm, final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+        layer_norm_eps=1e-5, position_offset=2, word_embed_proj_dim=proj if proj != d else None,
+    )
+
+
+def _opt_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """OPTForCausalLM / OPTModel keys (with or without `model.`) -> ours. Names inside blocks are the same;
+    OPT scales q by head_dim^-0.5 after q_proj and then attends unscaled, which equals SDPA's default scale,
+    so q_proj is copied as is (and a LoRA adapter on it means the same thing in both models)."""
+    out = {}
+    for key, t in raw.items():
+        k = key.removeprefix("model.").removeprefix("decoder.")
+        k = k.replace(".self_attn_layer_norm.", ".attn_norm.").replace(".final_layer_norm.", ".mlp_norm.")
+        if k.startswith("final_layer_norm."):
+            k = "final_norm." + k.removeprefix("final_layer_norm.")
+        out[k] = t
+    return out
+
+
+# ---------------------------------------------------------------------- GPT-2
+
+
+def _gpt2_config(hf: dict) -> GPTConfig:
+    if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
+        raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights=false is not supported")
+    d = hf.get("n_embd", hf.get("hidden_size"))
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf.get("n_layer", hf.get("num_hidden_layers")),
+        n_head=hf.get("n_head", hf.get("num_attention_heads")), d_model=d, d_ff=hf.get("n_inner") or 4 * d,
+        max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")), position_embedding="learned",
+        dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1), bias=True,
+        activation=_activation(hf), tie_embeddings=hf.get("tie_word_embeddings", True),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _gpt2_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel / GPT2Model keys (with or without `transformer.`) -> ours. Conv1D stores (in, out), so
+    weights are transposed; the fused c_attn (d, 3d) splits into q, k, v."""
+    names = {"wte.weight": "embed_tokens.weight", "wpe.weight": "embed_positions.weight",
+             "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
+    block = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_proj": "self_attn.out_proj",
+             "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"}
+    out = {}
+    for key, t in raw.items():
+        k = key.removeprefix("transformer.")
+        if k in names:
+            out[names[k]] = t
+            continue
+        if not k.startswith("h."):
+            out[k] = t                                   # unknown: reported as unexpected by _load_checked
+            continue
+        _, i, rest = k.split(".", 2)
+        module, param = rest.rsplit(".", 1)
+        if module == "attn" and param in ("bias", "masked_bias"):
+            continue                                     # old checkpoints' causal-mask buffers, not weights
+        conv = module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") and param == "weight"
+        t = t.t().contiguous() if conv else t            # Conv1D (in, out) -> Linear (out, in)
+        if module == "attn.c_attn":
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split(config.d_model, dim=0)):
+                out[f"layers.{i}.self_attn.{name}.{param}"] = part.contiguous()
+        elif module in block:
+            out[f"layers.{i}.{block[module]}.{param}"] = t
+        else:
+            out[k] = t
+    return out
