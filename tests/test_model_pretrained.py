@@ -1,0 +1,130 @@
+"""from_pretrained against transformers' own OPT and GPT-2 (random tiny models, saved locally), and our own
+save_pretrained round trip."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import GPT, GPTConfig, from_pretrained, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+
+def randomize(module: torch.nn.Module) -> None:
+    """Random values everywhere (biases and LayerNorms too), so a mapping mistake cannot hide behind zeros."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def tiny_opt(**kw):
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+               max_position_embeddings=40, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg.update(kw)
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg)).eval()
+    randomize(hf)
+    return hf
+
+
+def tiny_gpt2(**kw):
+    cfg = dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+    randomize(hf)
+    return hf
+
+
+def assert_same_logits(hf, ours, T=40):
+    x = torch.randint(0, 97, (2, T))
+    with torch.no_grad():
+        want, got = hf(x).logits, ours(x)
+    assert (want - got).abs().max().item() <= 1e-4
+    assert ours.num_parameters() == hf.num_parameters()
+
+
+@pytest.mark.parametrize("kw", [{}, {"do_layer_norm_before": False}, {"word_embed_proj_dim": 16},
+                                {"do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu"}],
+                         ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"])
+def test_opt_parity(tmp_path, kw):
+    hf = tiny_opt(**kw)
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    cfg = ours.config
+    assert cfg.position_offset == 2 and cfg.pre_norm == kw.get("do_layer_norm_before", True)
+    assert (ours.project_in is not None) == ("word_embed_proj_dim" in kw)
+    assert ours.tokenizer_path is None and not ours.training
+    assert_same_logits(hf, ours)
+
+
+def test_gpt2_parity(tmp_path):
+    hf = tiny_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.config.activation == "gelu_tanh"
+    assert_same_logits(hf, ours)
+
+
+@pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
+def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
+    hf = tiny_opt() if which == "opt" else tiny_gpt2()
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({k.removeprefix(prefix): v for k, v in state.items()}, tmp_path / "pytorch_model.bin")
+    assert_same_logits(hf, from_pretrained(tmp_path))
+
+
+def test_sharded_safetensors_and_tokenizer_path(tmp_path):
+    hf = tiny_opt()
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    ours = from_pretrained(tmp_path)
+    assert ours.tokenizer_path == str(tmp_path / "tokenizer.json")
+    assert_same_logits(hf, ours)
+
+
+def test_clear_errors(tmp_path):
+    hf = tiny_opt()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama' is not supported; supported types: opt, gpt2, slm-gpt"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.decoder.layers.1.fc1.weight"
+    save_file({**state, key: state[key][:, :5].contiguous()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layers.1.fc1.weight has shape \(64, 5\) .* \(64, 32\)"):
+        from_pretrained(tmp_path)
+    del state[key]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks tensors .*layers.1.fc1.weight"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kw", [dict(position_embedding="rope", rotary_fraction=0.5),
+                                dict(position_embedding="alibi", tie_embeddings=False, pre_norm=False)])
+def test_save_pretrained_round_trip(tmp_path, kw):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, **kw))
+    randomize(model)
+    save_pretrained(model, tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert ("lm_head.weight" in saved) == (not model.config.tie_embeddings)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "slm-gpt"
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    if model.config.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    x = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
