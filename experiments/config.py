@@ -106,6 +106,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = field(default=0, metadata=_range(0))
     log_every: int = field(default=10, metadata=_range(1))
+    checkpoint_every: int = field(default=100, metadata=_range(0))  # steps between resumable checkpoints; 0: none
 
 
 @dataclass

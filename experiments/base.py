@@ -1,0 +1,131 @@
+"""The model LoRA adapts: a checkpoint folder the user names, or the built-in base, pretrained once and cached.
+
+The built-in base is a small GPT pretrained (all weights trainable, the same loop as fine-tuning) on the
+built-in pretraining corpus, the Python standard library. It is cached under `data.cache_dir()/base/<key>`
+(SLM_LORA_CACHE overrides the cache dir), keyed by the `pretrain:` section and the corpus fingerprint, so the
+second run of a study finds it instantly. It is written to a temporary folder and renamed into place: a crash
+mid-pretraining never leaves a half-written base behind.
+
+Position embedding: RoPE. It has no table, so one base serves every context length of the context ablation
+(256-2048); a learned table would end at the pretraining length. The consequence: positions past
+`pretrain.seq_len` are rotations the base never saw, so its perplexity at longer contexts mixes "more context"
+with "length extrapolation", and LoRA fine-tuning at that length has to adapt to both. Each run records the
+base's own validation perplexity at its context length (`base_val_ppl`), which shows the size of that effect.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from data import (builtin_pretrain_corpus, cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer,
+                  TrainSampler, val_windows)
+from experiments import loop
+from experiments.config import Config
+from experiments.distributed import DistInfo, resolve_device
+from experiments.logging_utils import MetricsLog, write_json_atomic
+from model import GPT, GPTConfig, save_pretrained
+
+PRETRAIN_VAL_FRACTION = 0.05    # documents held out to report the base's own validation loss
+PRETRAIN_EVAL_TOKENS = 32768
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.dtype`: auto is bfloat16 on CUDA and plain float32 on CPU (bf16 matmuls are
+    ~85x slower than fp32 on this CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if name == "float32" else getattr(torch, name)
+
+
+def _pretrain_corpus(cfg: Config):
+    p = cfg.pretrain
+    return builtin_pretrain_corpus() if p.corpus == "builtin" else load_corpus(p.corpus, cfg.data.text_field)
+
+
+def base_key(cfg: Config, corpus_fingerprint: str) -> str:
+    """The built-in base's identity: its `pretrain:` section and the corpus it learns from."""
+    blob = json.dumps({"pretrain": cfg.to_dict()["pretrain"], "corpus": corpus_fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def base_fingerprint(folder: Path) -> str:
+    """Identity of a base folder: its config, tokenizer and the size of its weights (hashing gigabytes of an
+    imported checkpoint on every run would cost more than it protects)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        f = folder / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_base(cfg: Config, progress: bool = True) -> Path:
+    """The folder of the base model (config.json, model.safetensors, tokenizer.json): the user's folder as is,
+    or the cached built-in base, pretrained now if it is not cached yet."""
+    if cfg.model.base != "builtin":
+        folder = Path(cfg.model.base)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"model.base {folder} has no tokenizer.json; the fine-tuning text is tokenized "
+                                    "with the base model's own tokenizer. Save it there (tokenizer.save(...)).")
+        return folder
+    corpus = _pretrain_corpus(cfg)
+    folder = cache_dir() / "base" / base_key(cfg, corpus.fingerprint)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        pretrain(cfg, corpus, tmp, progress=progress)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same base first; theirs is as good as ours
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def pretrain(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
+    """Train the built-in base from scratch and write it (model, tokenizer, pretrain.json) into out_dir."""
+    p = cfg.pretrain
+    device = resolve_device(cfg.train.device)
+    one_process = DistInfo(rank=0, world_size=1, device=device, owns_group=False)
+    train_docs, val_docs = split_corpus(corpus, PRETRAIN_VAL_FRACTION)
+    tok = train_bpe_tokenizer(train_docs, p.vocab_size)
+    train_ids = token_array(train_docs, tok, "pretrain train")
+    val_ids = token_array(val_docs, tok, "pretrain val")
+
+    torch.manual_seed(p.seed)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model,
+                          d_ff=p.d_ff, max_position_embeddings=p.seq_len, position_embedding=p.position_embedding,
+                          dropout=0.0)).to(device).train()
+    plan = loop.plan_batches(p.tokens, p.batch_tokens, p.micro_batch_tokens, p.seq_len)
+    settings = loop.Settings(lr=p.lr, weight_decay=p.weight_decay, amp_dtype=amp_dtype(cfg.train.dtype, device),
+                             compile=cfg.train.compile, log_every=max(1, plan.steps // 50))
+    sampler = TrainSampler(train_ids, p.seq_len, plan.micro_seqs, seed=p.seed, rank=0, world_size=1)
+    xv, yv = val_windows(val_ids, p.seq_len, PRETRAIN_EVAL_TOKENS)
+    log = MetricsLog(out_dir, config=cfg.to_dict()["pretrain"])
+    t0 = time.perf_counter()
+    out = loop.train(model, sampler.batch, plan, settings, device=device, dist=one_process, val=(xv, yv),
+                     log=log, progress=progress, desc="pretrain base")
+    if out.status != "ok":
+        raise RuntimeError(f"pretraining the built-in base diverged at step {out.diverged_step}; "
+                           f"lower pretrain.lr (now {p.lr}).")
+    save_pretrained(model.cpu(), out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    summary = {"val_loss": out.val_curve[-1][1], "val_loss_init": out.val_curve[0][1], "steps": out.steps,
+               "tokens": out.train_tokens, "train_time_s": out.train_time_s,
+               "tokens_per_s": out.train_tokens / max(out.train_time_s, 1e-9),
+               "wall_time_s": time.perf_counter() - t0, "params": sum(q.numel() for q in model.parameters()),
+               "device": str(device), "corpus_fingerprint": corpus.fingerprint, "torch_version": torch.__version__}
+    write_json_atomic(out_dir / "pretrain.json", summary)
+    return summary

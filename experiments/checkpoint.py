@@ -1,0 +1,51 @@
+"""Resumable training state: trainable tensors, optimizer (and grad scaler) state, the step, RNG states, and
+the curves so far. Written atomically, so an interruption mid-write leaves the previous checkpoint intact;
+read with `weights_only=True` (only tensors, numbers, strings, lists and dicts are stored).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, state: dict[str, Any]) -> None:
+    """`state` holds the loop's plain values (step, curves, timings). Only trainable tensors are stored: the
+    frozen base is rebuilt from its own checkpoint on resume."""
+    blob = {
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "state": state,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` stored into live objects; returns the loop's `state` dict."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(blob["trainable"]):
+        missing, extra = sorted(set(params) - set(blob["trainable"])), sorted(set(blob["trainable"]) - set(params))
+        raise ValueError(f"{path} does not match this run's trainable parameters (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}): it was written by a different config. Delete it or drop --resume.")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(blob["trainable"][n])
+    optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and blob["scaler"] is not None:
+        scaler.load_state_dict(blob["scaler"])
+    torch.set_rng_state(blob["rng_cpu"])
+    if blob["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng_cuda"])
+    return blob["state"]

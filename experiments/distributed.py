@@ -1,0 +1,61 @@
+"""DDP plumbing: which process am I, on which device, and how to add a tensor up across processes.
+
+Under `torchrun --nproc_per_node N` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; without it this is
+one process and every function here is a no-op, so the loop reads the same either way.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # True if we created the process group and must destroy it
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and logs."""
+        return self.rank == 0
+
+
+def resolve_device(kind: str) -> torch.device:
+    """"auto" means CUDA when there is one; asking for CUDA without one is a clear error."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; set train.device: cpu or auto.")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(kind)
+
+
+def setup(device_kind: str) -> DistInfo:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or stay single-process."""
+    device = resolve_device(device_kind)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo(0, 1, device, owns_group=False)
+    owns = not dist.is_initialized()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if owns:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over processes, in place (a no-op with one process)."""
+    if info.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

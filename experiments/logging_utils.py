@@ -1,0 +1,97 @@
+"""Where a run's numbers go: run_dir/metrics.jsonl always, Weights & Biases when WANDB_PROJECT is set.
+
+Only the process that owns the run directory (rank 0) makes a `MetricsLog`; the others pass `enabled=False`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: a diverged loss is written as null and stays recognisable by the run's status."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Append-only metrics of one run, mirrored to W&B if asked for (`resume`: continue the same W&B run)."""
+
+    def __init__(self, run_dir: Path, *, config: dict, group: str | None = None, name: str | None = None,
+                 enabled: bool = True, resume: bool = False) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("WANDB_PROJECT"):
+            self.wandb = _start_wandb(Path(run_dir), config, group, name, resume=resume)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to `step`, the step training (re)starts from: what an interrupted process logged
+        after its last checkpoint is dropped, so the file reads as one uninterrupted run. Step 0 keeps nothing."""
+        if not self.enabled:
+            return
+        kept = []
+        if step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        """One record with a "step" key, e.g. {"step": 10, "train_loss": 3.2, "lr": 1e-3, "tokens": 81920}."""
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self, summary: dict) -> None:
+        """The run's final numbers go to the W&B run summary; the JSONL file needs no closing."""
+        if self.wandb is not None:
+            for k, v in summary.items():
+                self.wandb.summary[k] = _clean(v)
+            self.wandb.finish(exit_code=0 if summary.get("status") == "ok" else 1)
+            self.wandb = None
+
+
+def _start_wandb(run_dir: Path, config: dict, group: str | None, name: str | None, resume: bool) -> Any:
+    """A W&B run for this run directory; its id is kept in the directory so `--resume` continues the same run."""
+    try:
+        import wandb
+    except ImportError:
+        print("warning: WANDB_PROJECT is set but wandb is not installed (pip install wandb); "
+              "logging to metrics.jsonl only.", file=sys.stderr)
+        return None
+    id_file = run_dir / "wandb_id.txt"
+    if resume and id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id)
+    return wandb.init(project=os.environ["WANDB_PROJECT"], group=group, name=name, config=config,
+                      dir=str(run_dir), id=run_id, resume="allow")

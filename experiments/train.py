@@ -1,0 +1,192 @@
+"""One LoRA fine-tuning run: a validated Config in, a trained adapter and one flat result row out.
+
+    python -m experiments.train --config-json run/config.json --run-dir run/ [--resume] [--group G] [--name N]
+    torchrun --nproc_per_node 2 -m experiments.train ...       # DDP: same global batch, same numbers
+
+The sweep runner starts one such process per run, so a run's peak memory is its own. Whatever happens, the
+process exits 0 and run_dir/result.json says what happened: ok, diverged (with the step), oom or failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data import (builtin_finetune_corpus, load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler,
+                  val_windows)
+from experiments import distributed, loop, memory
+from experiments.base import amp_dtype, base_fingerprint, ensure_base
+from experiments.config import Config, from_dict
+from experiments.logging_utils import MetricsLog, write_json_atomic
+from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
+from model import from_pretrained
+
+RESULT_KEYS = (
+    "status", "error", "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl",
+    "base_val_loss", "base_val_ppl", "train_tokens", "steps", "train_time_s", "tokens_per_s",
+    "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes",
+    "peak_rss_bytes", "saved_for_backward_bytes", "device", "dtype", "torch_version", "world_size",
+    "corpus_fingerprint", "base_fingerprint",
+)
+
+
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None or not math.isfinite(loss) else math.exp(min(loss, 700.0))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    """model.dropout of the config replaces the checkpoint's own (residual and attention dropout). Call before
+    inject_lora, whose own dropout is lora.dropout."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
+            m.attn_dropout = p
+
+
+def _check_context(model: nn.Module, seq_len: int, base: str) -> None:
+    kind, limit = model.config.position_embedding, model.config.max_position_embeddings
+    if kind in ("learned", "sinusoidal") and seq_len > limit:
+        raise ValueError(f"model.max_position_embeddings={seq_len} exceeds the {limit} positions of the base "
+                         f"model's {kind} position table ({base}); use at most {limit}.")
+
+
+def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, group: str | None = None,
+              run_name: str | None = None, progress: bool = True) -> dict:
+    """One LoRA fine-tuning run. Never raises for diverged/oom/failed runs: returns them as a status.
+
+    Returns (and rank 0 writes atomically to run_dir/result.json) a flat dict with the keys of RESULT_KEYS.
+    """
+    run_dir = Path(run_dir)
+    dist = distributed.setup(cfg.train.device)
+    device = dist.device
+    dtype = amp_dtype(cfg.train.dtype, device)
+    result: dict = dict.fromkeys(RESULT_KEYS)
+    result.update(status="failed", device=device_name(device), torch_version=torch.__version__,
+                  world_size=dist.world_size, dtype=f"{dtype} autocast".replace("torch.", "") if dtype else "float32")
+    log = None
+    try:
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(run_dir, config=cfg.to_dict(), group=group, name=run_name or run_dir.name,
+                         enabled=dist.is_main, resume=resume)
+        result.update(_fine_tune(cfg, run_dir, dist, dtype, resume, log, progress, run_name or run_dir.name))
+    except torch.cuda.OutOfMemoryError as e:
+        result.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
+    except Exception as e:  # a failed run must not stop the sweep; the traceback goes to stderr
+        traceback.print_exc()
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+    result.update(memory.peak_memory(device))
+    if dist.is_main:
+        write_json_atomic(run_dir / "result.json", result)
+    if log is not None:
+        log.finish(result)
+    distributed.teardown(dist)
+    return result
+
+
+def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: torch.dtype | None, resume: bool,
+               log: MetricsLog, progress: bool, desc: str) -> dict:
+    device, seq_len = dist.device, cfg.model.max_position_embeddings
+    # 1. The base model and its tokenizer (rank 0 builds the cached base first; the others then read it).
+    if dist.is_main:
+        base_dir = ensure_base(cfg, progress=progress)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    base_dir = ensure_base(cfg, progress=False)
+    model = from_pretrained(base_dir)
+    _check_context(model, seq_len, str(base_dir))
+    tok = load_tokenizer(model.tokenizer_path)
+
+    # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
+    corpus = builtin_finetune_corpus() if cfg.data.finetune == "builtin" else \
+        load_corpus(cfg.data.finetune, cfg.data.text_field)
+    train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
+    train_ids = token_array(train_docs, tok, "finetune train")
+    val_ids = token_array(val_docs, tok, "finetune val")
+    plan = loop.plan_batches(cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len,
+                             dist.world_size)
+    # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
+    sampler = TrainSampler(train_ids, seq_len, plan.micro_seqs, seed=cfg.train.seed, rank=0, world_size=1)
+    xv, yv = val_windows(val_ids, seq_len, cfg.eval.max_tokens)
+
+    # 3. LoRA: injection freezes every base weight; the seed fixes A's init (same on every process).
+    _set_dropout(model, cfg.model.dropout)
+    torch.manual_seed(cfg.train.seed)
+    lcfg = cfg.lora
+    inject_lora(model, LoRAConfig(rank=lcfg.rank, alpha=lcfg.resolved_alpha(), dropout=lcfg.dropout,
+                                  target_modules=list(lcfg.target_modules), use_rslora=lcfg.alpha_policy == "rslora",
+                                  init=lcfg.init))
+    model.gradient_checkpointing = cfg.train.activation_checkpointing
+    model.to(device).train()
+    trainable, total = count_parameters(model)
+
+    # 4. Train. Peaks count from here: the model and data are resident, the rest is the run's own.
+    memory.reset_peaks(device)
+    t = cfg.train
+    settings = loop.Settings(lr=t.lr, min_lr_ratio=t.min_lr_ratio, warmup_fraction=t.warmup_fraction,
+                             weight_decay=t.weight_decay, grad_clip=t.grad_clip, amp_dtype=dtype, compile=t.compile,
+                             log_every=t.log_every, eval_every=cfg.eval.every_steps,
+                             checkpoint_every=t.checkpoint_every)
+    out = loop.train(model, sampler.batch, plan, settings, device=device, dist=dist, val=(xv, yv),
+                     checkpoint=run_dir / "checkpoint.pt", resume=resume, log=log, progress=progress, desc=desc)
+
+    # 5. The adapter and the numbers.
+    if dist.is_main and out.status == "ok":
+        save_adapter(model, run_dir / "adapter")
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    base_loss = out.val_curve[0][1] if out.val_curve and out.val_curve[0][0] == 0 else None
+    tuned = [loss for step, loss in out.val_curve if step > 0]
+    final = tuned[-1] if out.status == "ok" and tuned else None
+    best = min(tuned) if tuned else None
+    return {
+        "status": out.status, "error": None, "diverged_step": out.diverged_step,
+        "val_loss": final, "val_ppl": _ppl(final), "best_val_loss": best, "best_val_ppl": _ppl(best),
+        "base_val_loss": base_loss, "base_val_ppl": _ppl(base_loss),
+        "train_tokens": out.train_tokens, "steps": out.steps, "train_time_s": out.train_time_s,
+        "tokens_per_s": out.train_tokens / out.train_time_s if out.train_time_s > 0 else None,
+        "trainable_params": trainable, "total_params": total,
+        "saved_for_backward_bytes": out.saved_for_backward_bytes,
+        "corpus_fingerprint": corpus.fingerprint, "base_fingerprint": base_fingerprint(Path(base_dir)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config-json", required=True, type=Path, help="a run's full config (Config.to_dict() as JSON)")
+    ap.add_argument("--run-dir", required=True, type=Path, help="where metrics, adapter and result.json go")
+    ap.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.pt if there is one")
+    ap.add_argument("--group", default=None, help="W&B group (the ablation's name)")
+    ap.add_argument("--name", default=None, help="run name (W&B and the progress bar)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    cfg = from_dict(json.loads(args.config_json.read_text(encoding="utf-8")), source=str(args.config_json))
+    result = train_run(cfg, args.run_dir, resume=args.resume, group=args.group, run_name=args.name,
+                       progress=not args.no_progress)
+    print(json.dumps({k: result[k] for k in ("status", "val_ppl", "base_val_ppl", "tokens_per_s")}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
