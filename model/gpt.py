@@ -46,6 +46,9 @@ class GPT(nn.Module):
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
         self.tokenizer_path: str | None = None   # set by from_pretrained when the folder has tokenizer.json
+        # Where our top-level modules (layers, project_in, ...) sit in the source checkpoint's own module tree
+        # ("model.decoder." for OPT), so adapter files can name modules the way PEFT on transformers does.
+        self.hf_module_prefix = ""
         e, d = config.embed_dim, config.d_model
         self.embed_tokens = nn.Embedding(config.vocab_size, e)
         self.project_in = nn.Linear(e, d, bias=False) if e != d else None

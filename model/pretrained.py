@@ -18,7 +18,9 @@ _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gel
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
     """A GPT from a local checkpoint folder of model_type opt, gpt2 or slm-gpt. The returned model is in eval
-    mode; `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none."""
+    mode; `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none;
+    `model.hf_module_prefix` is "model.decoder." for OPT (our `layers.0.fc1` is transformers'
+    `model.decoder.layers.0.fc1`), "" otherwise."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -46,6 +48,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     _load_checked(model, tensors, ignorable, source=str(folder))
     tokenizer = folder / "tokenizer.json"
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
+    model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""   # GPT-2's leaf names differ anyway
     return model.to(dtype).eval()
 
 

@@ -1,0 +1,110 @@
+"""The GPT with LoRA injected: target lists, cached generation, and adapter parity with PEFT on transformers' OPT."""
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora import LoRAConfig, inject_lora, save_adapter
+from model import GPT, GPTConfig, from_pretrained
+
+SEED_TARGETS = [
+    ["q_proj", "v_proj"],
+    ["q_proj", "k_proj", "v_proj", "out_proj"],
+    ["q_proj", "v_proj", "fc1", "fc2"],
+    ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+]
+
+
+def tiny(kind="rope") -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=32,
+                         position_embedding=kind)).eval()
+
+
+def train_a_few_steps(model: GPT, steps: int = 3) -> None:
+    """Random data, large lr: enough to make every lora_B non-zero."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (4, 12))
+        model.loss(x, torch.roll(x, -1, dims=1)).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("targets", SEED_TARGETS, ids=lambda t: "+".join(t))
+def test_seed_target_lists_wrap_the_expected_modules(targets):
+    model = tiny()
+    names = inject_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=targets))
+    assert len(names) == model.config.n_layer * len(targets)
+    assert {n.rsplit(".", 1)[-1] for n in names} == set(targets)
+
+
+@pytest.mark.parametrize("kind", ["learned", "alibi"])
+def test_kv_cache_generation_with_lora(kind):
+    model = tiny(kind)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=SEED_TARGETS[-1]))
+    train_a_few_steps(model)
+    prompt = torch.randint(0, 97, (2, 4))
+    fast = model.generate(prompt, max_new_tokens=10, temperature=0)
+    slow = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            slow = torch.cat([slow, model(slow)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(fast, slow)
+
+
+@pytest.fixture
+def opt_pair(tmp_path):
+    """A random tiny transformers OPT, and our GPT imported from its saved folder."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                 num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=32,
+                                 bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    hf = transformers.OPTForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "base")
+    return hf, from_pretrained(tmp_path / "base")
+
+
+def trained_adapter(ours: GPT, folder) -> None:
+    inject_lora(ours, LoRAConfig(rank=4, alpha=8.0, target_modules=SEED_TARGETS[2]))
+    train_a_few_steps(ours)
+    save_adapter(ours, folder)
+
+
+def test_adapter_means_the_same_in_peft(opt_pair, tmp_path):
+    """Numerics: PEFT on transformers' OPT + our adapter == our GPT + adapter. Module paths are mapped with
+    PEFT's key_mapping from model.hf_module_prefix, whether or not save_adapter already wrote them."""
+    peft = pytest.importorskip("peft")
+    hf, ours = opt_pair
+    trained_adapter(ours, tmp_path / "adapter")
+    prefix = ours.hf_module_prefix
+    mapping = {r"^layers\.": prefix + "layers."}
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        base = hf(x).logits                                  # before PEFT injects into hf in place
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")  # PEFT only warns on them
+        peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", key_mapping=mapping).eval()
+    with torch.no_grad():
+        got = peft_model(x).logits
+    assert (got - ours(x)).abs().max().item() <= 1e-4
+    assert (got - base).abs().max().item() > 1e-3          # the trained adapter does change the output
+
+
+def test_adapter_loads_into_peft_as_saved(opt_pair, tmp_path):
+    """Plain PeftModel.from_pretrained on save_adapter's files: needs save_adapter to name modules under
+    model.hf_module_prefix (transformers' paths: model.decoder.layers.*)."""
+    peft = pytest.importorskip("peft")
+    hf, ours = opt_pair
+    trained_adapter(ours, tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    if not any(ours.hf_module_prefix in k for k in keys):
+        pytest.xfail("lora.save_adapter writes our module paths (layers.*), not transformers' (model.decoder.layers.*)")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert (peft_model(x).logits - ours(x)).abs().max().item() <= 1e-4
