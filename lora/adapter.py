@@ -87,9 +87,8 @@ def _read_config(file: Path) -> LoRAConfig:
         raise ValueError(f"{file} lacks {missing}")
     if raw.get("fan_in_fan_out"):
         raise ValueError(f"{file} has fan_in_fan_out=true (Conv1D layout); only nn.Linear adapters load here")
-    targets = raw["target_modules"]
     return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                      target_modules=targets if isinstance(targets, str) else sorted(targets),
+                      target_modules=raw["target_modules"],
                       use_rslora=bool(raw.get("use_rslora", False)),
                       init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
                       bias=raw.get("bias", "none"), exclude_modules=raw.get("exclude_modules"))
