@@ -1,0 +1,42 @@
+"""Where cached artifacts live, and the one way they are written: atomically.
+
+Everything under the cache dir is derived from fingerprints, so a file is either complete or absent: a writer
+that dies half-way leaves only a `*.tmp` file that no reader ever opens.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+ENV_VAR = "SLM_LORA_CACHE"
+
+
+def cache_dir(sub: str | None = None) -> Path:
+    """`$SLM_LORA_CACHE` or `~/.cache/slm-lora` (created), or its subfolder `sub`."""
+    root = Path(os.environ.get(ENV_VAR) or "~/.cache/slm-lora").expanduser()
+    path = root / sub if sub else root
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(f)` on a temp file in `path`'s folder, then rename it onto `path` (os.replace is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def short_hash(*parts: str) -> str:
+    """16 hex digits of sha256 over the parts (NUL-separated so ("a", "bc") != ("ab", "c"))."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
