@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import (builtin_pretrain_corpus, cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer,
-                  TrainSampler, val_windows)
+from data import cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer, TrainSampler, val_windows
 from experiments import loop
 from experiments.config import Config
 from experiments.distributed import DistInfo, resolve_device
@@ -41,11 +40,6 @@ def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return None if name == "float32" else getattr(torch, name)
-
-
-def _pretrain_corpus(cfg: Config):
-    p = cfg.pretrain
-    return builtin_pretrain_corpus() if p.corpus == "builtin" else load_corpus(p.corpus, cfg.data.text_field)
 
 
 def base_key(cfg: Config, corpus_fingerprint: str) -> str:
@@ -75,7 +69,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> Path:
             raise FileNotFoundError(f"model.base {folder} has no tokenizer.json; the fine-tuning text is tokenized "
                                     "with the base model's own tokenizer. Save it there (tokenizer.save(...)).")
         return folder
-    corpus = _pretrain_corpus(cfg)
+    corpus = load_corpus(cfg.pretrain.corpus, cfg.data.text_field, builtin="pretrain")
     folder = cache_dir() / "base" / base_key(cfg, corpus.fingerprint)
     if (folder / "model.safetensors").is_file():
         return folder

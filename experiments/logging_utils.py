@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _start_wandb(run_dir: Path, config: dict, group: str | None, name: str | Non
     if resume and id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
     return wandb.init(project=os.environ["WANDB_PROJECT"], group=group, name=name, config=config,
                       dir=str(run_dir), id=run_id, resume="allow")

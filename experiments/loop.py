@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data import IGNORE_INDEX
 from experiments import memory
 from experiments.checkpoint import load_checkpoint, save_checkpoint
 from experiments.distributed import DistInfo, all_reduce_sum
@@ -129,19 +130,21 @@ class _Stopwatch:
 @torch.no_grad()
 def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, batch: int, device: torch.device,
              amp_dtype: torch.dtype | None, dist: DistInfo) -> float:
-    """Mean cross-entropy over the validation windows xv, yv: (N, seq_len). Windows are split across processes
-    and the per-token sums added up, so the figure does not depend on the number of processes."""
+    """Mean cross-entropy per predicted token over the validation windows xv, yv: (N, seq_len), targets of -100
+    (padding) carry no loss. Windows are split across processes and the per-token sums added up, so the figure
+    does not depend on the number of processes."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss * tokens, tokens]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, predicted tokens]
     mine = torch.arange(dist.rank, xv.shape[0], dist.world_size)
     for i in range(0, len(mine), batch):
         idx = mine[i:i + batch]
         x, y = xv[idx].to(device), yv[idx].to(device)
+        n = (y != IGNORE_INDEX).sum()
         with _autocast(device, amp_dtype):
-            loss = model.loss(x, y)
-        totals[0] += loss.double() * y.numel()
-        totals[1] += y.numel()
+            loss = model.loss(x, y)  # mean over the n predicted tokens
+        totals[0] += torch.where(n > 0, loss.double() * n, 0.0)
+        totals[1] += n
     all_reduce_sum(totals, dist)
     model.train(was_training)
     return (totals[0] / totals[1]).item()

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data import (builtin_finetune_corpus, load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler,
-                  val_windows)
+from data import load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler, val_windows
 from experiments import distributed, loop, memory
 from experiments.base import amp_dtype, base_fingerprint, ensure_base
 from experiments.config import Config, from_dict
@@ -117,11 +116,10 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
     base_dir = ensure_base(cfg, progress=False)
     model = from_pretrained(base_dir)
     _check_context(model, seq_len, str(base_dir))
-    tok = load_tokenizer(model.tokenizer_path)
+    tok = load_tokenizer(base_dir)
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
-    corpus = builtin_finetune_corpus() if cfg.data.finetune == "builtin" else \
-        load_corpus(cfg.data.finetune, cfg.data.text_field)
+    corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
     train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
     train_ids = token_array(train_docs, tok, "finetune train")
     val_ids = token_array(val_docs, tok, "finetune val")
