@@ -9,6 +9,15 @@ from experiments.distributed import DistInfo
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy shapes: one thread is faster than two, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CPU = torch.device("cpu")
 ONE = DistInfo(rank=0, world_size=1, device=CPU, owns_group=False)
 VOCAB, SEQ = 97, 16
