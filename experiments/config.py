@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,19 +168,24 @@ def _unknown_key(source: str, prefix: str, key: str, known: list[str]) -> Config
                        f"Allowed keys here: {', '.join(sorted(known))}.")
 
 
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
     """Coerce `value` to type `tp` (int->float allowed, nothing else silent) and check range/choices."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):  # only `X | None` appears in the schema
         inner = [t for t in typing.get_args(tp) if t is not type(None)][0]
         return None if value is None else _check_value(source, key, value, inner, meta)
+    if tp in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-4 and 3e5 (no dot) as strings; they mean numbers
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{_where(source, key)} must be true or false, got {value!r}.")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                value = int(value)  # 3e5 in YAML is a float; accept it when it is a whole number
+                value = int(value)  # 3e5 means a whole number; accept it as one
             else:
                 raise ConfigError(f"{_where(source, key)} must be an integer, got {value!r}.")
     elif tp is float:
@@ -311,6 +317,29 @@ def with_value(cfg: Config, key: str, value: Any, source: str = "command line") 
     new.ablation = cfg.ablation if ablation is None else _build(AblationConfig, ablation, source, "ablation.")
     _check_semantics(dataclasses.replace(new, ablation=None), source)
     return new
+
+
+def with_values(cfg: Config, items: list[tuple[str, Any, str]]) -> Config:
+    """A copy of `cfg` with several dotted keys set at once: items are (key, value, source), e.g. from `--set`.
+
+    Each value is checked on its own (type, range, choices) and blamed on its own source; the cross-field rules
+    (and every ablation value) are checked once all are set, so `batch_tokens` and `micro_batch_tokens` can be
+    lowered together in either order.
+    """
+    data = cfg.to_dict()
+    for key, value, source in items:
+        path = resolve_key(key, source)
+        *parents, leaf = path.split(".")
+        node, cls = data, Config
+        for p in parents:
+            if node.get(p) is None:
+                raise ConfigError(f"{_where(source, path)}: this config has no '{p}' section to set it in.")
+            node = node[p]
+            cls = next(t for t in (typing.get_type_hints(cls)[p], *typing.get_args(typing.get_type_hints(cls)[p]))
+                       if dataclasses.is_dataclass(t))
+        f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
+        node[leaf] = _check_value(source, path, value, typing.get_type_hints(cls)[leaf], f.metadata)
+    return from_dict(data, source=", ".join(dict.fromkeys(s for _, _, s in items)) or "command line")
 
 
 def get_value(cfg: Config, key: str) -> Any:

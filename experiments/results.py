@@ -1,0 +1,150 @@
+"""The results file of a sweep: one flat row per finished run, in RUN_DIR/results.jsonl (+ a CSV copy).
+
+Rows are only ever appended, and every write replaces the whole file atomically (temp file + os.replace), so a
+sweep killed at any moment leaves either the old file or the new one, never half a row. A run that is re-run
+appends a new row; readers take the latest row per (ablation, config hash). Load in one line with
+`pandas.read_json("RUN_DIR/results.jsonl", lines=True)` or `pandas.read_csv("RUN_DIR/results.csv")`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_JSONL = "results.jsonl"
+RESULTS_CSV = "results.csv"
+
+# Column order of the CSV (and of each JSON row). Memory figures are bytes; times are seconds.
+COLUMNS = [
+    "finished_at", "ablation", "key", "value", "value_index", "is_baseline", "seed", "status", "error",
+    "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "base_val_loss", "base_val_ppl",
+    "train_tokens", "eval_max_tokens", "steps", "train_time_s", "tokens_per_s",
+    "peak_memory_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes", "peak_rss_bytes",
+    "saved_for_backward_bytes", "trainable_params", "total_params",
+    "lora_rank", "lora_alpha", "alpha_policy", "target_modules", "context_length", "lr",
+    "config_hash", "study_hash", "corpus_fingerprint", "base_fingerprint", "device", "dtype", "world_size",
+    "torch_version", "git_commit", "run_dir", "reused_from",
+]
+
+# What train_run reports, copied into the row as is.
+RESULT_KEYS = [
+    "status", "error", "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "base_val_loss",
+    "base_val_ppl", "train_tokens", "steps", "train_time_s", "tokens_per_s", "trainable_params", "total_params",
+    "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes", "peak_rss_bytes",
+    "saved_for_backward_bytes", "device", "dtype", "torch_version", "world_size", "corpus_fingerprint",
+    "base_fingerprint",
+]
+
+
+def value_label(value: Any) -> Any:
+    """A swept value as a flat cell: lists become "q_proj,v_proj"; scalars stay as they are."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def peak_memory(result: dict) -> int | None:
+    """The device's peak: allocator peak on CUDA, process peak RSS on CPU."""
+    dev = str(result.get("device") or "")
+    if dev.startswith("cuda") and result.get("peak_allocated_bytes") is not None:
+        return result["peak_allocated_bytes"]
+    return result.get("peak_rss_bytes") if result.get("peak_rss_bytes") is not None \
+        else result.get("peak_allocated_bytes")
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """HEAD of the repository this code lives in, or "unknown" (no git, not a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def make_row(*, ablation: str, key: str, value: Any, value_index: int | None, is_baseline: bool, seed: int,
+             cfg_dict: dict, config_hash: str, study_hash: str, result: dict, run_dir: str,
+             reused_from: str | None = None) -> dict:
+    """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column."""
+    lora = cfg_dict["lora"]
+    alpha = 2.0 * lora["rank"] if lora["alpha_policy"] == "double_rank" else lora["alpha"]
+    row: dict[str, Any] = {
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ablation": ablation, "key": key, "value": value_label(value), "value_index": value_index,
+        "is_baseline": is_baseline, "seed": seed,
+        "eval_max_tokens": cfg_dict["eval"]["max_tokens"],
+        "lora_rank": lora["rank"], "lora_alpha": alpha, "alpha_policy": lora["alpha_policy"],
+        "target_modules": value_label(lora["target_modules"]),
+        "context_length": cfg_dict["model"]["max_position_embeddings"], "lr": cfg_dict["train"]["lr"],
+        "config_hash": config_hash, "study_hash": study_hash, "git_commit": git_commit(),
+        "run_dir": run_dir, "reused_from": reused_from,
+    }
+    for k in RESULT_KEYS:
+        row[k] = _clean(result.get(k))
+    row["peak_memory_bytes"] = peak_memory(result)
+    return {c: row.get(c) for c in COLUMNS}
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    """Every row ever written, oldest first ([] if there is no results file yet)."""
+    path = Path(out_dir) / RESULTS_JSONL
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not a JSON row ({e}); fix or delete that line.") from None
+    return rows
+
+
+def latest(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
+    """The latest row per (ablation, config hash): what a re-run replaced no longer counts."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        out[(r["ablation"], r["config_hash"])] = r
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    return buf.getvalue()
+
+
+def append_row(out_dir: Path, row: dict) -> None:
+    """Append `row`: rewrite results.jsonl with all rows to a temp file and rename it, then regenerate the CSV."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(out_dir) + [row]
+    _write_atomic(out_dir / RESULTS_JSONL, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    _write_atomic(out_dir / RESULTS_CSV, to_csv(rows))

@@ -1,0 +1,202 @@
+"""Run LoRA ablations: `python -m experiments.run` (the built-in default study) or one config, one value, N seeds.
+
+    python -m experiments.run                                                     # all three ablations
+    python -m experiments.run --config experiments/configs/abl_lora_rank.yaml     # every value of one
+    python -m experiments.run --config experiments/configs/abl_lora_rank.yaml --lora_rank 12   # one value
+    python -m experiments.run --quick                                             # smoke run, ~2 min on CPU
+    torchrun --nproc_per_node 2 -m experiments.run --config ...                   # each run data-parallel
+
+Everything the command line says is validated before any data or model work. Results go to OUT/results.jsonl
+(one row per finished run); re-running the same command skips what is done and resumes what was interrupted;
+at the end the report (OUT/report.md + plots) is written and its tables printed.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.config import (ABLATION_ALIASES, CONFIG_DIR, Config, ConfigError, load_config, parse_value,
+                                resolve_key, with_values)
+from experiments.results import value_label
+from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
+
+QUICK_FILE = CONFIG_DIR / "quick.yaml"
+# The default study, in the order the seed README recommends reading it.
+DEFAULT_STUDY = [CONFIG_DIR / "abl_lora_rank.yaml", CONFIG_DIR / "abl_target_modules.yaml",
+                 CONFIG_DIR / "abl_context_length.yaml"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", allow_abbrev=False,
+                                 description="Run LoRA ablation sweeps; results, report and plots go to --out.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:5]))
+    ap.add_argument("--config", action="append", type=Path, metavar="YAML",
+                    help="an ablation config (repeatable); default: the three built-in ablations")
+    for alias, path in ABLATION_ALIASES.items():
+        ap.add_argument(f"--{alias}", f"--{alias.replace('_', '-')}", dest=alias, metavar="VALUE",
+                        help=f"run this one value of {path} (any valid value); for another ablation, sets it")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override any config key by its dotted path, e.g. train.lr=3e-4 (repeatable)")
+    ap.add_argument("--seeds", type=int, default=1, metavar="N",
+                    help="repeat each value with seeds train.seed + 0..N-1 (N >= 2 gives confidence intervals)")
+    ap.add_argument("--base_model", "--base-model", metavar="PATH",
+                    help="a local OPT / GPT-2 checkpoint folder to adapt (sets model.base)")
+    ap.add_argument("--data", metavar="PATH", help="your fine-tuning text: a file, glob, folder or .jsonl "
+                                                   "(sets data.finetune)")
+    ap.add_argument("--out", type=Path, metavar="DIR",
+                    help="results folder (default runs/default, or runs/quick with --quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name})")
+    ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                    help="print the resolved runs and whether each is done, then exit")
+    ap.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
+                    help="no progress bars")
+    return ap
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _path_flag(flag: str, value: str) -> str:
+    """A path from the command line, absolute (runs may start in another folder); it must exist."""
+    p = Path(value).expanduser()
+    if not p.exists() and not any(ch in value for ch in "*?["):
+        raise ConfigError(f"{flag} {value}: no such file or folder.")
+    return str(p.resolve()) if p.exists() else str(Path.cwd() / p)
+
+
+def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
+    """Every setting the command line makes, in the order they apply: quick.yaml, paths, --set, value flags."""
+    items: list[tuple[str, Any, str]] = []
+    if args.quick:
+        quick = yaml.safe_load(QUICK_FILE.read_text(encoding="utf-8")) or {}
+        items += [(k, v, str(QUICK_FILE)) for k, v in _flatten(quick)]
+    if args.base_model:
+        items.append(("model.base", _path_flag("--base_model", args.base_model), "--base_model"))
+    if args.data:
+        items.append(("data.finetune", _path_flag("--data", args.data), "--data"))
+    for text in args.overrides:
+        key, eq, value = text.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4.")
+        items.append((key.strip(), parse_value(value), f"--set {text}"))
+    for alias in ABLATION_ALIASES:
+        if getattr(args, alias) is not None:
+            items.append((alias, parse_value(getattr(args, alias)), f"--{alias} {getattr(args, alias)}"))
+    for key, _, source in items:  # unknown keys fail here, before anything is loaded
+        resolve_key(key, source)
+    return items
+
+
+def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
+    """Configs -> overrides -> the runs. Raises ConfigError for anything a user must fix."""
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: must be at least 1.")
+    items = _overrides(args)
+    if args.config:
+        paths = list(args.config)
+    else:  # value flags without --config pick the built-in ablations of those keys
+        named = {resolve_key(a) for a in ABLATION_ALIASES if getattr(args, a) is not None}
+        picked = [p for p in DEFAULT_STUDY if named and resolve_key(load_config(p).ablation.key) in named]
+        paths = picked or DEFAULT_STUDY
+    specs: list[RunSpec] = []
+    for path in paths:
+        cfg = load_config(path)
+        swept = resolve_key(cfg.ablation.key, str(path)) if cfg.ablation is not None else None
+        # A value given for this config's own swept key selects that value; every other item sets a key.
+        chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and s != str(QUICK_FILE)]
+        rest = [(k, v, s) for k, v, s in items if not (swept and resolve_key(k) == swept)]
+        cfg = with_values(cfg, rest) if rest else cfg
+        values = [chosen[-1][0]] if chosen else None
+        source = chosen[-1][1] if chosen else str(path)
+        specs += plan_runs(cfg, name=Path(path).stem, values=values, seeds=args.seeds, source=source)
+    return specs
+
+
+def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
+    rows = [("ablation", "key", "value", "seed", "config hash", "state", "run dir")]
+    for s, st in zip(specs, states):
+        rows.append((s.ablation, s.key or "-", str(value_label(s.value)), str(s.seed), s.config_hash, st,
+                     str(s.run_dir(out_dir))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    todo = sum(st != "done" for st in states)
+    print(f"{len(specs)} runs: {len(specs) - todo} done, {todo} to run "
+          "(done = ok row; reuse = identical config already ran; resume = from its checkpoint)")
+
+
+def _prepare_bases(specs: list[RunSpec], states: list[str], progress: bool) -> None:
+    """Pretrain each built-in base the pending runs need, once, here, so a broken corpus fails the sweep early and
+    the runs all find it cached."""
+    from experiments.base import ensure_base
+    seen = set()
+    for s, st in zip(specs, states):
+        if st in ("done", "reuse") or s.cfg.model.base != "builtin":
+            continue
+        key = repr((s.cfg.to_dict()["pretrain"], s.cfg.train.device, s.cfg.train.dtype))
+        if key not in seen:
+            seen.add(key)
+            ensure_base(s.cfg, progress=progress)
+
+
+def _sigterm(signum, frame):  # a killed sweep stops its child run too, and leaves a resumable state
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    out_dir = args.out or Path("runs/quick" if args.quick else "runs/default")
+    try:
+        specs = resolve_runs(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    states = plan_states(specs, out_dir)
+    if args.dry_run:
+        if is_main:
+            print_plan(specs, states, out_dir)
+        return 0
+    signal.signal(signal.SIGTERM, _sigterm)
+    progress = not args.no_progress
+    try:
+        if world > 1:
+            rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main)
+        else:
+            _prepare_bases(specs, states, progress)
+            rows = run_sweep(specs, out_dir, subprocess_runner(progress))
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\ninterrupted: finished runs are in {out_dir / 'results.jsonl'}; "
+                  "re-run the same command to resume.", file=sys.stderr)
+        return 130
+    if not is_main:
+        return 0
+    from experiments.report import write_report
+    text = write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs})
+    print(text)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed; errors are in the report and in each run's train.log.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""A sweep: the runs an ablation asks for (value x seed), which of them are already done, and running the rest.
+
+Nothing here trains; a `Runner` does (a fresh `python -m experiments.train` process per run, or `train_run`
+in this process under torchrun). The sweep's own job is never to lose work:
+
+- a run's identity is its config hash, and its folder is RUN_DIR/runs/<hash>/, so a re-run finds its own files;
+- a run with an `ok` row for this ablation is skipped; one whose identical config already finished `ok` (the
+  three ablations share their baseline) is copied, not re-run;
+- a run killed mid-way resumes from run_dir/checkpoint.pt; a run that fails is recorded and the sweep goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from experiments.config import Config, get_value, resolve_key, with_value
+from experiments.results import append_row, latest, make_row, read_rows, value_label, RESULT_KEYS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: an ablation's value at one seed, with its fully resolved config."""
+    ablation: str
+    key: str                 # dotted path of the swept key ("" for a config without an ablation block)
+    value: Any
+    value_index: int | None  # position in the ablation's `values` (None: a value given on the command line)
+    is_baseline: bool
+    seed: int
+    cfg: Config
+    config_hash: str
+    study_hash: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.ablation}={value_label(self.value)}-seed{self.seed}"
+
+    def run_dir(self, out_dir: Path) -> Path:
+        return Path(out_dir) / "runs" / self.config_hash
+
+
+def study_hash(cfg: Config, key: str) -> str:
+    """What the runs of one study share: the config with the swept key and the seed blanked out. Rows with the
+    same ablation and study hash belong in one table."""
+    d = cfg.to_dict()
+    d.pop("ablation")
+    d["train"]["seed"] = None
+    if key:
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = None
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_runs(cfg: Config, *, name: str, values: Sequence[Any] | None = None, seeds: int = 1,
+              source: str = "command line") -> list[RunSpec]:
+    """The runs of one ablation config: every value (or just `values`), each at seeds train.seed + i.
+
+    Seed-major order (all values at the first seed, then the next seed), so a sweep stopped early still has one
+    point per value. Values outside the ablation's list are allowed; each is validated like a config file.
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    a = cfg.ablation
+    key = resolve_key(a.key) if a is not None else ""
+    listed = list(a.values) if a is not None else [None]
+    chosen = list(values) if values is not None else listed
+    baseline = (a.baseline if a.baseline is not None else listed[0]) if a is not None else None
+    per_value = []
+    for v in chosen:
+        vcfg = with_value(cfg, key, v, source=source) if key else cfg
+        norm = get_value(vcfg, key) if key else None  # "q_proj,v_proj" -> ["q_proj", "v_proj"]
+        idx = next((i for i, lv in enumerate(listed) if lv == norm), None)
+        per_value.append((vcfg, norm, idx, norm == baseline))
+    specs = []
+    for i in range(seeds):
+        for vcfg, norm, idx, is_base in per_value:
+            scfg = with_value(vcfg, "train.seed", vcfg.train.seed + i, source=source)
+            specs.append(RunSpec(ablation=a.name if a is not None and a.name else name, key=key, value=norm,
+                                 value_index=idx, is_baseline=is_base, seed=scfg.train.seed, cfg=scfg,
+                                 config_hash=scfg.hash(), study_hash=study_hash(scfg, key)))
+    return specs
+
+
+# ----------------------------------------------------------------------------- what is done already
+
+def _read_result(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_state(spec: RunSpec, out_dir: Path, rows: dict[tuple[str, str], dict], planned: set[str]) -> str:
+    """"done" (an ok row for this ablation), "reuse" (this exact config finished ok elsewhere, or runs earlier in
+    this sweep), "resume" (a checkpoint of an interrupted run exists), "retry" (its last row was not ok) or "run".
+    `planned`: the config hashes of the specs before this one in the sweep."""
+    row = rows.get((spec.ablation, spec.config_hash))
+    if row is not None and row["status"] == "ok":
+        return "done"
+    run_dir = spec.run_dir(out_dir)
+    done_elsewhere = any(r["status"] == "ok" for (_, h), r in rows.items() if h == spec.config_hash)
+    result = _read_result(run_dir)
+    if done_elsewhere or (result is not None and result.get("status") == "ok") or spec.config_hash in planned:
+        return "reuse"
+    if (run_dir / CHECKPOINT).exists():
+        return "resume"
+    return "retry" if row is not None else "run"
+
+
+def plan_states(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
+    rows = latest(read_rows(out_dir))
+    states, seen = [], set()
+    for s in specs:
+        states.append(run_state(s, out_dir, rows, seen))
+        seen.add(s.config_hash)
+    return states
+
+
+# ----------------------------------------------------------------------------- running one
+
+Runner = Callable[[RunSpec, Path, bool], dict]
+
+
+def _failed(error: str) -> dict:
+    return {**dict.fromkeys(RESULT_KEYS), "status": "failed", "error": error}
+
+
+def _tee(stream, sinks: list, tail: deque) -> None:
+    """Copy a child's stderr to the terminal and its log as it comes (progress bars included); keep the tail."""
+    for chunk in iter(lambda: os.read(stream.fileno(), 8192), b""):
+        tail.append(chunk)
+        for s in sinks:
+            s.write(chunk)
+            s.flush()
+
+
+def subprocess_runner(progress: bool = True, echo: bool = True) -> Runner:
+    """Each run in a fresh `python -m experiments.train` process: its peak memory is its own, and a crash (even a
+    segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log."""
+
+    def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
+        cmd = [sys.executable, "-m", "experiments.train", "--config-json", str(run_dir / "config.json"),
+               "--run-dir", str(run_dir), "--group", spec.ablation, "--name", spec.name]
+        cmd += ["--resume"] if resume else []
+        cmd += [] if progress else ["--no-progress"]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        tail: deque = deque(maxlen=64)
+        with open(run_dir / "train.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+            sinks = [log] + ([sys.stderr.buffer] if echo and hasattr(sys.stderr, "buffer") else [])
+            reader = threading.Thread(target=_tee, args=(proc.stderr, sinks, tail), daemon=True)
+            reader.start()
+            try:
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM: stop the child too (it may not share our terminal)
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+            reader.join(timeout=10)
+        result = _read_result(run_dir)
+        if result is not None:
+            return result
+        text = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n")
+        lines = [ln for ln in text.splitlines() if ln.strip()][-15:]
+        why = f"killed by signal {-rc}" + (" (SIGKILL: often the out-of-memory killer)" if rc == -9 else "") \
+            if rc < 0 else f"exit code {rc}"
+        return _failed(f"training process ended without a result ({why}); stderr tail:\n" + "\n".join(lines))
+
+    return run
+
+
+def inprocess_runner(progress: bool = True) -> Runner:
+    """train_run in this process (torchrun: every rank runs every run together)."""
+
+    def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
+        from experiments.train import train_run  # torch is imported only when something trains
+        try:
+            return train_run(spec.cfg, run_dir, resume=resume, group=spec.ablation, run_name=spec.name,
+                             progress=progress)
+        except Exception as e:  # train_run reports failures itself; this is the safety net
+            return _failed(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
+
+    return run
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None) -> dict:
+    return make_row(ablation=spec.ablation, key=spec.key, value=spec.value, value_index=spec.value_index,
+                    is_baseline=spec.is_baseline, seed=spec.seed, cfg_dict=spec.cfg.to_dict(),
+                    config_hash=spec.config_hash, study_hash=spec.study_hash, result=result,
+                    run_dir=str(spec.run_dir(out_dir).relative_to(out_dir)), reused_from=reused_from)
+
+
+def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
+    """The result of an identical config that already ran: its result.json, else its row."""
+    run_dir = spec.run_dir(out_dir)
+    result = _read_result(run_dir)
+    if result is not None:
+        return result, str(run_dir.relative_to(out_dir))
+    for r in reversed(read_rows(out_dir)):
+        if r["config_hash"] == spec.config_hash and r["status"] == "ok":
+            return {k: r.get(k) for k in RESULT_KEYS}, f"{r['ablation']} row"
+    return _failed("the identical config this run was to reuse left no result"), ""
+
+
+def run_sweep(specs: Sequence[RunSpec], out_dir: Path, runner: Runner, *, is_main: bool = True,
+              say: Callable[[str], None] = print) -> list[dict]:
+    """Run every spec not done yet, in order; append a row per finished run (rank 0 only). Returns the new rows.
+
+    Every rank calls this with the same specs and takes the same decisions: the states are fixed before the first
+    run, when no rank has written anything yet.
+    """
+    out_dir = Path(out_dir)
+    states = plan_states(specs, out_dir)
+    todo = sum(s != "done" for s in states)
+    if is_main:
+        say(f"{len(specs)} runs, {len(specs) - todo} already done, {todo} to go; results in {out_dir}")
+    new_rows = []
+    k = 0
+    for spec, state in zip(specs, states):
+        if state == "done":
+            continue
+        k += 1
+        run_dir = spec.run_dir(out_dir)
+        if is_main:
+            say(f"[{k}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
+                f"({state}, {run_dir.relative_to(out_dir)})")
+        if state == "reuse":
+            if is_main:
+                result, source = _reused_result(spec, out_dir)
+                new_rows.append(_row(spec, out_dir, result, reused_from=source))
+                append_row(out_dir, new_rows[-1])
+                say(f"    {result.get('status')}: identical config already ran ({source}); row copied")
+            continue
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / "config.json", spec.cfg.to_dict())
+            (run_dir / RESULT).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
+        result = runner(spec, run_dir, (run_dir / CHECKPOINT).exists())
+        if not is_main:
+            continue
+        if _read_result(run_dir) is None:
+            _write_json(run_dir / RESULT, result)
+        new_rows.append(_row(spec, out_dir, result))
+        append_row(out_dir, new_rows[-1])
+        say(f"    {_one_line(result)}")
+    return new_rows
+
+
+def _one_line(r: dict) -> str:
+    if r.get("status") != "ok":
+        err = (r.get("error") or "").strip().splitlines()
+        extra = f" at step {r['diverged_step']}" if r.get("diverged_step") else ""
+        return f"{r.get('status')}{extra}: {err[0] if err else ''}"
+    ppl, base = r.get("val_ppl"), r.get("base_val_ppl")
+    tps = r.get("tokens_per_s")
+    return (f"ok: val ppl {ppl:.3f}" + (f" (base {base:.3f})" if base else "") +
+            f", {r.get('train_time_s') or 0:.1f} s" + (f", {tps:,.0f} tok/s" if tps else ""))
