@@ -28,6 +28,7 @@ from data.cache import short_hash
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 PRETRAIN_MAX_BYTES = 24_000_000  # a deterministic cap (files in path order) so tokenization stays fast
 MAX_NAMED_SKIPS = 5              # how many skipped files a warning lists by name
+VERSION_KEYS = ("python", "numpy")  # meta entries that enter the fingerprint
 
 
 @dataclass
@@ -49,15 +50,16 @@ class Corpus:
                 "bytes": self.n_bytes, "skipped": self.skipped, **self.meta}
 
 
-def _fingerprint(name: str, docs: list[tuple[str, str]], meta: dict) -> str:
-    h = hashlib.sha256(json.dumps([name, meta], sort_keys=True).encode())
+def _fingerprint(docs: list[tuple[str, str]], meta: dict) -> str:
+    """Content, not spelling: every name and text, plus the versions of built-in sources (not the path given)."""
+    h = hashlib.sha256(json.dumps({k: meta.get(k) for k in VERSION_KEYS}, sort_keys=True).encode())
     for rel, text in docs:
         h.update(rel.encode() + b"\0" + hashlib.sha1(text.encode("utf-8")).digest())
     return h.hexdigest()[:16]
 
 
 def _make(name: str, docs: list[tuple[str, str]], skipped: int, meta: dict) -> Corpus:
-    return Corpus(name, docs, _fingerprint(name, docs, meta), skipped, meta)
+    return Corpus(name, docs, _fingerprint(docs, meta), skipped, meta)
 
 
 def _read_text(path: Path, why: list[str]) -> str | None:
@@ -163,18 +165,18 @@ def _expand(spec: str) -> tuple[list[Path], Path]:
     """The files a spec names (a file, a folder searched recursively, or a glob) and the folder names are relative to."""
     p = Path(spec).expanduser()
     if p.is_file():
-        return [p], p.parent
+        return [p], p.absolute().parent
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise ValueError(f"{spec}: the folder has no files. Put text files (any depth) or .jsonl files in it.")
-        return files, p
+        return files, p.absolute()
     if globlib.has_magic(spec):
         files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
         if not files:
             raise ValueError(f"{spec}: the pattern matches no files.")
-        return files, Path(os.path.commonpath([f.parent.resolve() for f in files]))
+        return files, Path(os.path.commonpath([f.absolute().parent for f in files]))
     raise FileNotFoundError(f"{spec}: no such file or folder. Give a text file, a folder, a glob such as "
                             "'notes/*.txt', a .jsonl file (one {\"text\": ...} object per line), or 'builtin'.")
 
@@ -198,7 +200,7 @@ def load_corpus(spec: str | list[str], text_field: str = "text", builtin: str = 
     for s in specs:
         files, base = _expand(s)
         for f in files:
-            rel = f.resolve().relative_to(base.resolve()).as_posix()  # names do not depend on the cwd
+            rel = Path(os.path.relpath(f.absolute(), base)).as_posix()  # names do not depend on the cwd
             if f.suffix == ".jsonl":
                 docs += _jsonl_docs(f, rel, text_field)
             else:
@@ -243,17 +245,15 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
                       "is validation. Give several documents for a split by document.", stacklevel=2)
     else:
         frac = {n: _hash_fraction(n) for n, _ in docs}
-        val = [d for d in docs if frac[d[0]] < val_fraction]
-        train = [d for d in docs if frac[d[0]] >= val_fraction]
-        if not val or not train:
-            side = "validation" if not val else "training"
-            mover = min(train, key=lambda d: frac[d[0]]) if not val else max(val, key=lambda d: frac[d[0]])
-            train = [d for d in docs if d is not mover] if not val else train + [mover]
-            val = [mover] if not val else [d for d in val if d is not mover]
-            train.sort(key=lambda d: docs.index(d))
-            warnings.warn(f"corpus {corpus.name!r}: the hash split left the {side} set empty; moved "
-                          f"{mover[0]!r} there. Raise the number of documents for a representative split.",
-                          stacklevel=2)
+        val_names = {n for n, f in frac.items() if f < val_fraction}
+        if not val_names or len(val_names) == len(docs):
+            ranked = sorted(frac, key=frac.get)  # the document nearest the threshold changes sides
+            side, moved = ("validation", ranked[0]) if not val_names else ("training", ranked[-1])
+            val_names = {ranked[0]} if not val_names else set(ranked[:-1])
+            warnings.warn(f"corpus {corpus.name!r}: the hash split left the {side} set empty; moved {moved!r} "
+                          "there. Give more documents for a representative split.", stacklevel=2)
+        train = [d for d in docs if d[0] not in val_names]
+        val = [d for d in docs if d[0] in val_names]
     tag = f"{val_fraction!r}"
     return (Corpus(f"{corpus.name}-train", train, short_hash(corpus.fingerprint, "train", tag), corpus.skipped,
                    dict(corpus.meta, split="train", val_fraction=val_fraction)),

@@ -119,3 +119,19 @@ def test_builtin_spec():
         warnings.simplefilter("error")  # the built-in corpora load cleanly
         c = load_corpus("builtin")
     assert c.name == "numpy" and len(c.docs) > 50
+
+
+def test_split_never_leaves_training_empty(tmp_path):
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text(f"text of {name}\n")
+    with pytest.warns(UserWarning, match="training set empty"):
+        train, val = split_corpus(load_corpus(str(tmp_path / "*.txt")), 1 - 1e-12)
+    assert len(train.docs) == 1 and len(val.docs) == 2
+
+
+def test_names_and_fingerprint_do_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    root = _folder(tmp_path, n=4)
+    a = load_corpus(str(root))
+    monkeypatch.chdir(tmp_path)
+    b = load_corpus("./docs/")
+    assert a.docs == b.docs and a.fingerprint == b.fingerprint and a.docs[0][0] == "pkg0/mod_0.py"

@@ -52,12 +52,12 @@ def test_load_tokenizer_file_and_folders(corpus, tmp_path):
     (ours / "tokenizer.json").write_text(tok.to_str())
     for p in (ours, ours / "tokenizer.json"):
         assert tokenizer_fingerprint(load_tokenizer(p)) == tokenizer_fingerprint(tok)
-    # an OPT-style folder: vocab.json + merges.txt, eos "</s>" declared in tokenizer_config.json
+    # an OPT-style folder: vocab.json + merges.txt, eos "</s>" declared in tokenizer_config.json; a plain
+    # "<|endoftext|>" vocab entry (OPT's vocab has GPT-2's) must not win over the declared eos
     opt = tmp_path / "opt"
     opt.mkdir()
     tok.model.save(str(opt))
     vocab = json.loads((opt / "vocab.json").read_text())
-    vocab.pop(EOT)
     vocab["</s>"] = max(vocab.values()) + 1
     (opt / "vocab.json").write_text(json.dumps(vocab))
     (opt / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
