@@ -18,7 +18,8 @@ from data.corpus import Corpus
 EOT = "<|endoftext|>"
 # End-of-text tokens by family, most specific first: ours and GPT-2, then OPT / LLaMA-style.
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
-TRAIN_MAX_BYTES = 16_000_000  # BPE statistics saturate long before this; keeps training well under a minute
+# Characters (~bytes for code) of training text: BPE statistics saturate long before; keeps training well under a minute.
+TRAIN_MAX_CHARS = 16_000_000
 
 
 def _new_bpe() -> Tokenizer:
@@ -34,20 +35,20 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
 
-def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_bytes: int = TRAIN_MAX_BYTES,
+def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = TRAIN_MAX_CHARS,
                         verbose: bool = False) -> Tokenizer:
-    """A byte-level BPE with `vocab_size` tokens (EOT is id 0) trained on the first `max_train_bytes` of
+    """A byte-level BPE with `vocab_size` tokens (EOT is id 0) trained on the first `max_train_chars` characters of
     `corpus` (documents in order), cached under cache_dir()/tokenizers by corpus fingerprint + vocab size."""
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be at least 257 (256 bytes + end-of-text), got {vocab_size}.")
-    path = cache_dir("tokenizers") / f"bpe-{corpus.name}-{corpus.fingerprint}-v{vocab_size}-b{max_train_bytes}.json"
+    path = cache_dir("tokenizers") / f"bpe-{corpus.name}-{corpus.fingerprint}-v{vocab_size}-c{max_train_chars}.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
     texts, total = [], 0
     for _, text in corpus.docs:
-        if total >= max_train_bytes:
+        if total >= max_train_chars:
             break
-        texts.append(text[: max_train_bytes - total])
+        texts.append(text[: max_train_chars - total])
         total += len(texts[-1])
     if not texts:
         raise ValueError(f"corpus {corpus.name!r} has no documents to train a tokenizer on.")
