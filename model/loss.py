@@ -33,16 +33,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk_size):
             h, t, m = hidden[s:s + chunk_size], safe_targets[s:s + chunk_size], valid[s:s + chunk_size]
             logits = (h @ weight.t()).to(acc)                       # (c, V): the only per-chunk logits
-            lse = logits.logsumexp(dim=-1)                          # (c,)
-            loss_sum += ((lse - logits.gather(1, t).squeeze(1)) * m).sum()
             if need_h or need_w:
-                p = logits.sub_(lse[:, None]).exp_()                # softmax, in place
+                logp = logits.log_softmax(dim=-1)                   # one fused pass, cheaper than logsumexp + sub
+                nll = -logp.gather(1, t).squeeze(1)
+                p = logp.exp_()                                     # softmax, in place
                 p.scatter_add_(1, t, -m[:, None].to(acc))           # - onehot(target), only where valid
                 p = p.mul_(m[:, None]).to(hidden.dtype)             # ignored rows get no gradient
                 if need_h:
-                    grad_h[s:s + chunk_size] = p @ weight           # (c, d)
-                if need_w:
-                    grad_w += (p.t() @ h).to(acc)                   # (V, d), accumulated in acc precision
+                    torch.mm(p, weight, out=grad_h[s:s + chunk_size])   # (c, d), written in place
+                if need_w and p.dtype == acc:
+                    grad_w.addmm_(p.t(), h)                         # (V, d), accumulated in place
+                elif need_w:
+                    grad_w += (p.t() @ h).to(acc)                   # low-precision GEMM, float32 accumulation
+            else:
+                nll = logits.logsumexp(dim=-1) - logits.gather(1, t).squeeze(1)
+            loss_sum += (nll * m).sum()
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n_valid                                   # nan if every target is ignored, as F.cross_entropy
