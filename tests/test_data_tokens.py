@@ -1,9 +1,13 @@
 """Token cache: documents joined with end-of-text, tokenized once, memory-mapped, written atomically."""
 import numpy as np
 import pytest
+from tokenizers import AddedToken, Tokenizer, processors
 
 import data.tokens
-from data import cache_dir, eot_id, load_corpus, split_corpus, token_array, train_bpe_tokenizer
+from data import (TrainSampler, builtin_pretrain_corpus, cache_dir, eot_id, load_corpus, load_tokenizer, split_corpus,
+                  token_array, train_bpe_tokenizer, val_windows)
+
+real_encode = data.tokens.encode_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -65,4 +69,30 @@ def test_interrupted_write_leaves_no_cache(corpus_tok, monkeypatch):
     assert calls == [1] and len(ids) > len(corpus.docs)
 
 
-real_encode = data.tokens.encode_corpus
+
+def test_checkpoint_tokenizer_bos_is_not_inserted(corpus_tok, tmp_path):
+    """OPT's post-processor prepends </s> to every encode; the token stream must hold only EOT separators."""
+    corpus, ours = corpus_tok
+    tok = Tokenizer.from_str(ours.to_str())
+    tok.add_special_tokens([AddedToken("</s>", special=True)])
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", eos)])
+    (tmp_path / "opt").mkdir()
+    tok.save(str(tmp_path / "opt" / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "opt")
+    assert tok.encode("x = 1").ids[0] == eos  # the post-processor is live ...
+    ids = token_array(corpus, tok)
+    assert eot_id(tok) == 0  # ours and declared special: "<|endoftext|>" first
+    assert len(ids) == sum(len(tok.encode(t, add_special_tokens=False).ids) + 1 for _, t in corpus.docs)
+    assert not (np.asarray(ids) == eos).any()  # ... but never used for the cache
+
+
+def test_builtin_pipeline_tiny_cut():
+    corpus = builtin_pretrain_corpus(max_bytes=300_000)
+    train, val = split_corpus(corpus, 0.2)
+    tok = train_bpe_tokenizer(train, vocab_size=512)
+    ids, vids = token_array(train, tok), token_array(val, tok)
+    x, y = TrainSampler(ids, 64, 4, seed=0).batch(0)
+    xv, yv = val_windows(vids, 64, 1024)
+    assert x.shape == (4, 64) and xv.shape == (16, 64) and int(x.max()) < 512 and (yv != -100).sum() == 1024
+    assert tok.decode(tok.encode(corpus.docs[0][1]).ids) == corpus.docs[0][1]
