@@ -162,7 +162,7 @@ def _jsonl_docs(path: Path, rel: str, text_field: str) -> list[tuple[str, str]]:
 
 
 def _expand(spec: str) -> tuple[list[Path], Path]:
-    """The files a spec names (a file, a folder searched recursively, or a glob) and the folder names are relative to."""
+    """The files a spec names (a file, a folder searched recursively, a glob), and the folder names are relative to."""
     p = Path(spec).expanduser()
     if p.is_file():
         return [p], p.absolute().parent

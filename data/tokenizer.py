@@ -18,7 +18,7 @@ from data.corpus import Corpus
 EOT = "<|endoftext|>"
 # End-of-text tokens by family, most specific first: ours and GPT-2, then OPT / LLaMA-style.
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
-# Characters (~bytes for code) of training text: BPE statistics saturate long before; keeps training well under a minute.
+# Characters (~bytes for code) of BPE training text: statistics saturate long before; keeps training < 1 min.
 TRAIN_MAX_CHARS = 16_000_000
 
 
@@ -58,7 +58,7 @@ def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = 
     t0 = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if verbose:
-        print(f"trained a {tok.get_vocab_size()}-token BPE on {total / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
+        print(f"trained a {tok.get_vocab_size()}-token BPE on {total / 1e6:.1f}M characters in {time.perf_counter() - t0:.1f} s")
     atomic_write(path, lambda f: f.write(tok.to_str().encode()))
     return tok
 

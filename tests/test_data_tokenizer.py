@@ -7,7 +7,8 @@ from tokenizers import Tokenizer, models
 import data.tokenizer
 from data import EOT, eot_id, load_corpus, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
-CODE = '''def größe(x: float) -> str:\n\t"""Naïve λ-calculus — 数据 ✓ 🚀."""\r\n    return f"{x!r:>10}"   \n\n\n  # trailing\n'''
+CODE = ('def größe(x: float) -> str:\n\t"""Naïve λ-calculus — 数据 ✓ 🚀."""\r\n'
+        '    return f"{x!r:>10}"   \n\n\n  # trailing\n')
 
 
 @pytest.fixture(autouse=True)
