@@ -57,10 +57,11 @@ def test_no_grad_and_bf16_autocast():
     torch.testing.assert_close(got, F.cross_entropy(h32 @ w32.t(), t), rtol=0.02, atol=0.02)
 
 
-def test_gpt_loss_equals_full_logits_loss():
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt_loss_equals_full_logits_loss(tie):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16,
-                          tie_embeddings=False)).double()
+                          tie_embeddings=tie)).double()
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     y[0, :3] = -100
     ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
