@@ -58,7 +58,8 @@ def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = 
     t0 = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if verbose:
-        print(f"trained a {tok.get_vocab_size()}-token BPE on {total / 1e6:.1f}M characters in {time.perf_counter() - t0:.1f} s")
+        dt = time.perf_counter() - t0
+        print(f"trained a {tok.get_vocab_size()}-token BPE on {total / 1e6:.1f}M characters in {dt:.1f} s")
     atomic_write(path, lambda f: f.write(tok.to_str().encode()))
     return tok
 
