@@ -108,3 +108,17 @@ def test_adapter_loads_into_peft_as_saved(opt_pair, tmp_path):
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         assert (peft_model(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_of_an_injected_model_writes_the_base(tmp_path):
+    from model import save_pretrained
+    model = tiny("alibi")
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        base = model(x)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "fc2"]))
+    train_a_few_steps(model)
+    save_pretrained(model, tmp_path)
+    assert not any("lora" in k for k in load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path)(x), base)
