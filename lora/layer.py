@@ -10,6 +10,8 @@ in backward, all thin GEMMs with rank-wide outputs. This beats both the two-matm
 stacked [W; A] GEMM once N is larger than about d/2 tokens (the merge costs O(out*in*r), the
 additive form O(N*(in+out)*r) plus two full passes over y / grad_x); for smaller N (generation)
 the plain two-matmul path is used. bench/NOTES.md has the measurements.
+Under autocast W_eff is rounded once to bf16/fp16 like the base weight, so the low-rank term shares
+the base weight's rounding (2^-9 of |W| for bf16) instead of being rounded on its own.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
                    dtype: torch.dtype) -> torch.Tensor:
     """W + s B A computed in the params' precision (fp32 for fp32/bf16 bases), rounded once to `dtype`."""
     master = torch.promote_types(weight.dtype, lora_A.dtype)
-    w = torch.addmm(weight.to(master), lora_B.to(master), lora_A.to(master), alpha=scaling)
+    w = weight.to(master, copy=True).addmm_(lora_B.to(master), lora_A.to(master), alpha=scaling)
     return w.to(dtype)
 
 
@@ -57,28 +59,30 @@ class _LoRAFunction(torch.autograd.Function):
             y = xc @ w_eff.t()                                              # (N, out)
         else:
             y = torch.addmm(bias.to(dtype), xc, w_eff.t())                  # (N, out)
-        need_lora_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        need_x, need_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # h = s x A^T, kept for grad_B; the only extra read of x in forward.
-        h = xc @ (lora_A * scaling).to(dtype).t() if need_lora_grad else None  # (N, r)
-        ctx.save_for_backward(xc if need_lora_grad else None, weight, lora_A, lora_B, h)
-        ctx.scaling, ctx.dtype, ctx.x_dtype = scaling, dtype, x.dtype
+        h = xc @ (lora_A * scaling).to(dtype).t() if need_lora else None   # (N, r)
+        # W_eff is kept rather than recomputed (2-3 kernels): it is smaller than the saved x whenever
+        # this path runs (N >= in*out/(in+out)).
+        ctx.save_for_backward(xc if need_lora else None, w_eff if need_x else None, lora_B, h)
+        ctx.scaling, ctx.dtype, ctx.x_dtype, ctx.A_dtype = scaling, dtype, x.dtype, lora_A.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        xc, weight, lora_A, lora_B, h = ctx.saved_tensors
+        xc, w_eff, lora_B, h = ctx.saved_tensors
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         s, dtype = ctx.scaling, ctx.dtype
         g = g.to(dtype)                                                     # (N, out)
         grad_x = grad_bias = grad_A = grad_B = None
-        if need_x:  # recomputing W_eff (out*in*r flops) is cheaper than keeping a copy alive
-            grad_x = (g @ _merged_weight(weight, lora_A, lora_B, s, dtype)).to(ctx.x_dtype)   # (N, in)
+        if need_x:
+            grad_x = (g @ w_eff).to(ctx.x_dtype)                            # (N, in)
         # Thin GEMMs are written as (thin^T @ big): MKL is several times slower on (big^T @ thin)
         # at some ranks (r=8) and never faster by much (bench/NOTES.md).
         if need_A:
             gb = g @ (lora_B * s).to(dtype)                                 # (N, r)
-            grad_A = (gb.t() @ xc).to(lora_A.dtype)                         # (r, in)
+            grad_A = (gb.t() @ xc).to(ctx.A_dtype)                         # (r, in)
         if need_B:
             grad_B = (h.t() @ g).t().to(lora_B.dtype)                       # (out, r)
         if need_bias:
