@@ -41,6 +41,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Decoder-only LM. forward -> logits; loss -> chunked CE (no full logits); generate -> KV-cached decoding."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
