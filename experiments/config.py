@@ -210,7 +210,7 @@ def _check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
               (hi is not None and (value >= hi if hi_open else value > hi))
         if bad:
             lo_s = "-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
-            hi_s = "inf" if hi is None else f"{hi}{')' if hi_open else ']'}"
+            hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
             raise ConfigError(f"{_where(source, key)} must be in {lo_s}, {hi_s}, got {value!r}.")
     return value
 

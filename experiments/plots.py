@@ -80,6 +80,7 @@ def plot_ppl_vs_params(studies: list["Study"], path: Path) -> Path:
     """Every value of every study: mean val ppl against trainable parameters (log x), one colour per study."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels: dict[tuple[float, float], list[tuple[str, str]]] = {}  # a config shared by studies: one label
     for i, st in enumerate(studies):
         pts: list[tuple[float, float, float, "Value"]] = []
         for v in st.values:
@@ -92,7 +93,11 @@ def plot_ppl_vs_params(studies: list["Study"], path: Path) -> Path:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if any(p[2] for p in pts)
                     else None, fmt="o", color=c, capsize=3, label=f"{st.ablation} ({st.key})", alpha=0.85)
         for p, m, _, v in pts:
-            ax.annotate(v.short, (p, m), textcoords="offset points", xytext=(5, 4), fontsize=7, color=c)
+            labels.setdefault((p, m), []).append((v.short, c))
+    for (p, m), names in labels.items():
+        text = " = ".join(dict.fromkeys(n for n, _ in names))
+        ax.annotate(text, (p, m), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                    color=names[0][1] if len(names) == 1 else "black")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("validation perplexity")

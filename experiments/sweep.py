@@ -150,12 +150,12 @@ def _tee(stream, sinks: list, tail: deque) -> None:
             s.flush()
 
 
-def subprocess_runner(progress: bool = True, echo: bool = True) -> Runner:
+def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "experiments.train") -> Runner:
     """Each run in a fresh `python -m experiments.train` process: its peak memory is its own, and a crash (even a
     segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log."""
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
-        cmd = [sys.executable, "-m", "experiments.train", "--config-json", str(run_dir / "config.json"),
+        cmd = [sys.executable, "-m", module, "--config-json", str(run_dir / "config.json"),
                "--run-dir", str(run_dir), "--group", spec.ablation, "--name", spec.name]
         cmd += ["--resume"] if resume else []
         cmd += [] if progress else ["--no-progress"]

@@ -1,0 +1,126 @@
+"""End to end, as a user runs it: `python -m experiments.run --quick ...` in a subprocess, with the real training
+process per run, on tiny corpora (a few stdlib files) and a private cache (SLM_LORA_CACHE) so nothing is shared
+with the user's cache and nothing big is tokenized.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Two small corpora of stdlib modules and a cache dir shared by this file's tests (the tiny base is
+    pretrained once)."""
+    root = tmp_path_factory.mktemp("e2e")
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 25_000)
+    for name, chosen in (("pretrain", files[:24]), ("finetune", files[24:40])):
+        (root / name).mkdir()
+        for f in chosen:
+            shutil.copy(f, root / name / f.name)
+    e = dict(os.environ, SLM_LORA_CACHE=str(root / "cache"), PYTHONPATH=str(REPO))
+    e.pop("WANDB_PROJECT", None)
+    return root, e
+
+
+def tiny(root: Path, out: Path) -> list[str]:
+    """--quick, shrunk further: a 4-step base, 2-step runs, 1k validation tokens."""
+    return ["--quick", "--no-progress", "--out", str(out), "--data", str(root / "finetune"),
+            "--set", f"pretrain.corpus={root / 'pretrain'}", "--set", "pretrain.tokens=16384",
+            "--set", "train.tokens=4096", "--set", "eval.max_tokens=1024", "--set", "data.val_fraction=0.25"]
+
+
+def sweep(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], env=env, cwd=REPO, text=True,
+                          capture_output=True, timeout=600, **kw)
+
+
+def rows(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
+    root, e = env
+    # A value that passes config validation but cannot run (no module of that name) sits between two good ones.
+    cfg = tmp_path / "abl_tm.yaml"
+    cfg.write_text(textwrap.dedent("""
+        ablation:
+          name: tm
+          key: target_modules
+          values: [[q_proj, v_proj], [no_such_proj], [v_proj]]
+          baseline: [q_proj, v_proj]
+    """))
+    out = tmp_path / "out"
+    first = sweep(["--config", str(cfg), *tiny(root, out)], e)
+    assert first.returncode == 1, first.stderr[-3000:]  # 1: a run failed (the sweep itself completed)
+    got = rows(out)
+    assert [(r["value"], r["status"]) for r in got] == [("q_proj,v_proj", "ok"), ("no_such_proj", "failed"),
+                                                        ("v_proj", "ok")]
+    bad = got[1]
+    assert "matched no module" in bad["error"] and "Linear modules in the model" in bad["error"]
+    for r in (got[0], got[2]):
+        assert r["val_ppl"] > 1 and r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
+        assert r["train_tokens"] == got[0]["train_tokens"] == 4096  # same budget for every value
+        assert r["peak_rss_bytes"] > 0 and r["peak_memory_bytes"] == r["peak_rss_bytes"]
+        assert r["saved_for_backward_bytes"] > 0 and 0 < r["trainable_params"] < r["total_params"]
+        assert r["config_hash"] and r["corpus_fingerprint"] and r["device"].startswith("cpu")
+        assert r["git_commit"] and r["torch_version"]
+    assert got[0]["trainable_params"] == 2 * got[2]["trainable_params"]  # q,v vs v alone: same shapes
+    assert got[0]["base_val_ppl"] == pytest.approx(got[2]["base_val_ppl"])  # the same validation tokens
+    # Summary tables in the terminal; report and plots on disk.
+    assert "== tm (lora.target_modules)" in first.stdout and "| **q_proj,v_proj** |" in first.stdout
+    report = (out / "report.md").read_text()
+    assert "## tm" in report and "### Expected vs observed" in report and "matched no module" in report
+    assert (out / "results.csv").read_text().count("\n") == 4
+    for png in ("tm.png", "ppl_vs_params.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    ok_result = out / got[0]["run_dir"] / "result.json"
+    stamp = ok_result.stat().st_mtime_ns
+
+    # The same command again: the two ok runs are skipped, the failed one is tried again.
+    second = sweep(["--config", str(cfg), *tiny(root, out)], e)
+    assert "3 runs, 2 already done, 1 to go" in second.stdout
+    assert len(rows(out)) == 4 and rows(out)[-1]["value"] == "no_such_proj"
+    assert ok_result.stat().st_mtime_ns == stamp
+
+
+def test_killed_sweep_resumes(env, tmp_path):
+    root, e = env
+    out = tmp_path / "out"
+    args = ["--config", str(REPO / "experiments/configs/abl_lora_rank.yaml"), *tiny(root, out),
+            "--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2",
+            "--set", "train.tokens=16384", "--set", "train.checkpoint_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], env=e, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/checkpoint.pt")):  # wait until the first run is mid-way
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the sweep and its training process
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text[-3000:]
+    assert "re-run the same command to resume" in text
+    assert rows(out) == []
+
+    plan = sweep([*args, "--dry-run"], e)
+    states = [ln.split()[5] for ln in plan.stdout.splitlines() if ln.startswith("lora_rank ")]
+    assert states == ["resume", "run"]
+
+    done = sweep(args, e)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = rows(out)
+    assert [(r["value"], r["status"], r["steps"]) for r in got] == [(2, "ok", 8), (4, "ok", 8)]
+    assert not list(out.glob("runs/*/checkpoint.pt"))  # finished runs drop their checkpoint
