@@ -52,7 +52,7 @@ def base_fingerprint(folder: Path) -> str:
     """Identity of a base folder: its config, tokenizer and the size of its weights (hashing gigabytes of an
     imported checkpoint on every run would cost more than it protects)."""
     h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json"):
+    for name in ("config.json", "tokenizer.json", "vocab.json", "merges.txt"):
         f = folder / name
         h.update(f.read_bytes() if f.is_file() else b"-")
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
@@ -65,9 +65,11 @@ def ensure_base(cfg: Config, progress: bool = True) -> Path:
     or the cached built-in base, pretrained now if it is not cached yet."""
     if cfg.model.base != "builtin":
         folder = Path(cfg.model.base)
-        if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"model.base {folder} has no tokenizer.json; the fine-tuning text is tokenized "
-                                    "with the base model's own tokenizer. Save it there (tokenizer.save(...)).")
+        if not (folder / "tokenizer.json").is_file() and not (
+                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+            raise FileNotFoundError(f"model.base {folder} has no tokenizer.json (nor vocab.json + merges.txt); the "
+                                    "fine-tuning text is tokenized with the base model's own tokenizer. Copy the "
+                                    "checkpoint's tokenizer files into the folder.")
         return folder
     corpus = load_corpus(cfg.pretrain.corpus, cfg.data.text_field, builtin="pretrain")
     folder = cache_dir() / "base" / base_key(cfg, corpus.fingerprint)

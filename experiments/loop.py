@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -193,12 +193,15 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, model, opt, scaler)
+        if state["plan"] != asdict(plan):
+            raise ValueError(f"{checkpoint} was written for batches {state['plan']}, this run plans {asdict(plan)}: "
+                             "the config changed. Delete the checkpoint or drop --resume.")
         start, out.train_time_s = state["step"], state["train_time_s"]
         out.train_curve, out.val_curve = state["train_curve"], state["val_curve"]
     if log is not None:
         log.truncate_after(start)  # drop what an interrupted process logged after its last checkpoint
 
-    x0, y0 = get_batch(max(start, 0), dist.rank * accum_local)
+    x0, y0 = get_batch(start, dist.rank * accum_local)
     out.saved_for_backward_bytes = measure_saved_bytes(model, x0, y0, device, s.amp_dtype)
 
     def run_eval(step: int) -> None:
@@ -278,7 +281,7 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
             clock.stop()
             if dist.is_main:
                 save_checkpoint(checkpoint, model, opt, scaler, {
-                    "step": done, "train_time_s": clock.elapsed,
+                    "step": done, "plan": asdict(plan), "train_time_s": clock.elapsed,
                     "train_curve": out.train_curve, "val_curve": out.val_curve})
             clock.start()
     clock.stop()

@@ -113,7 +113,8 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
         base_dir = ensure_base(cfg, progress=progress)
     if dist.world_size > 1:
         torch.distributed.barrier()
-    base_dir = ensure_base(cfg, progress=False)
+    if not dist.is_main:
+        base_dir = ensure_base(cfg, progress=False)
     model = from_pretrained(base_dir)
     _check_context(model, seq_len, str(base_dir))
     tok = load_tokenizer(base_dir)
