@@ -235,7 +235,7 @@ def main() -> None:
                 print(f"{n:>6} {d:>5} {r:>3} | " + " ".join(cells) + vs, flush=True)
 
     out = args.out or Path(__file__).parent / "results" / (
-        f"layer_{args.device}_{args.dtype}{'_quick' if args.quick else ''}.json")
+        f"layer_{args.device}_{args.dtype}{f'_t{args.threads}' if args.threads else ''}{'_quick' if args.quick else ''}.json")
     try:
         import peft
         peft_version = peft.__version__
