@@ -204,3 +204,12 @@ def test_torch_compile_matches_eager():
     y.square().sum().backward()
     for a, b in zip(got, (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_frozen_input_paths():
+    layer = make_layer()
+    x = torch.randn(40, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-12, atol=1e-12)
+    layer(x).sum().backward()  # x needs no grad (first layer): only A and B get one
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and x.grad is None
