@@ -3,6 +3,10 @@
 File keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (PEFT drops the adapter
 name), and with bias != "none" the trained biases: `<path>.base_layer.bias` for a wrapped layer,
 `<path>.bias` for any other module, as PEFT writes them.
+A model may say where its modules sit in the transformers model it was imported from with an
+attribute `hf_module_prefix` (e.g. "model.decoder." for OPT): file keys then carry that prefix
+(except `lm_head`, which transformers' *ForCausalLM keeps at the top), so plain PEFT loads the
+adapter onto the transformers model, and load_adapter strips it again.
 """
 from __future__ import annotations
 
@@ -42,15 +46,22 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _to_file_key(key: str, lora_names: set[str]) -> str:
+def _hf_prefix(model: nn.Module) -> str:
+    return getattr(model, "hf_module_prefix", "") or ""
+
+
+def _to_file_key(key: str, lora_names: set[str], hf_prefix: str) -> str:
     path, _, leaf = key.rpartition(".")
+    root = PREFIX + ("" if key.split(".", 1)[0] == "lm_head" else hf_prefix)
     if leaf in ("lora_A", "lora_B"):
-        return f"{PREFIX}{path}.{leaf}.weight"
-    return f"{PREFIX}{path}.base_layer.bias" if path in lora_names else PREFIX + key
+        return f"{root}{path}.{leaf}.weight"
+    return f"{root}{path}.base_layer.bias" if path in lora_names else root + key
 
 
-def _from_file_key(key: str) -> str:
+def _from_file_key(key: str, hf_prefix: str) -> str:
     key = key.removeprefix(PREFIX)
+    if hf_prefix:
+        key = key.removeprefix(hf_prefix)
     for leaf in ("lora_A", "lora_B"):
         if key.endswith(f".{leaf}.weight"):
             return key.removesuffix(".weight")
@@ -63,7 +74,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lora_names = {n for n, _ in lora_layers(model)}
-    tensors = {_to_file_key(k, lora_names): v.contiguous().cpu().clone() for k, v in lora_state_dict(model).items()}
+    prefix = _hf_prefix(model)
+    tensors = {_to_file_key(k, lora_names, prefix): v.contiguous().cpu().clone()
+               for k, v in lora_state_dict(model).items()}
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
@@ -124,7 +137,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
         raw = load_file(str(path / WEIGHTS_NAME))
     except Exception as e:  # safetensors raises its own error type for truncated / corrupt headers
         raise ValueError(f"{path / WEIGHTS_NAME} cannot be read as safetensors (truncated or corrupt?): {e}") from None
-    tensors = {_from_file_key(k): v for k, v in raw.items()}
+    tensors = {_from_file_key(k, _hf_prefix(model)): v for k, v in raw.items()}
 
     present = lora_layers(model)
     if present:

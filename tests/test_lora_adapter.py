@@ -176,3 +176,19 @@ def test_bad_config_json(tmp_path):
 def test_save_without_lora(tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapter"):
         save_adapter(Tiny(), tmp_path)
+
+
+def test_hf_module_prefix_in_file_keys(tmp_path):
+    """An imported model names its modules as transformers does in the file (lm_head stays top-level)."""
+    cfg = LoRAConfig(rank=2, target_modules=["q_proj", "lm_head"])
+    model, base_sd = trained(cfg)
+    model.hf_module_prefix = "model.decoder."
+    save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.lm_head.lora_B.weight" in keys
+    other = fresh(base_sd)
+    other.hf_module_prefix = "model.decoder."
+    load_adapter(other, tmp_path)
+    ids = torch.randint(0, 11, (2, 7))
+    assert torch.equal(model(ids), other(ids))
