@@ -155,6 +155,21 @@ def _prepare_bases(specs: list[RunSpec], states: list[str], progress: bool) -> N
             ensure_base(s.cfg, progress=progress)
 
 
+def _join_torchrun(specs: list[RunSpec], states: list[str] | None) -> list[str]:
+    """Under torchrun: one process group for the whole sweep (train_run joins it instead of making its own per run;
+    re-creating groups back to back can deadlock), and rank 0's view of what is done, so every rank agrees."""
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available() and any(s.cfg.train.device != "cpu" for s in specs):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    box = [states]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _sigterm(signum, frame):  # a killed sweep stops its child run too, and leaves a resumable state
     raise KeyboardInterrupt
 
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    states = plan_states(specs, out_dir)
+    states = plan_states(specs, out_dir) if is_main else None
     if args.dry_run:
         if is_main:
             print_plan(specs, states, out_dir)
@@ -178,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         if world > 1:
-            rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main)
+            states = _join_torchrun(specs, states)
+            rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states)
+            import torch.distributed as dist
+            dist.destroy_process_group()
         else:
             _prepare_bases(specs, states, progress)
             rows = run_sweep(specs, out_dir, subprocess_runner(progress))

@@ -231,14 +231,14 @@ def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
 
 
 def run_sweep(specs: Sequence[RunSpec], out_dir: Path, runner: Runner, *, is_main: bool = True,
-              say: Callable[[str], None] = print) -> list[dict]:
+              states: Sequence[str] | None = None, say: Callable[[str], None] = print) -> list[dict]:
     """Run every spec not done yet, in order; append a row per finished run (rank 0 only). Returns the new rows.
 
-    Every rank calls this with the same specs and takes the same decisions: the states are fixed before the first
-    run, when no rank has written anything yet.
+    Under torchrun every rank calls this with the same specs and the same `states` (rank 0's plan_states, sent to
+    all), so all take the same decisions.
     """
     out_dir = Path(out_dir)
-    states = plan_states(specs, out_dir)
+    states = list(states) if states is not None else plan_states(specs, out_dir)
     todo = sum(s != "done" for s in states)
     if is_main:
         say(f"{len(specs)} runs, {len(specs) - todo} already done, {todo} to go; results in {out_dir}")

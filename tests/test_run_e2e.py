@@ -124,3 +124,20 @@ def test_killed_sweep_resumes(env, tmp_path):
     got = rows(out)
     assert [(r["value"], r["status"], r["steps"]) for r in got] == [(2, "ok", 8), (4, "ok", 8)]
     assert not list(out.glob("runs/*/checkpoint.pt"))  # finished runs drop their checkpoint
+
+
+def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
+    """torchrun: every rank trains every value together (gloo on CPU); only rank 0 writes rows and the report."""
+    root, e = env
+    out = tmp_path / "out"
+    args = ["--config", str(REPO / "experiments/configs/abl_lora_rank.yaml"), *tiny(root, out),
+            "--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "experiments.run"]
+    done = subprocess.run([*torchrun, *args], env=dict(e, OMP_NUM_THREADS="1"), cwd=REPO, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.replace("\r", "\n")[-8000:]
+    got = rows(out)
+    assert [(r["value"], r["status"], r["world_size"]) for r in got] == [(2, "ok", 2), (4, "ok", 2)]
+    assert done.stdout.count("== lora_rank (lora.rank)") == 1  # rank 0 alone prints the summary
+    assert (out / "report.md").exists()
