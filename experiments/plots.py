@@ -44,25 +44,24 @@ def _panel(ax, st: "Study", xs: list[float], metric: str, scale: float, color: s
 
 
 def plot_study(st: "Study", path: Path) -> Path:
-    """Three panels against the swept value: val ppl, train time, peak memory (+ saved-for-backward)."""
+    """Four panels against the swept value: val ppl, train time, peak memory, activations saved for backward."""
     xs, labels, log2 = _x(st)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5))
+    axes = grid.ravel()
     seeds = max((len(v.rows) for v in st.values), default=1)
-    _panel(axes[0], st, xs, "val_ppl", 1.0, "tab:blue")
-    axes[0].set_ylabel("validation perplexity")
-    _panel(axes[1], st, xs, "train_time_s", 1.0, "tab:orange")
-    axes[1].set_ylabel("train time (s)")
-    _panel(axes[2], st, xs, "peak_memory_bytes", MIB, "tab:red", "peak memory (device)")
-    _panel(axes[2], st, xs, "saved_for_backward_bytes", MIB, "tab:purple", "saved for backward", style="--s")
-    axes[2].set_ylabel("MiB")
-    axes[2].legend(fontsize=8)
-    for ax in axes:
+    panels = [("val_ppl", 1.0, "tab:blue", "validation perplexity"),
+              ("train_time_s", 1.0, "tab:orange", "train time (s)"),
+              ("peak_memory_bytes", MIB, "tab:red", "peak memory (MiB; GPU allocator / CPU RSS)"),
+              ("saved_for_backward_bytes", MIB, "tab:purple", "saved for backward (MiB, per micro-batch)")]
+    for ax, (metric, scale, color, ylabel) in zip(axes, panels):
+        _panel(ax, st, xs, metric, scale, color)
+        ax.set_ylabel(ylabel)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         if log2:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=0 if st.numeric else 20, ha="center" if st.numeric else "right")
-        if log2:
             ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=0 if st.numeric else 15, ha="center" if st.numeric else "right")
         ax.set_xlabel(st.key + (" (log2)" if log2 else ""))
         ax.grid(alpha=0.3)
     failed = [v.short for v in st.values if not v.ok]

@@ -159,7 +159,7 @@ def _int(x: float | None) -> str:
 
 
 def _diff_text(d: Difference, base: float, digits: int = 3) -> str:
-    rel = f" ({d.diff / base:+.1%})" if base else ""
+    rel = f" ({d.diff / base:+.2%})" if base else ""
     if d.significant is None:
         return f"{d.diff:+.{digits}f}{rel}, 1 seed"
     verdict = "significant" if d.significant else "within noise"
@@ -220,7 +220,7 @@ def study_header(st: Study) -> str:
     budget = (f"{budgets[0]:,} training tokens per run, the same for every value" if len(budgets) == 1 else
               f"WARNING: runs trained on different token counts ({', '.join(f'{b:,}' for b in budgets)})"
               if budgets else "no finished run")
-    devices = sorted({f"{r.get('device')} ({r.get('dtype')}, world size {r.get('world_size')})" for r in ok})
+    devices = sorted({f"{r.get('device')}, {r.get('dtype')}, world size {r.get('world_size')}" for r in ok})
     lines = [f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else '—'}; "
              f"seeds: {', '.join(map(str, seeds))} ({len(seeds)} per value)",
              f"- alpha policy: {_alpha_text(rows)}",
