@@ -50,7 +50,7 @@ class Value:
 
     @property
     def label(self) -> str:
-        return str(self.value)
+        return "(no ablation)" if self.value is None else str(self.value)
 
     @property
     def short(self) -> str:
@@ -292,10 +292,6 @@ def _ppl_list(vs: list[Value]) -> str:
     return ", ".join(f"{v.short}: {_num(v.mean('val_ppl'))}" for v in vs)
 
 
-def _mem_fmt(x: float) -> str:
-    return _mib(x)
-
-
 def _sec_fmt(x: float) -> str:
     return f"{x:.1f} s"
 
@@ -321,9 +317,9 @@ def rank_checks(st: Study) -> list[Check]:
     checks.append(_increase_check(st, "Higher rank costs more training time", "train_time_s", "train time",
                                   _sec_fmt, x))
     checks.append(_increase_check(st, "Higher rank costs more memory (peak)", "peak_memory_bytes", "peak memory",
-                                  _mem_fmt, x))
+                                  _mib, x))
     checks.append(_increase_check(st, "Higher rank costs more memory (activations saved for backward)",
-                                  "saved_for_backward_bytes", "saved for backward", _mem_fmt, x))
+                                  "saved_for_backward_bytes", "saved for backward", _mib, x))
     return checks
 
 
@@ -392,9 +388,9 @@ def context_checks(st: Study) -> list[Check]:
     checks = [_increase_check(st, "Longer context is slower (same tokens, more time)", "train_time_s", "train time",
                               _sec_fmt, x),
               _increase_check(st, "Longer context uses more memory (peak)", "peak_memory_bytes", "peak memory",
-                              _mem_fmt, x),
+                              _mib, x),
               _increase_check(st, "Longer context uses more memory (activations saved for backward)",
-                              "saved_for_backward_bytes", "saved for backward", _mem_fmt, x)]
+                              "saved_for_backward_bytes", "saved for backward", _mib, x)]
     exp = "Longer context lowers validation perplexity (broader dependencies)"
     vs, rho = _trend(st, "val_ppl", x)
     if len(vs) < 2:

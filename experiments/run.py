@@ -13,7 +13,7 @@ at the end the report (OUT/report.md + plots) is written and its tables printed.
 from __future__ import annotations
 
 import argparse
-import difflib
+import glob as globlib
 import os
 import signal
 import sys
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from experiments.config import (ABLATION_ALIASES, CONFIG_DIR, Config, ConfigError, load_config, parse_value,
+from experiments.config import (ABLATION_ALIASES, CONFIG_DIR, ConfigError, load_config, parse_value,
                                 resolve_key, with_values)
 from experiments.results import value_label
 from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
@@ -72,12 +72,27 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _missing(value: str) -> bool:
+    """A corpus path (file, folder or glob) that names nothing."""
+    p = Path(value).expanduser()
+    return not p.exists() and not (any(ch in value for ch in "*?[") and globlib.glob(str(p), recursive=True))
+
+
 def _path_flag(flag: str, value: str) -> str:
     """A path from the command line, absolute (runs may start in another folder); it must exist."""
+    if _missing(value):
+        raise ConfigError(f"{flag} {value}: no such file or folder (or the glob matches nothing).")
     p = Path(value).expanduser()
-    if not p.exists() and not any(ch in value for ch in "*?["):
-        raise ConfigError(f"{flag} {value}: no such file or folder.")
     return str(p.resolve()) if p.exists() else str(Path.cwd() / p)
+
+
+def _check_corpora(specs: list[RunSpec]) -> None:
+    """Corpus paths set in a YAML or by --set must exist too, or every run would fail on the same error."""
+    for s in specs:
+        for key, value in (("data.finetune", s.cfg.data.finetune), ("pretrain.corpus", s.cfg.pretrain.corpus)):
+            if value != "builtin" and _missing(value):
+                raise ConfigError(f"'{key}': {value!r} is no file, folder or matching glob. Give 'builtin' or a "
+                                  "path to your text (.txt/.md/.py files, a folder, a glob, or a .jsonl).")
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
@@ -125,6 +140,7 @@ def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
         values = [chosen[-1][0]] if chosen else None
         source = chosen[-1][1] if chosen else str(path)
         specs += plan_runs(cfg, name=Path(path).stem, values=values, seeds=args.seeds, source=source)
+    _check_corpora(specs)
     return specs
 
 

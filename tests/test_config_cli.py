@@ -41,6 +41,9 @@ def write(tmp_path, text, name="abl.yaml"):
     (["--seeds", "0"], ["--seeds 0", "at least 1"]),
     (["--data", "/no/such/corpus.txt"], ["--data /no/such/corpus.txt", "no such file"]),
     (["--base_model", "/no/such/opt"], ["--base_model /no/such/opt", "no such file"]),
+    (["--data", "/no/such/*.txt"], ["--data /no/such/*.txt", "glob matches nothing"]),
+    (["--set", "data.finetune=/no/such/dir"], ["'data.finetune': '/no/such/dir' is no file, folder"]),
+    (["--set", "pretrain.corpus=/no/such/dir"], ["'pretrain.corpus'", "Give 'builtin'"]),
     (["--config", "/no/such.yaml"], ["/no/such.yaml", "no such config file", "configs"]),
 ])
 def test_cli_errors_fail_fast(argv, needles, tmp_path, capsys):

@@ -6,7 +6,6 @@ import random
 import re
 import struct
 
-import pytest
 
 from experiments.config import load_config
 from experiments.report import load_studies, main as report_main, write_report
