@@ -114,3 +114,21 @@ def test_quick_overrides_apply_to_every_run(tmp_path, capsys):
     assert {s.cfg.eval.max_tokens for s in specs} == {4096}
     full = resolve_runs(build_parser().parse_args([]))
     assert {s.config_hash for s in specs}.isdisjoint({s.config_hash for s in full})
+
+
+def test_with_values_checks_each_then_cross_field_once():
+    from experiments.config import ConfigError, load_config, with_values
+    cfg = load_config(DEFAULT_STUDY[0])
+    # Lowering batch below the current micro-batch is fine when the micro-batch comes down in the same call.
+    for items in ([("train.batch_tokens", 2048, "a"), ("train.micro_batch_tokens", 1024, "b")],
+                  [("train.micro_batch_tokens", 1024, "b"), ("train.batch_tokens", 2048, "a")]):
+        new = with_values(cfg, items)
+        assert (new.train.batch_tokens, new.train.micro_batch_tokens) == (2048, 1024)
+    # YAML 1.1 reads 3e5 / 3e-4 as strings: they are numbers, and hash like the numbers they are.
+    a = with_values(cfg, [("train.tokens", "3e5", "--set"), ("train.lr", "3e-4", "--set")])
+    b = with_values(cfg, [("train.tokens", 300000, "--set"), ("train.lr", 0.0003, "--set")])
+    assert a.train.tokens == 300000 and isinstance(a.train.tokens, int) and a.hash() == b.hash()
+    with pytest.raises(ConfigError, match=r"^--flag: 'lora.rank' must be in \[1, 4096\], got 0\.$"):
+        with_values(cfg, [("train.lr", 1e-3, "--set"), ("lora_rank", 0, "--flag")])
+    with pytest.raises(ConfigError, match=r"ablation value 5000\)"):  # every ablation value is checked again
+        with_values(cfg, [("ablation.values", [4, 5000], "--set"), ("ablation.baseline", 4, "--set")])
