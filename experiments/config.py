@@ -96,7 +96,7 @@ class TrainConfig:
     tokens: int = field(default=300_000, metadata=_range(1))
     batch_tokens: int = field(default=8192, metadata=_range(1))        # per optimizer step
     micro_batch_tokens: int = field(default=4096, metadata=_range(1))  # per forward/backward
-    lr: float = field(default=2e-3, metadata=_range(0, None, lo_open=True))
+    lr: float = field(default=1e-2, metadata=_range(0, None, lo_open=True))
     min_lr_ratio: float = field(default=0.1, metadata=_range(0, 1))
     warmup_fraction: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0))

@@ -214,6 +214,9 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
                      "val_ppl": math.exp(min(loss, 50.0))})
 
     if start == 0:
+        if log is not None:  # the batch plan actually used (tokens per step may differ from the asked batch_tokens)
+            log.log({"step": 0, "tokens_per_step": plan.tokens_per_step, "micro_seqs": plan.micro_seqs,
+                     "accum": plan.accum, "steps": plan.steps, "seq_len": plan.seq_len})
         run_eval(0)  # the base model: LoRA's B starts at zero, so this is the model before fine-tuning
 
     resumed_time = out.train_time_s  # training time of earlier processes of this run
