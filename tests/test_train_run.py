@@ -170,3 +170,17 @@ def test_base_is_cached_and_reused(tmp, monkeypatch):
     with pytest.raises(AssertionError, match="reused"):  # a different base config is a different base
         base_mod.ensure_base(tiny_config(tmp, pretrain={"lr": 5e-3}), progress=False)
     assert not list(folder.parent.glob("*.tmp-*"))  # the failed build left nothing behind
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp):
+    """Checkpointing recomputes blocks in backward: same numbers, far fewer bytes saved for backward."""
+    plain = train_run(tiny_config(tmp, train={"tokens": 256 * 3}), tmp / "runs" / "plain", progress=False)
+    ckpt = train_run(tiny_config(tmp, train={"tokens": 256 * 3, "activation_checkpointing": True}),
+                     tmp / "runs" / "ckpt", progress=False)
+    assert ckpt["status"] == plain["status"] == "ok"
+    assert ckpt["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    assert ckpt["saved_for_backward_bytes"] < 0.5 * plain["saved_for_backward_bytes"]
+    bf16 = train_run(tiny_config(tmp, train={"tokens": 256 * 3, "dtype": "bfloat16"}), tmp / "runs" / "bf16",
+                     progress=False)
+    assert bf16["status"] == "ok" and bf16["dtype"] == "bfloat16 autocast"
+    assert bf16["val_loss"] == pytest.approx(plain["val_loss"], abs=0.05)
