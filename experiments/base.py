@@ -7,10 +7,13 @@ second run of a study finds it instantly. It is written to a temporary folder an
 mid-pretraining never leaves a half-written base behind.
 
 Position embedding: RoPE. It has no table, so one base serves every context length of the context ablation
-(256-2048); a learned table would end at the pretraining length. The consequence: positions past
-`pretrain.seq_len` are rotations the base never saw, so its perplexity at longer contexts mixes "more context"
-with "length extrapolation", and LoRA fine-tuning at that length has to adapt to both. Each run records the
-base's own validation perplexity at its context length (`base_val_ppl`), which shows the size of that effect.
+(256-2048); a learned table would end at the pretraining length. Pretraining length: 512, the default
+fine-tuning context, so the rank and target-module ablations fine-tune at a length the base has seen (and 256
+is inside it). Longer pretraining would cost attention time the 2-core budget does not have. The consequence:
+at 1024 and 2048 the base meets rotations it never saw, so perplexity there mixes "more context" with "length
+extrapolation" (measured on the default base: val ppl 281 at 512, 287 at 1024, 299 at 2048), and LoRA at
+those lengths adapts to both. Each run records the base's own validation perplexity at its context length
+(`base_val_ppl`), which shows the size of that effect.
 """
 from __future__ import annotations
 
