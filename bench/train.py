@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train_measure import (FlopShape, matmul_peak, peak_rss_bytes, reset_peak_rss, rss_bytes,
+from bench.train_measure import (FlopShape, host_syncs, matmul_peak, peak_rss_bytes, reset_peak_rss, rss_bytes,
                                  saved_for_backward, step_flops, summarize, time_steps)
 from bench.train_steps import (SHAPES, TARGETS_ALL, TARGETS_QV, Contender, Shape, Spec, build, copy_lora_A,
                                make_batch, save_random_opt)
@@ -125,21 +125,28 @@ def measure_memory(spec: Spec, shape: Shape, folder: str, device: torch.device, 
 
 # ---------------------------------------------------------------- timing
 def run_rounds(contenders: list[Contender], device: torch.device, steps: int, rounds: int, warmup: int) -> dict:
-    """Interleaved rounds: every contender runs warm-up + `steps` per round, order rotated each round."""
+    """Rounds of warm-up, then `steps` timed steps per contender. CPU: interleaved step by step (A B C,
+    B C A, ...), so a load change on a shared machine hits every contender alike. CUDA: a block of
+    `steps` per contender between two syncs (a sync per step would expose launch latency), the order
+    rotated each round."""
+    n = len(contenders)
+    block = steps if device.type == "cuda" else 1
     wall: dict[str, list[list[float]]] = {c.spec.label: [] for c in contenders}
     cpu: dict[str, list[list[float]]] = {c.spec.label: [] for c in contenders}
     for r in range(rounds):
-        k = r % len(contenders)
-        order = contenders[k:] + contenders[:k]
-        if r % 2:
-            order = order[::-1]
-        for c in order:
+        for c in contenders:
             for _ in range(warmup):
                 c.step()
-            w, t = time_steps(c.step, steps, device)
-            wall[c.spec.label].append(w)
-            if t is not None:
-                cpu[c.spec.label].append(t)
+            wall[c.spec.label].append([])
+            cpu[c.spec.label].append([])
+        for i in range(steps // block):
+            k = (r + i) % n
+            for c in contenders[k:] + contenders[:k]:
+                w, t = time_steps(c.step, block, device)
+                wall[c.spec.label][-1] += w
+                cpu[c.spec.label][-1] += t or []
+        for c in contenders:
+            w, t = wall[c.spec.label][-1], cpu[c.spec.label][-1]
             print(f"  round {r + 1}/{rounds} {c.spec.label:32s} {statistics.median(w) * 1e3:8.1f} ms/step"
                   + (f"  (cpu {statistics.median(t) * 1e3:.1f} ms)" if t else ""), flush=True)
     return {label: summarize(wall[label], cpu[label]) for label in wall}
@@ -160,7 +167,7 @@ def check_same_function(losses: dict[str, float], pairs: list[tuple[Spec, Spec]]
 
 # ---------------------------------------------------------------- one comparison
 def compare(shape: Shape, pairs: list[tuple[Spec, Spec]], device: torch.device, precision: str, *,
-            steps: int, rounds: int, warmup: int, memory: bool, peak: dict | None) -> dict:
+            steps: int, rounds: int, warmup: int, memory: int, peak: dict | None) -> dict:
     """Builds every contender of `pairs` from one random OPT checkpoint, checks, times, measures."""
     specs = list(dict.fromkeys(s for pair in pairs for s in pair))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:
@@ -183,33 +190,43 @@ def compare(shape: Shape, pairs: list[tuple[Spec, Spec]], device: torch.device, 
         check_same_function(loss0, pairs, 1e-4 if precision == "fp32" else 5e-2)
         print(f"{shape} {precision}: initial losses agree: "
               + ", ".join(f"{k} {v:.5f}" for k, v in loss0.items()), flush=True)
-        timing = run_rounds(list(built.values()), device, steps, rounds, warmup)
+        syncs = {c.spec.label: host_syncs(c.step, device) for c in built.values()}
+        timing = run_rounds(list(built.values()), device, steps, rounds, warmup) if steps else {}
         loss_n = initial_losses(list(built.values()))
-        mems = {}
-        if memory:
-            for c in built.values():
-                mems[c.spec.label] = measure_memory(c.spec, shape, folder, device, precision)
+        counts = {s: (c.trainable, c.total) for s, c in built.items()}
+        del built  # free this process's memory (a GPU's above all) before the memory workers start
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        mems = {s.label: measure_memory(s, shape, folder, device, precision, memory) for s in specs} if memory else {}
         rows = []
-        for s, c in built.items():
-            t = timing[s.label]
+        for s, (trainable, total) in counts.items():
+            t = timing.get(s.label)
             flops = step_flops(FlopShape(shape.batch, shape.seq, shape.d_model, shape.n_layer, shape.d_ff, shape.vocab),
                                s.mode, s.rank, s.targets)
             rows.append({
-                "label": s.label, "spec": s.to_dict(), "trainable": c.trainable, "total": c.total,
-                "step_s": t["median_s"], "tokens_per_s": shape.tokens / t["median_s"], "timing": t,
-                "cpu_time_tokens_per_s": shape.tokens / t["cpu_median_s"] if "cpu_median_s" in t else None,
-                "flops_per_step": flops, "achieved_flops_per_s": flops / t["median_s"],
-                "mfu": flops / t["median_s"] / peak["flops_per_s"] if peak else None,
+                "label": s.label, "spec": s.to_dict(), "trainable": trainable, "total": total,
+                "step_s": t and t["median_s"], "tokens_per_s": t and shape.tokens / t["median_s"], "timing": t,
+                "cpu_time_tokens_per_s": shape.tokens / t["cpu_median_s"] if t and "cpu_median_s" in t else None,
+                "flops_per_step": flops, "achieved_flops_per_s": t and flops / t["median_s"],
+                "mfu": t and mfu(flops, t, peak),
                 "loss_initial": loss0[s.label], "loss_after": loss_n[s.label],
-                "steps_trained": rounds * (warmup + steps), "memory": mems.get(s.label),
+                "steps_trained": rounds * (warmup + steps) + (syncs[s.label] is not None),
+                "host_syncs_per_step": syncs[s.label], "memory": mems.get(s.label),
             })
-        del built
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     by = {r["label"]: r for r in rows}
     ratios = [ratio(by[o.label], by[p.label], device) for o, p in pairs]
     return {"shape": asdict(shape) | {"tokens": shape.tokens}, "rows": rows, "ratios": ratios}
+
+
+def mfu(flops: float, timing: dict, peak: dict | None) -> float | None:
+    """Model FLOPs / step time / measured matmul peak. CPU: both in CPU time (the share of a shared
+    machine this process got); CUDA: wall time against the bf16 (or fp32) GEMM peak."""
+    if not peak:
+        return None
+    if "cpu_median_s" in timing and "cpu_time_flops_per_s" in peak:
+        return flops / timing["cpu_median_s"] / peak["cpu_time_flops_per_s"]
+    return flops / timing["median_s"] / peak["flops_per_s"]
 
 
 def _get(d: dict | None, keys: tuple[str, ...]):
@@ -221,7 +238,8 @@ def _get(d: dict | None, keys: tuple[str, ...]):
 
 
 def ratio(ours: dict, peer: dict, device: torch.device) -> dict:
-    out = {"ours": ours["label"], "peer": peer["label"], "speedup": ours["tokens_per_s"] / peer["tokens_per_s"]}
+    out = {"ours": ours["label"], "peer": peer["label"],
+           "speedup": ours["tokens_per_s"] / peer["tokens_per_s"] if ours["tokens_per_s"] else None}
     if ours["cpu_time_tokens_per_s"] and peer["cpu_time_tokens_per_s"]:
         out["speedup_cpu_time"] = ours["cpu_time_tokens_per_s"] / peer["cpu_time_tokens_per_s"]
     keys = {"peak_allocated": ("peak_allocated",), "peak_reserved": ("peak_reserved",),
@@ -235,7 +253,7 @@ def ratio(ours: dict, peer: dict, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------- printing
 def _mb(x) -> str:
-    return "-" if x is None else f"{x / MB:.0f}"
+    return "-" if x is None else f"{x / MB:.1f}"
 
 
 def table(result: dict, device: torch.device) -> str:
@@ -250,14 +268,19 @@ def table(result: dict, device: torch.device) -> str:
         mem = [_mb(_get(m, ("peak_allocated",))), _mb(_get(m, ("peak_reserved",)))] if cuda else \
               [_mb(_get(m, ("saved", "activations"))), _mb(_get(m, ("rss_step_delta",)))]
         r = speed.get(row["label"])
-        x = f"{r['speedup']:.2f}x" if r else ""
-        if r and "speedup_cpu_time" in r:
-            x += f" (cpu-time {r['speedup_cpu_time']:.2f}x)"
+        parts = []
+        if r and r["speedup"]:
+            parts.append(f"{r['speedup']:.2f}x" + (f" (cpu-time {r['speedup_cpu_time']:.2f}x)"
+                                                   if "speedup_cpu_time" in r else ""))
         mr = r.get("peak_allocated_ratio" if cuda else "saved_activations_ratio") if r else None
-        x += f", mem {mr:.2f}x" if mr is not None else ""
+        if mr is not None:
+            parts.append(f"mem {mr:.2f}x")
+        x = ", ".join(parts)
+        timed = row["step_s"] is not None
         mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "-"
-        lines.append("| " + " | ".join([row["label"], f"{row['trainable']:,}", f"{row['step_s'] * 1e3:.1f}",
-                                        f"{row['tokens_per_s']:,.0f}", x, mfu, *mem,
+        lines.append("| " + " | ".join([row["label"], f"{row['trainable']:,}",
+                                        f"{row['step_s'] * 1e3:.1f}" if timed else "-",
+                                        f"{row['tokens_per_s']:,.0f}" if timed else "-", x, mfu, *mem,
                                         f"{row['loss_initial']:.4f}", f"{row['loss_after']:.4f}"]) + " |")
     return "\n".join(lines)
 
@@ -272,7 +295,7 @@ def ablation_pairs(device: torch.device) -> list[tuple[Spec, Spec]]:
     """Our default against each optimisation switched off (or on) alone, all against PEFT."""
     base = Spec()
     variants = [base, replace(base, lora_impl="plain"), replace(base, loss="full"),
-                replace(base, fused_adamw=device.type != "cuda"), replace(base, compile=True),
+                replace(base, fused_adamw=device.type != "cuda"), replace(base, compile="loss"), replace(base, compile="blocks"),
                 replace(base, checkpointing=True)]
     pairs = [(v, v.peer()) for v in variants]
     return pairs
@@ -290,10 +313,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--shape", action="append", choices=sorted(SHAPES),
                    help="repeatable; default cpu on a CPU, gpu-512 and gpu-2048 on a GPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20; sweep 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per round (default 20; sweep 10); 0: memory only, no timing")
+    p.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each round's timed steps")
     p.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
+    p.add_argument("--memory-steps", type=int, default=3, help="training steps in each memory subprocess")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for this run and its workers (default: torch's); 1 is steadier "
                         "on a CPU shared with other jobs")
@@ -306,26 +333,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(mode: str, shape_names: list[str], device: torch.device, precision: str, *,
-        steps: int, rounds: int, warmup: int, memory: bool) -> dict:
-    """Runs one mode ("main" | "ablations" | "sweep") over the named shapes; returns the JSON payload."""
+        steps: int, rounds: int, warmup: int, memory: int, overrides: dict | None = None) -> dict:
+    """Runs one mode ("main" | "ablations" | "sweep") over the named shapes (with `overrides` such as
+    {"batch": 1} applied to each); steps=0 measures memory only, memory=0 skips it (else: steps per memory
+    worker). Returns the JSON payload."""
+    shapes = {name: replace(SHAPES[name], **(overrides or {})) for name in shape_names}
     opts = dict(steps=steps, rounds=rounds, warmup=warmup, memory=memory)
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     print(f"{device_name(device)}: measured {peak['dtype']} matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s",
           flush=True)
     payload = environment(device, precision) | {
         "benchmark": "bench.train", "mode": mode, "matmul_peak": peak,
-        "shapes": {name: asdict(SHAPES[name]) for name in shape_names},
-        "timing": {**opts, "method": "cuda events, one sync per round" if device.type == "cuda" else "perf_counter",
+        "shapes": {name: asdict(shape) for name, shape in shapes.items()},
+        "timing": {**opts, "method": "cuda events per step, one sync per block of steps" if device.type == "cuda"
+                   else "perf_counter and process_time per step, contenders interleaved step by step",
                    "statistic": "median over all timed steps of all rounds, rounds interleaved"},
-        "memory_method": ("fresh subprocess per contender: torch.cuda.max_memory_allocated/reserved over 3 steps"
+        "memory_method": (f"fresh subprocess per contender: torch.cuda.max_memory_allocated/reserved over {memory} steps"
                           if device.type == "cuda" else
-                          "fresh subprocess per contender: peak RSS during 3 steps minus RSS after build "
+                          f"fresh subprocess per contender: peak RSS during {memory} steps minus RSS after build "
                           "(VmHWM reset through /proc/self/clear_refs); saved = unique storages packed by "
                           "saved_tensors_hooks in one forward+loss, parameters excluded"),
         "results": [],
     }
-    for name in shape_names:
-        base = SHAPES[name]
+    for name, base in shapes.items():
         if mode == "sweep":
             for axis, shape, rank in sweep_shapes(base):
                 s = Spec(rank=rank)
@@ -335,7 +365,7 @@ def run(mode: str, shape_names: list[str], device: torch.device, precision: str,
         else:
             pairs = ablation_pairs(device) if mode == "ablations" else main_pairs()
             res = compare(base, pairs, device, precision, peak=peak, **opts)
-            if mode == "ablations":  # each switch against our default, the row that has none
+            if mode == "ablations" and steps:  # each switch against our default, the row that has none
                 ref = next(r for r in res["rows"] if r["spec"]["side"] == "ours")
                 res["vs_ours_default"] = {r["label"]: r["tokens_per_s"] / ref["tokens_per_s"]
                                           for r in res["rows"] if r["spec"]["side"] == "ours"}
@@ -358,10 +388,13 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    shapes = args.shape or (["gpu-512", "gpu-2048"] if device.type == "cuda" else ["cpu"])
     mode = "ablations" if args.ablations else "sweep" if args.sweep else "main"
-    payload = run(mode, shapes, device, precision, steps=args.steps or (10 if args.sweep else 20),
-                  rounds=args.rounds, warmup=args.warmup, memory=not args.no_memory)
+    gpu_default = ["gpu-2048"] if mode != "main" else ["gpu-512", "gpu-2048"]
+    shapes = args.shape or (gpu_default if device.type == "cuda" else ["cpu"])
+    steps = args.steps if args.steps is not None else 10 if args.sweep else 20
+    overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
+    payload = run(mode, shapes, device, precision, steps=steps, rounds=args.rounds, warmup=args.warmup,
+                  memory=0 if args.no_memory else args.memory_steps, overrides=overrides)
     suffix = "" if mode == "main" else f"_{mode}"
     out = Path(args.out) if args.out else RESULTS / f"train_{device.type}{suffix}.json"
     print(f"wrote {write_json(payload, out)}")

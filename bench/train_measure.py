@@ -54,6 +54,23 @@ def summarize(rounds: list[list[float]], cpu_rounds: list[list[float]] | None) -
     return out
 
 
+def host_syncs(step: Callable[[], torch.Tensor], device: torch.device) -> int | None:
+    """How many CUDA host syncs one step makes (torch.cuda.set_sync_debug_mode warnings); None on CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 # ---------------------------------------------------------------- memory
 def saved_for_backward(loss_fn: Callable[[], torch.Tensor], model: nn.Module) -> dict:
     """Bytes autograd keeps for backward during one forward + loss, counted once per storage.
@@ -140,5 +157,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> dict:
     for _ in range(3):
         a @ b
     reps = 20 if device.type == "cuda" else 5
-    best = min(time_steps(lambda: a @ b, reps, device)[0])
-    return {"flops_per_s": 2 * n**3 / best, "n": n, "dtype": str(dtype).removeprefix("torch.")}
+    wall, cpu = time_steps(lambda: a @ b, reps, device)
+    out = {"flops_per_s": 2 * n**3 / min(wall), "n": n, "dtype": str(dtype).removeprefix("torch.")}
+    if cpu:  # on a shared CPU the wall-clock rate is whatever the other jobs leave; CPU time is steadier
+        out["cpu_time_flops_per_s"] = 2 * n**3 / min(cpu)
+    return out

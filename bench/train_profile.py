@@ -14,15 +14,16 @@ from torch.profiler import ProfilerActivity, profile
 from bench.train_steps import SHAPES, TARGETS_ALL, TARGETS_QV, Spec, build, make_batch, save_random_opt
 
 
-def profile_steps(step, steps: int, device: torch.device, top: int) -> str:
+def profile_steps(step, steps: int, device: torch.device, top: int, by_shape: bool = False) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+    return prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=top, max_name_column_width=48,
+                                                                  max_shapes_column_width=60)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--side", default="both", choices=["both", "ours", "peer"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--by-shape", action="store_true", help="group ops by input shapes")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             c = build(s, shape, folder, device, precision, batch)
             for _ in range(2):
                 c.step()
-            print(f"\n### {s.label}  {shape}  {precision}\n{profile_steps(c.step, args.steps, device, args.top)}")
+            print(f"\n### {s.label}  {shape}  {precision}\n{profile_steps(c.step, args.steps, device, args.top, args.by_shape)}")
             del c
 
 

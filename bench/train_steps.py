@@ -62,7 +62,8 @@ class Spec:
     alpha: float = 32.0
     lora_impl: str = "fused"                # ours: "fused" custom Function | "plain" autograd (LoRALinear.fused=False)
     loss: str = "chunked"                   # ours: "chunked" GPT.loss | "full" logits + F.cross_entropy
-    compile: bool = False                   # ours: torch.compile of forward + loss
+    loss_chunk: int | None = None           # ours: tokens per chunk of GPT.loss (None: the model's default)
+    compile: str = ""                       # ours: torch.compile of "loss" (forward + loss) | each of the "blocks"
     checkpointing: bool = False             # activation checkpointing per block (both sides)
     fused_adamw: bool | None = None         # None: fused on CUDA, foreach on CPU (same on both sides)
 
@@ -75,16 +76,20 @@ class Spec:
             if self.rank != 16:
                 parts.append(f"r{self.rank}")
         default = Spec()
-        for key, tag in (("lora_impl", "plain-lora"), ("loss", "full-logits"), ("compile", "compiled"),
+        for key, tag in (("lora_impl", "plain-lora"), ("loss", "full-logits"), ("loss_chunk", None), ("compile", None),
                          ("checkpointing", "ckpt"), ("fused_adamw", None)):
             value = getattr(self, key)
             if value != getattr(default, key):
+                if key == "compile":
+                    tag = f"compiled-{value}"
+                elif key == "loss_chunk":
+                    tag = f"chunk{value}"
                 parts.append(tag or ("fused-adamw" if value else "foreach-adamw"))
         return " ".join(parts)
 
     def peer(self) -> "Spec":
         """The transformers (+ PEFT) contender this one is compared against."""
-        return replace(self, side="peer", lora_impl="fused", loss="chunked", compile=False)
+        return replace(self, side="peer", lora_impl="fused", loss="chunked", loss_chunk=None, compile="")
 
     def to_dict(self) -> dict:
         return asdict(self) | {"label": self.label}
@@ -183,13 +188,18 @@ def _build_ours(spec: Spec, folder: str, device: torch.device, precision: str, x
             model.get_submodule(name).fused = spec.lora_impl == "fused"
 
     if spec.loss == "chunked":
-        forward_loss = lambda: model.loss(x, y)
+        forward_loss = lambda: model.loss(x, y, chunk_size=spec.loss_chunk)
     elif spec.loss == "full":
         forward_loss = lambda: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
     else:
         raise ValueError(f"loss must be 'chunked' or 'full', got {spec.loss!r}")
-    if spec.compile:
+    if spec.compile == "loss":
         forward_loss = torch.compile(forward_loss)
+    elif spec.compile == "blocks":
+        for block in model.layers:
+            block.compile()
+    elif spec.compile:
+        raise ValueError(f"compile must be '', 'loss' or 'blocks', got {spec.compile!r}")
     return model, forward_loss, wrapped
 
 
