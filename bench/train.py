@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from bench.train_measure import (FlopShape, host_syncs, matmul_peak, peak_rss_bytes, reset_peak_rss, rss_bytes,
-                                 saved_for_backward, step_flops, summarize, time_steps)
+from bench.train_measure import (FlopShape, host_syncs, matmul_peak, saved_for_backward, step_flops, summarize,
+                                 time_steps)
 from bench.train_steps import (SHAPES, TARGETS_ALL, TARGETS_QV, Contender, Shape, Spec, build, copy_lora_A,
                                make_batch, save_random_opt)
+from experiments.memory import peak_rss_bytes, reset_peaks, rss_bytes
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
@@ -94,7 +95,7 @@ def memory_worker(payload: dict) -> dict:
         out["static_allocated"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        out["rss_peak_is_per_step"] = reset_peak_rss()
+        out["rss_peak_is_per_step"] = reset_peaks(device)
         out["rss_after_build"] = rss_bytes()
     for _ in range(payload["steps"]):
         c.step()

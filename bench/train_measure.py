@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from experiments.memory import count_saved_for_backward
+
 
 def time_steps(step: Callable[[], torch.Tensor], n: int, device: torch.device) -> tuple[list[float], list[float] | None]:
     """Runs `step` n times; returns (wall seconds per step, CPU seconds per step or None on CUDA).
@@ -73,50 +75,13 @@ def host_syncs(step: Callable[[], torch.Tensor], device: torch.device) -> int | 
 
 # ---------------------------------------------------------------- memory
 def saved_for_backward(loss_fn: Callable[[], torch.Tensor], model: nn.Module) -> dict:
-    """Bytes autograd keeps for backward during one forward + loss, counted once per storage.
-
-    `activations` leaves out storages owned by the model's parameters and buffers (the frozen
-    weights a Linear saves are not new memory); `total` counts them too.
-    """
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes autograd keeps for backward during one forward + loss, counted once per storage, leaving out
+    the model's parameters and buffers (the frozen weights a Linear saves are not new memory)."""
+    resident = list(model.parameters()) + list(model.buffers())
+    with count_saved_for_backward(exclude=resident) as counter:
         loss = loss_fn()
     loss.backward()  # frees the graph; the caller zeroes the grads
-    activations = sum(n for p, n in seen.items() if p not in owned)
-    return {"activations": activations, "total": sum(seen.values()), "storages": len(seen)}
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_bytes() -> int:
-    return _proc_status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _proc_status_kb("VmHWM") * 1024
+    return {"activations": counter["bytes"]}
 
 
 # ---------------------------------------------------------------- FLOPs

@@ -21,14 +21,15 @@ def token_dtype(tok: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tok.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.uint32)
 
 
-def encode_corpus(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize") -> np.ndarray:
+def encode_corpus(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize", progress: bool = True) -> np.ndarray:
     """All documents, each followed by the end-of-text id: (n_tokens,) in `token_dtype(tok)`."""
     eot, dtype = eot_id(tok), token_dtype(tok)
     parts: list[np.ndarray] = []
     sep = np.array([eot], dtype=dtype)
     # encode_batch_fast (tokenizers >= 0.20) skips character offsets we never use: about 2x faster.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    with tqdm(total=corpus.n_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True) as bar:
+    with tqdm(total=corpus.n_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True,
+              disable=not progress) as bar:
         for i in range(0, len(corpus.docs), DOCS_PER_BATCH):
             texts = [t for _, t in corpus.docs[i:i + DOCS_PER_BATCH]]
             # add_special_tokens=False: no BOS/EOS a checkpoint's post-processor would insert (OPT prepends </s>)
@@ -38,12 +39,12 @@ def encode_corpus(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize") -> np.
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def token_array(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize") -> np.ndarray:
+def token_array(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize", progress: bool = True) -> np.ndarray:
     """The corpus's tokens, read-only memory-mapped from cache_dir()/tokens (tokenized and written once)."""
     if not corpus.docs:
         raise ValueError(f"corpus {corpus.name!r} has no documents to tokenize.")
     path = cache_dir("tokens") / f"{corpus.name}-{corpus.fingerprint}-tok{tokenizer_fingerprint(tok)}.npy"
     if not path.exists():
-        ids = encode_corpus(corpus, tok, desc)
+        ids = encode_corpus(corpus, tok, desc, progress)
         atomic_write(path, lambda f: np.save(f, ids))
     return np.load(path, mmap_mode="r")

@@ -100,8 +100,8 @@ def pretrain(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
     one_process = DistInfo(rank=0, world_size=1, device=device, owns_group=False)
     train_docs, val_docs = split_corpus(corpus, PRETRAIN_VAL_FRACTION)
     tok = train_bpe_tokenizer(train_docs, p.vocab_size)
-    train_ids = token_array(train_docs, tok, "pretrain train")
-    val_ids = token_array(val_docs, tok, "pretrain val")
+    train_ids = token_array(train_docs, tok, "pretrain train", progress)
+    val_ids = token_array(val_docs, tok, "pretrain val", progress)
 
     torch.manual_seed(p.seed)
     model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model,

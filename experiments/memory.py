@@ -11,22 +11,35 @@ from typing import Iterable, Iterator
 import torch
 
 
-def reset_peaks(device: torch.device) -> None:
+def reset_peaks(device: torch.device) -> bool:
     """Start a run's peak counters from what is resident now, so loading data and the model is not counted.
 
     CUDA: the allocator's peak stats. CPU: Linux resets a process's peak RSS (VmHWM) when "5" is written to
-    /proc/self/clear_refs; elsewhere the peak counts from process start, which is why the runner also gives
-    every run its own process.
+    /proc/self/clear_refs; elsewhere the peak counts from process start (returns False), which is why the
+    runner also gives every run its own process.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux VmRSS; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss_bytes() -> int:

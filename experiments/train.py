@@ -122,8 +122,8 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
     corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
     train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
-    train_ids = token_array(train_docs, tok, "finetune train")
-    val_ids = token_array(val_docs, tok, "finetune val")
+    train_ids = token_array(train_docs, tok, "finetune train", progress)
+    val_ids = token_array(val_docs, tok, "finetune val", progress)
     plan = loop.plan_batches(cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len,
                              dist.world_size)
     # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
