@@ -157,18 +157,22 @@ def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
           "(done = ok row; reuse = identical config already ran; resume = from its checkpoint)")
 
 
-def _prepare_bases(specs: list[RunSpec], states: list[str], progress: bool) -> None:
-    """Pretrain each built-in base the pending runs need, once, here, so a broken corpus fails the sweep early and
-    the runs all find it cached."""
+def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
+    """Pretrain each built-in base and tokenize each fine-tuning corpus the pending runs need, once, here: a broken
+    corpus fails the sweep early, and every run finds its data cached, so no run's memory figures include
+    tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS)."""
     from experiments.base import ensure_base
+    from experiments.train import finetune_tokens
     seen = set()
     for s, st in zip(specs, states):
-        if st in ("done", "reuse") or s.cfg.model.base != "builtin":
+        if st in ("done", "reuse"):
             continue
-        key = repr((s.cfg.to_dict()["pretrain"], s.cfg.train.device, s.cfg.train.dtype))
+        d = s.cfg.data
+        key = repr((s.cfg.to_dict()["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base,
+                    s.cfg.train.device, s.cfg.train.dtype, d.finetune, d.text_field, d.val_fraction))
         if key not in seen:
             seen.add(key)
-            ensure_base(s.cfg, progress=progress)
+            finetune_tokens(s.cfg, ensure_base(s.cfg, progress=progress), progress)
 
 
 def _join_torchrun(specs: list[RunSpec], states: list[str] | None) -> list[str]:
@@ -214,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch.distributed as dist
             dist.destroy_process_group()
         else:
-            _prepare_bases(specs, states, progress)
+            try:
+                _prepare(specs, states, progress)
+            except (OSError, ValueError) as e:  # unreadable data or checkpoint: a user error, nothing has run yet
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             rows = run_sweep(specs, out_dir, subprocess_runner(progress))
     except KeyboardInterrupt:
         if is_main:

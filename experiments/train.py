@@ -16,10 +16,11 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from data import load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler, val_windows
+from data import Corpus, load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler, val_windows
 from experiments import distributed, loop, memory
 from experiments.base import amp_dtype, base_fingerprint, ensure_base
 from experiments.config import Config, from_dict
@@ -105,6 +106,18 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, group: str | 
     return result
 
 
+def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) -> tuple[Corpus, np.ndarray, np.ndarray]:
+    """The fine-tuning corpus and its (train, validation) token arrays under the base's tokenizer, from the token
+    cache (tokenized on first use). The sweep calls this once before its runs, so no run's peak memory carries
+    the tokenizer's working set."""
+    tok = load_tokenizer(base_dir)
+    corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
+    train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
+    train_ids = token_array(train_docs, tok, "finetune train", progress)
+    val_ids = token_array(val_docs, tok, "finetune val", progress)
+    return corpus, train_ids, val_ids
+
+
 def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: torch.dtype | None, resume: bool,
                log: MetricsLog, progress: bool, desc: str) -> dict:
     device, seq_len = dist.device, cfg.model.max_position_embeddings
@@ -117,13 +130,9 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
         base_dir = ensure_base(cfg, progress=False)
     model = from_pretrained(base_dir)
     _check_context(model, seq_len, str(base_dir))
-    tok = load_tokenizer(base_dir)
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
-    corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
-    train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
-    train_ids = token_array(train_docs, tok, "finetune train", progress)
-    val_ids = token_array(val_docs, tok, "finetune val", progress)
+    corpus, train_ids, val_ids = finetune_tokens(cfg, base_dir, progress)
     plan = loop.plan_batches(cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len,
                              dist.world_size)
     # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
