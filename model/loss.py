@@ -34,9 +34,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, t, m = hidden[s:s + chunk_size], safe_targets[s:s + chunk_size], valid[s:s + chunk_size]
             logits = (h @ weight.t()).to(acc)                       # (c, V): the only per-chunk logits
             if need_h or need_w:
-                logp = logits.log_softmax(dim=-1)                   # one fused pass, cheaper than logsumexp + sub
-                nll = -logp.gather(1, t).squeeze(1)
-                p = logp.exp_()                                     # softmax, in place
+                # Softmax in place with a single exp pass (exp dominates: log_softmax then exp_ computes it twice).
+                target_logit = logits.gather(1, t).squeeze(1)       # (c,)
+                top = logits.amax(dim=-1, keepdim=True)             # (c, 1)
+                p = logits.sub_(top).exp_()                         # unnormalized, in place
+                total = p.sum(dim=-1, keepdim=True)                 # (c, 1), >= 1
+                nll = total.log().squeeze(1) + top.squeeze(1) - target_logit
+                p.div_(total)                                       # softmax
                 p.scatter_add_(1, t, -m[:, None].to(acc))           # - onehot(target), only where valid
                 p = p.mul_(m[:, None]).to(hidden.dtype)             # ignored rows get no gradient
                 if need_h:

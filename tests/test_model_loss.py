@@ -29,6 +29,22 @@ def test_matches_cross_entropy_value_and_grads(chunk):
     assert torch.all(ch[[2, 5, 6]] == 0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_float32_extreme_logits_match_float64(scale):
+    """Logit gaps of thousands (a confident, or diverging, model): every exp would overflow or underflow without
+    the max shift; the loss and gradient must still match a float64 reference, with no inf/nan."""
+    h, w, t = data(ignore=(4,))
+    h = (h.detach() * scale).requires_grad_()
+    ref = F.cross_entropy(h @ w.t(), t)
+    gh = torch.autograd.grad(ref, h)[0]
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float()
+    got = chunked_cross_entropy(h32, w32, t, chunk_size=5)
+    g32 = torch.autograd.grad(got, h32)[0]
+    assert torch.isfinite(got) and torch.isfinite(g32).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4 * scale)
+    torch.testing.assert_close(g32.double(), gh, rtol=1e-4, atol=1e-5)
+
+
 def test_custom_ignore_index_and_frozen_head():
     h, w, t = data(ignore=())
     t[:4] = 7
