@@ -93,10 +93,14 @@ def plot_ppl_vs_params(studies: list["Study"], path: Path) -> Path:
                     else None, fmt="o", color=c, capsize=3, label=f"{st.ablation} ({st.key})", alpha=0.85)
         for p, m, _, v in pts:
             labels.setdefault((p, m), []).append((v.short, c))
+    column: dict[float, list[float]] = {}            # points with the same parameter count share an x
+    for p, m in sorted(labels):
+        column.setdefault(p, []).append(m)
     for (p, m), names in labels.items():
         text = " = ".join(dict.fromkeys(n for n, _ in names))
-        ax.annotate(text, (p, m), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                    color=names[0][1] if len(names) == 1 else "black")
+        left = column[p].index(m) % 2 == 1             # alternate sides so neighbours in a column do not overlap
+        ax.annotate(text, (p, m), textcoords="offset points", xytext=(-6, -3) if left else (5, 4), fontsize=7,
+                    ha="right" if left else "left", color=names[0][1] if len(names) == 1 else "black")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("validation perplexity")
