@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             states = _join_torchrun(specs, states)
             rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states)
             import torch.distributed as dist
+            dist.barrier()  # no rank tears the group down while another is still in its last collective
             dist.destroy_process_group()
         else:
             try:
