@@ -248,7 +248,7 @@ def study_header(st: Study) -> str:
 class Check:
     expected: str
     observed: str
-    verdict: str  # "held" | "did not hold" | "within noise" | "not testable"
+    verdict: str  # "held" | "did not hold" | "did not hold (within noise)" | "within noise" | "not testable"
 
 
 def _trend(st: Study, metric: str, x: Callable[[Value], float]) -> tuple[list[Value], float | None]:
@@ -273,9 +273,10 @@ def _increase_check(st: Study, expected: str, metric: str, what: str, fmt: Calla
     ratio = b / a if a else float("inf")
     observed = (f"{what} {fmt(a)} at {lo.short} → {fmt(b)} at {hi.short} (×{ratio:.2f}{_rho(rho)}); "
                 + ", ".join(f"{v.short}: {fmt(v.mean(metric))}" for v in vs))
+    d = welch(hi.metric(metric), lo.metric(metric), LEVEL)
     if b > a and (rho is None or rho > 0):
-        return Check(expected, observed, _held(welch(hi.metric(metric), lo.metric(metric), LEVEL)))
-    return Check(expected, observed, "did not hold")
+        return Check(expected, observed, _held(d))
+    return Check(expected, observed, "did not hold (within noise)" if d.significant is False else "did not hold")
 
 
 def _held(d: Difference) -> str:
@@ -442,7 +443,8 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
                       f"{held} of {len(checks)} expectations from the seed README held on these runs{single}. "
                       "Verdicts are computed from the table above: *held* = the expected direction, beyond noise "
                       "(Welch, 95%) when there are seeds; *within noise* = the expected direction, but not "
-                      "significant; *did not hold* = the opposite direction.", "",
+                      "significant; *did not hold* = the opposite direction (\"within noise\" added when the seeds cannot "
+                      "tell it from no difference).", "",
                       _table(["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.verdict}**"]
                                                                    for c in checks]), ""]
     if "ppl_vs_params" in plots:
