@@ -17,7 +17,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from bench.train_measure import (FlopShape, host_syncs, matmul_peak, saved_for_b
 from bench.train_steps import (SHAPES, TARGETS_ALL, TARGETS_QV, Contender, Shape, Spec, build, copy_lora_A,
                                make_batch, save_random_opt)
 from experiments.memory import peak_rss_bytes, reset_peaks, rss_bytes
+from experiments.logging_utils import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
@@ -68,10 +68,7 @@ def environment(device: torch.device, precision: str) -> dict:
 
 def write_json(payload: dict, path: Path) -> Path:
     """Writes atomically (temp file + rename) so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
     return path
 
 

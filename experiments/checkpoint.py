@@ -4,12 +4,13 @@ read with `weights_only=True` (only tensors, numbers, strings, lists and dicts a
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from data.cache import atomic_write
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -24,10 +25,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "state": state,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda f: torch.save(blob, f))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

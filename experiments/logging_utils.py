@@ -8,25 +8,17 @@ import json
 import math
 import os
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from data.cache import atomic_write
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON through a temporary file in the same folder and a rename: readers never see half a file."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def _clean(value: Any) -> Any:

@@ -11,13 +11,13 @@ import csv
 import io
 import json
 import math
-import os
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
+
+from data.cache import atomic_write
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -119,19 +119,6 @@ def latest(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -146,5 +133,6 @@ def append_row(out_dir: Path, row: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out_dir) + [row]
-    _write_atomic(out_dir / RESULTS_JSONL, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    _write_atomic(out_dir / RESULTS_CSV, to_csv(rows))
+    jsonl = "".join(json.dumps(r, default=str) + "\n" for r in rows)
+    atomic_write(out_dir / RESULTS_JSONL, lambda f: f.write(jsonl.encode("utf-8")))
+    atomic_write(out_dir / RESULTS_CSV, lambda f: f.write(to_csv(rows).encode("utf-8")))

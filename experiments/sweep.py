@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from experiments.config import Config, get_value, resolve_key, with_value
+from experiments.logging_utils import write_json_atomic
 from experiments.results import append_row, latest, make_row, read_rows, value_label, RESULT_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -205,12 +206,6 @@ def inprocess_runner(progress: bool = True) -> Runner:
 
 # ----------------------------------------------------------------------------- the sweep
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None) -> dict:
     return make_row(ablation=spec.ablation, key=spec.key, value=spec.value, value_index=spec.value_index,
                     is_baseline=spec.is_baseline, seed=spec.seed, cfg_dict=spec.cfg.to_dict(),
@@ -261,13 +256,13 @@ def run_sweep(specs: Sequence[RunSpec], out_dir: Path, runner: Runner, *, is_mai
             continue
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run_dir / "config.json", spec.cfg.to_dict())
+            write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
             (run_dir / RESULT).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
         result = runner(spec, run_dir, (run_dir / CHECKPOINT).exists())
         if not is_main:
             continue
         if _read_result(run_dir) is None:
-            _write_json(run_dir / RESULT, result)
+            write_json_atomic(run_dir / RESULT, result)
         new_rows.append(_row(spec, out_dir, result))
         append_row(out_dir, new_rows[-1])
         say(f"    {_one_line(result)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_results_file_is_replaced_atomically(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(results.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)   # the one atomic writer (data.cache) renames with os.replace
     with pytest.raises(OSError):
         results.append_row(tmp_path, row)
     assert (tmp_path / RESULTS_JSONL).read_text() == before
