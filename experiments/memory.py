@@ -30,27 +30,28 @@ def reset_peaks(device: torch.device) -> bool:
         return False
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux VmRSS; 0 where /proc is missing)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where there is no /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux VmRSS; 0 where /proc is missing)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM on Linux (resettable), else ru_maxrss since start."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
