@@ -38,8 +38,8 @@ PRETRAIN_EVAL_TOKENS = 32768
 
 
 def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.dtype`: auto is bfloat16 on CUDA and plain float32 on CPU (bf16 matmuls are
-    ~85x slower than fp32 on this CPU)."""
+    """The autocast dtype of `train.dtype`: auto is bfloat16 on CUDA and plain float32 on CPU, the reference
+    precision; whether bf16 pays on a CPU depends on its bf16 units (see README), so there it is opt-in."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return None if name == "float32" else getattr(torch, name)
