@@ -10,6 +10,7 @@ interleaved (A B C D A B C D ...), so load from other processes hits them alike;
 median over the timed steps. float32 runs everything in fp32. bfloat16/float16 is the mixed-precision
 setup: base weight, x and grads in that dtype, LoRA A/B fp32 masters, under torch.autocast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,8 @@ class NaiveLoRA(nn.Module):
 def build(d: int, rank: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
     """The implementations over one shared frozen base and identical (non-zero) A, B."""
     base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
-    lora_A = torch.randn(rank, d, device=device) / d ** 0.5
-    lora_B = torch.randn(d, rank, device=device) / rank ** 0.5 * 0.1
+    lora_A = torch.randn(rank, d, device=device) / d**0.5
+    lora_B = torch.randn(d, rank, device=device) / rank**0.5 * 0.1
     ours = LoRALinear(base, rank=rank, alpha=ALPHA)
     with torch.no_grad():
         ours.lora_A.copy_(lora_A)
@@ -151,10 +152,15 @@ def bench_shape(n: int, d: int, rank: int, device: str, dtype: torch.dtype, warm
                 times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     q = {k: statistics.quantiles(v, n=4) for k, v in times.items()}
-    return {"tokens": n, "d": d, "rank": rank, "median_ms": med,
-            "iqr_ms": {k: [v[0], v[2]] for k, v in q.items()},
-            "x_floor": {k: v / med["floor"] for k, v in med.items()},
-            "x_peft": {k: v / med["peft"] for k, v in med.items()} if "peft" in med else None}
+    return {
+        "tokens": n,
+        "d": d,
+        "rank": rank,
+        "median_ms": med,
+        "iqr_ms": {k: [v[0], v[2]] for k, v in q.items()},
+        "x_floor": {k: v / med["floor"] for k, v in med.items()},
+        "x_peft": {k: v / med["peft"] for k, v in med.items()} if "peft" in med else None,
+    }
 
 
 def device_name(device: str) -> str:
@@ -171,7 +177,9 @@ def device_name(device: str) -> str:
 
 def profile(n: int, d: int, rank: int, device: str, dtype: torch.dtype) -> None:
     """torch.profiler tables of one step for the floor, ours and PEFT: where the time goes."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
     torch.manual_seed(0)
     impls = build(d, rank, device, dtype)
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
@@ -222,8 +230,10 @@ def main() -> None:
 
     rows = []
     header = f"{'N':>6} {'d':>5} {'r':>3} | " + " ".join(f"{k:>9}" for k in ("floor", "naive", "ours", "peft"))
-    print(f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.dtype}; median ms (x floor) [x PEFT for ours]")
+    print(
+        f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.dtype}; median ms (x floor) [x PEFT for ours]"
+    )
     print(header)
     for n in tokens:
         for d in dims:
@@ -235,17 +245,29 @@ def main() -> None:
                 print(f"{n:>6} {d:>5} {r:>3} | " + " ".join(cells) + vs, flush=True)
 
     out = args.out or Path(__file__).parent / "results" / (
-        f"layer_{args.device}_{args.dtype}{f'_t{args.threads}' if args.threads else ''}{'_quick' if args.quick else ''}.json")
+        f"layer_{args.device}_{args.dtype}"
+        f"{f'_t{args.threads}' if args.threads else ''}{'_quick' if args.quick else ''}.json"
+    )
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    meta = {"device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-            "peft": peft_version, "threads": torch.get_num_threads(), "dtype": args.dtype,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "warmup": args.warmup,
-            "steps": args.steps, "alpha": ALPHA, "shapes": {"tokens": tokens, "dims": dims, "ranks": ranks},
-            "results": rows}
+    meta = {
+        "device": device_name(args.device),
+        "device_type": args.device,
+        "torch": torch.__version__,
+        "peft": peft_version,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "alpha": ALPHA,
+        "shapes": {"tokens": tokens, "dims": dims, "ranks": ranks},
+        "results": rows,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}")

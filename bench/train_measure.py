@@ -4,12 +4,13 @@ Timing uses CUDA events on a GPU (no host sync inside a round: one synchronize a
 perf_counter on the CPU. Memory figures are only honest per process, so `bench.train` takes them
 in a fresh subprocess per contender (see `measure_memory`).
 """
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,9 @@ import torch.nn as nn
 from experiments.memory import count_saved_for_backward
 
 
-def time_steps(step: Callable[[], torch.Tensor], n: int, device: torch.device) -> tuple[list[float], list[float] | None]:
+def time_steps(
+    step: Callable[[], torch.Tensor], n: int, device: torch.device
+) -> tuple[list[float], list[float] | None]:
     """Runs `step` n times; returns (wall seconds per step, CPU seconds per step or None on CUDA).
 
     CUDA: events around each step, one synchronize at the end. CPU: perf_counter, and also the

@@ -3,6 +3,7 @@
 torch.profiler over a few steps of each contender (after warm-up), top ops by self time. The
 benchmark table says how fast; this says why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ def profile_steps(step, steps: int, device: torch.device, top: int, by_shape: bo
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=top, max_name_column_width=48,
-                                                                  max_shapes_column_width=60)
+    return prof.key_averages(group_by_input_shape=by_shape).table(
+        sort_by=key, row_limit=top, max_name_column_width=48, max_shapes_column_width=60
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
             c = build(s, shape, folder, device, precision, batch)
             for _ in range(2):
                 c.step()
-            print(f"\n### {s.label}  {shape}  {precision}\n{profile_steps(c.step, args.steps, device, args.top, args.by_shape)}")
+            print(
+                f"\n### {s.label}  {shape}  {precision}\n"
+                f"{profile_steps(c.step, args.steps, device, args.top, args.by_shape)}"
+            )
             del c
 
 

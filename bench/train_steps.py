@@ -9,12 +9,13 @@ Precision "bf16" (GPU): autocast to bf16 on both sides. LoRA keeps its frozen ba
 and its adapters in fp32 (PEFT's default `autocast_adapter_dtype=True` does the same); full
 fine-tuning keeps fp32 master weights. "fp32": no autocast.
 """
+
 from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,29 +56,41 @@ SHAPES = {
 class Spec:
     """One contender. The fields after `alpha` are our side's switches (the optimisation ablations)."""
 
-    side: str = "ours"                      # "ours" | "peer" (transformers OPT, + PEFT for LoRA)
-    mode: str = "lora"                      # "lora" | "full" fine-tuning
+    side: str = "ours"  # "ours" | "peer" (transformers OPT, + PEFT for LoRA)
+    mode: str = "lora"  # "lora" | "full" fine-tuning
     targets: tuple[str, ...] = TARGETS_QV
     rank: int = 16
     alpha: float = 32.0
-    lora_impl: str = "fused"                # ours: "fused" custom Function | "plain" autograd (LoRALinear.fused=False)
-    loss: str = "chunked"                   # ours: "chunked" GPT.loss | "full" logits + F.cross_entropy
-    loss_chunk: int | None = None           # ours: tokens per chunk of GPT.loss (None: the model's default)
-    compile: str = ""                       # ours: torch.compile of "loss" (forward + loss) | each of the "blocks"
-    checkpointing: bool = False             # activation checkpointing per block (both sides)
-    fused_adamw: bool | None = None         # None: fused on CUDA, foreach on CPU (same on both sides)
+    lora_impl: str = "fused"  # ours: "fused" custom Function | "plain" autograd (LoRALinear.fused=False)
+    loss: str = "chunked"  # ours: "chunked" GPT.loss | "full" logits + F.cross_entropy
+    loss_chunk: int | None = None  # ours: tokens per chunk of GPT.loss (None: the model's default)
+    compile: str = ""  # ours: torch.compile of "loss" (forward + loss) | each of the "blocks"
+    checkpointing: bool = False  # activation checkpointing per block (both sides)
+    fused_adamw: bool | None = None  # None: fused on CUDA, foreach on CPU (same on both sides)
 
     @property
     def label(self) -> str:
         name = {"ours": "ours", "peer": "peft" if self.mode == "lora" else "hf"}[self.side]
         parts = [name, self.mode]
         if self.mode == "lora":
-            parts.append("qv" if self.targets == TARGETS_QV else "all6" if self.targets == TARGETS_ALL else "+".join(self.targets))
+            parts.append(
+                "qv"
+                if self.targets == TARGETS_QV
+                else "all6"
+                if self.targets == TARGETS_ALL
+                else "+".join(self.targets)
+            )
             if self.rank != 16:
                 parts.append(f"r{self.rank}")
         default = Spec()
-        for key, tag in (("lora_impl", "plain-lora"), ("loss", "full-logits"), ("loss_chunk", None), ("compile", None),
-                         ("checkpointing", "ckpt"), ("fused_adamw", None)):
+        for key, tag in (
+            ("lora_impl", "plain-lora"),
+            ("loss", "full-logits"),
+            ("loss_chunk", None),
+            ("compile", None),
+            ("checkpointing", "ckpt"),
+            ("fused_adamw", None),
+        ):
             value = getattr(self, key)
             if value != getattr(default, key):
                 if key == "compile":
@@ -87,7 +100,7 @@ class Spec:
                 parts.append(tag or ("fused-adamw" if value else "foreach-adamw"))
         return " ".join(parts)
 
-    def peer(self) -> "Spec":
+    def peer(self) -> Spec:
         """The transformers (+ PEFT) contender this one is compared against."""
         return replace(self, side="peer", lora_impl="fused", loss="chunked", loss_chunk=None, compile="")
 
@@ -99,8 +112,8 @@ class Spec:
 class Contender:
     spec: Spec
     model: nn.Module
-    loss_fn: Callable[[], torch.Tensor]     # forward + loss on the bench batch, under the bench precision
-    step: Callable[[], torch.Tensor]        # loss_fn + backward + optimizer step + zero_grad
+    loss_fn: Callable[[], torch.Tensor]  # forward + loss on the bench batch, under the bench precision
+    step: Callable[[], torch.Tensor]  # loss_fn + backward + optimizer step + zero_grad
     optimizer: torch.optim.Optimizer
     trainable: int
     total: int
@@ -126,10 +139,19 @@ def save_random_opt(shape: Shape, folder: str, seed: int = 0) -> None:
     _quiet_transformers()
 
     cfg = OPTConfig(
-        vocab_size=shape.vocab, hidden_size=shape.d_model, num_hidden_layers=shape.n_layer,
-        ffn_dim=shape.d_ff, num_attention_heads=shape.n_head, word_embed_proj_dim=shape.d_model,
-        max_position_embeddings=max(2048, shape.seq), dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, layerdrop=0.0, use_cache=False, tie_word_embeddings=True,
+        vocab_size=shape.vocab,
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.n_layer,
+        ffn_dim=shape.d_ff,
+        num_attention_heads=shape.n_head,
+        word_embed_proj_dim=shape.d_model,
+        max_position_embeddings=max(2048, shape.seq),
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        use_cache=False,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     OPTForCausalLM(cfg).save_pretrained(folder)
@@ -164,8 +186,9 @@ def _build_peer(spec: Spec, folder: str, device: torch.device, precision: str, x
     if spec.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                         lora_dropout=0.0, bias="none")
+        cfg = LoraConfig(
+            r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0, bias="none"
+        )
         model = get_peft_model(model, cfg)  # adapters in fp32 (autocast_adapter_dtype=True)
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)]
     return model, (lambda: model(input_ids=x, labels=y, shift_labels=y).loss), wrapped
@@ -182,8 +205,9 @@ def _build_ours(spec: Spec, folder: str, device: torch.device, precision: str, x
     model.gradient_checkpointing = spec.checkpointing
     wrapped: list[str] = []
     if spec.mode == "lora":  # adapters come out fp32 over a bf16 base (LoRALinear's masters)
-        wrapped = inject_lora(model, LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=0.0,
-                                                target_modules=list(spec.targets)))
+        wrapped = inject_lora(
+            model, LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=0.0, target_modules=list(spec.targets))
+        )
         for name in wrapped:
             model.get_submodule(name).fused = spec.lora_impl == "fused"
 
@@ -203,8 +227,14 @@ def _build_ours(spec: Spec, folder: str, device: torch.device, precision: str, x
     return model, forward_loss, wrapped
 
 
-def build(spec: Spec, shape: Shape, folder: str, device: torch.device, precision: str,
-          batch: tuple[torch.Tensor, torch.Tensor]) -> Contender:
+def build(
+    spec: Spec,
+    shape: Shape,
+    folder: str,
+    device: torch.device,
+    precision: str,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> Contender:
     """Loads one contender from `folder` onto `device`, with its AdamW, ready to step on `batch`."""
     if spec.mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {spec.mode!r}")

@@ -1,6 +1,7 @@
 """Batches: random training windows that are a pure function of (seed, step, micro-batch), and validation windows
 that predict the same tokens whatever the context length.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,10 @@ class TrainSampler:
 
     def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if ids.ndim != 1 or len(ids) < seq_len + 1:
-            raise ValueError(f"need a 1-D token array of at least seq_len + 1 = {seq_len + 1} tokens, got shape "
-                             f"{tuple(ids.shape)}. Use more training text or a shorter context.")
+            raise ValueError(
+                f"need a 1-D token array of at least seq_len + 1 = {seq_len + 1} tokens, got shape "
+                f"{tuple(ids.shape)}. Use more training text or a shorter context."
+            )
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}.")
         if not 0 <= rank < world_size:
@@ -36,8 +39,8 @@ class TrainSampler:
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64; targets are the inputs shifted by one token."""
-        idx = self.offsets(step, micro)[:, None] + np.arange(self.seq_len + 1)   # (B, T+1)
-        w = torch.from_numpy(self.ids[idx].astype(np.int64))                     # (B, T+1)
+        idx = self.offsets(step, micro)[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
+        w = torch.from_numpy(self.ids[idx].astype(np.int64))  # (B, T+1)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
@@ -55,10 +58,12 @@ def val_windows(ids: np.ndarray, seq_len: int, max_tokens: int) -> tuple[torch.T
         raise ValueError(f"seq_len and max_tokens must be >= 1, got {seq_len} and {max_tokens}.")
     n_pred = min(max_tokens, len(ids) - 1)
     if n_pred < 1:
-        raise ValueError(f"the validation split has {len(ids)} tokens; at least 2 are needed. Raise "
-                         "data.val_fraction or give more documents.")
+        raise ValueError(
+            f"the validation split has {len(ids)} tokens; at least 2 are needed. Raise "
+            "data.val_fraction or give more documents."
+        )
     n = -(-n_pred // seq_len)
-    x = np.asarray(ids[:n_pred + 1], dtype=np.int64)                     # (P+1,)
+    x = np.asarray(ids[: n_pred + 1], dtype=np.int64)  # (P+1,)
     inputs = np.full(n * seq_len, x[n_pred - 1], dtype=np.int64)
     targets = np.full(n * seq_len, IGNORE_INDEX, dtype=np.int64)
     inputs[:n_pred], targets[:n_pred] = x[:-1], x[1:]

@@ -3,13 +3,15 @@
 Everything under the cache dir is derived from fingerprints, so a file is either complete or absent: a writer
 that dies half-way leaves only a `*.tmp` file that no reader ever opens.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 ENV_VAR = "SLM_LORA_CACHE"
 

@@ -7,6 +7,7 @@ A document is one file (or one JSONL line). Built-in corpora come with the inter
 The fingerprint hashes every document's name and content (plus the Python / numpy versions for the built-in
 ones), so any edited file gives a new fingerprint and thus new tokenizer and token caches.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -27,13 +28,14 @@ from data.cache import short_hash
 # Folders never read: test suites (not representative text, and huge in the stdlib), installed packages, caches.
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 PRETRAIN_MAX_BYTES = 24_000_000  # a deterministic cap (files in path order) so tokenization stays fast
-MAX_NAMED_SKIPS = 5              # how many skipped files a warning lists by name
+MAX_NAMED_SKIPS = 5  # how many skipped files a warning lists by name
 VERSION_KEYS = ("python", "numpy")  # meta entries that enter the fingerprint
 
 
 @dataclass
 class Corpus:
     """Documents as (name, text) pairs. `skipped` counts inputs left out (non-UTF-8, binary, empty, unreadable)."""
+
     name: str
     docs: list[tuple[str, str]]
     fingerprint: str
@@ -46,8 +48,14 @@ class Corpus:
 
     def info(self) -> dict:
         """What a result row records about its data."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "docs": len(self.docs),
-                "bytes": self.n_bytes, "skipped": self.skipped, **self.meta}
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "docs": len(self.docs),
+            "bytes": self.n_bytes,
+            "skipped": self.skipped,
+            **self.meta,
+        }
 
 
 def _fingerprint(docs: list[tuple[str, str]], meta: dict) -> str:
@@ -82,8 +90,9 @@ def _read_text(path: Path, why: list[str]) -> str | None:
 
 def _warn_skips(source: str, why: list[str]) -> None:
     if why:
-        shown = "; ".join(why[:MAX_NAMED_SKIPS]) + (f"; ... ({len(why) - MAX_NAMED_SKIPS} more)"
-                                                     if len(why) > MAX_NAMED_SKIPS else "")
+        shown = "; ".join(why[:MAX_NAMED_SKIPS]) + (
+            f"; ... ({len(why) - MAX_NAMED_SKIPS} more)" if len(why) > MAX_NAMED_SKIPS else ""
+        )
         warnings.warn(f"{source}: skipped {len(why)} file(s): {shown}", stacklevel=3)
 
 
@@ -112,8 +121,10 @@ def builtin_pretrain_corpus(max_bytes: int | None = PRETRAIN_MAX_BYTES) -> Corpu
     root = Path(sysconfig.get_paths()["stdlib"])
     docs, why = _python_files(root, max_bytes)
     if not docs:
-        raise RuntimeError(f"No Python sources found in the standard library at {root}; this interpreter ships "
-                           "without them. Point pretrain.corpus to your own text files instead.")
+        raise RuntimeError(
+            f"No Python sources found in the standard library at {root}; this interpreter ships "
+            "without them. Point pretrain.corpus to your own text files instead."
+        )
     _warn_skips(f"stdlib corpus {root}", why)
     meta = {"source": "python-stdlib", "python": sys.version.split()[0], "max_bytes": max_bytes}
     return _make("stdlib", docs, len(why), meta)
@@ -127,12 +138,17 @@ def builtin_finetune_corpus(max_bytes: int | None = None) -> Corpus:
         raise RuntimeError(f"No numpy sources found at {root}. Set data.finetune to your own text files instead.")
     _warn_skips(f"numpy corpus {root}", why)
     docs = [(f"numpy/{rel}", text) for rel, text in docs]
-    meta = {"source": "numpy-sources", "numpy": np.__version__, "python": sys.version.split()[0],
-            "max_bytes": max_bytes}
+    meta = {
+        "source": "numpy-sources",
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "max_bytes": max_bytes,
+    }
     return _make("numpy", docs, len(why), meta)
 
 
 # ----------------------------------------------------------------------------- user data
+
 
 def _jsonl_docs(path: Path, rel: str, text_field: str) -> list[tuple[str, str]]:
     """One document per non-blank line, named `rel:lineno`."""
@@ -145,14 +161,17 @@ def _jsonl_docs(path: Path, rel: str, text_field: str) -> list[tuple[str, str]]:
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line). Re-encode the file as UTF-8.") \
-                    from None
+                raise ValueError(
+                    f"{where}: not UTF-8 (byte {e.start} of the line). Re-encode the file as UTF-8."
+                ) from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg}). Each line must be one JSON object.") from None
             if not isinstance(obj, dict) or text_field not in obj:
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{where}: no field {text_field!r} (found {keys}). Set data.text_field to the "
-                                 "field that holds the text.")
+                raise ValueError(
+                    f"{where}: no field {text_field!r} (found {keys}). Set data.text_field to the "
+                    "field that holds the text."
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string.")
@@ -167,8 +186,9 @@ def _expand(spec: str) -> tuple[list[Path], Path]:
     if p.is_file():
         return [p], p.absolute().parent
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted(
+            f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise ValueError(f"{spec}: the folder has no files. Put text files (any depth) or .jsonl files in it.")
         return files, p.absolute()
@@ -177,8 +197,10 @@ def _expand(spec: str) -> tuple[list[Path], Path]:
         if not files:
             raise ValueError(f"{spec}: the pattern matches no files.")
         return files, Path(os.path.commonpath([f.absolute().parent for f in files]))
-    raise FileNotFoundError(f"{spec}: no such file or folder. Give a text file, a folder, a glob such as "
-                            "'notes/*.txt', a .jsonl file (one {\"text\": ...} object per line), or 'builtin'.")
+    raise FileNotFoundError(
+        f"{spec}: no such file or folder. Give a text file, a folder, a glob such as "
+        "'notes/*.txt', a .jsonl file (one {\"text\": ...} object per line), or 'builtin'."
+    )
 
 
 def load_corpus(spec: str | list[str], text_field: str = "text", builtin: str = "finetune") -> Corpus:
@@ -212,8 +234,10 @@ def load_corpus(spec: str | list[str], text_field: str = "text", builtin: str = 
     source = ", ".join(specs)
     if not docs:
         detail = f" Skipped: {'; '.join(why[:MAX_NAMED_SKIPS])}." if why else ""
-        raise ValueError(f"{source}: no text found.{detail} Give UTF-8 text files or .jsonl lines with "
-                         f"a non-empty {text_field!r} field.")
+        raise ValueError(
+            f"{source}: no text found.{detail} Give UTF-8 text files or .jsonl lines with "
+            f"a non-empty {text_field!r} field."
+        )
     _warn_skips(source, why)
     names = [n for n, _ in docs]
     if len(set(names)) != len(names):  # the split hashes names: two documents must never share one
@@ -223,6 +247,7 @@ def load_corpus(spec: str | list[str], text_field: str = "text", builtin: str = 
 
 
 # ----------------------------------------------------------------------------- train / validation split
+
 
 def _hash_fraction(name: str) -> float:
     """A document's place in [0, 1), from its name only: the split never depends on order or on other files."""
@@ -241,8 +266,11 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
     docs = corpus.docs
     if len(docs) == 1:
         train, val = _split_lines(docs[0], val_fraction)
-        warnings.warn(f"corpus {corpus.name!r} has one document: split by lines, its last {val_fraction:.0%} "
-                      "is validation. Give several documents for a split by document.", stacklevel=2)
+        warnings.warn(
+            f"corpus {corpus.name!r} has one document: split by lines, its last {val_fraction:.0%} "
+            "is validation. Give several documents for a split by document.",
+            stacklevel=2,
+        )
     else:
         frac = {n: _hash_fraction(n) for n, _ in docs}
         val_names = {n for n, f in frac.items() if f < val_fraction}
@@ -250,23 +278,40 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
             ranked = sorted(frac, key=frac.get)  # the document nearest the threshold changes sides
             side, moved = ("validation", ranked[0]) if not val_names else ("training", ranked[-1])
             val_names = {ranked[0]} if not val_names else set(ranked[:-1])
-            warnings.warn(f"corpus {corpus.name!r}: the hash split left the {side} set empty; moved {moved!r} "
-                          "there. Give more documents for a representative split.", stacklevel=2)
+            warnings.warn(
+                f"corpus {corpus.name!r}: the hash split left the {side} set empty; moved {moved!r} "
+                "there. Give more documents for a representative split.",
+                stacklevel=2,
+            )
         train = [d for d in docs if d[0] not in val_names]
         val = [d for d in docs if d[0] in val_names]
     tag = f"{val_fraction!r}"
-    return (Corpus(f"{corpus.name}-train", train, short_hash(corpus.fingerprint, "train", tag), corpus.skipped,
-                   dict(corpus.meta, split="train", val_fraction=val_fraction)),
-            Corpus(f"{corpus.name}-val", val, short_hash(corpus.fingerprint, "val", tag), corpus.skipped,
-                   dict(corpus.meta, split="val", val_fraction=val_fraction)))
+    return (
+        Corpus(
+            f"{corpus.name}-train",
+            train,
+            short_hash(corpus.fingerprint, "train", tag),
+            corpus.skipped,
+            dict(corpus.meta, split="train", val_fraction=val_fraction),
+        ),
+        Corpus(
+            f"{corpus.name}-val",
+            val,
+            short_hash(corpus.fingerprint, "val", tag),
+            corpus.skipped,
+            dict(corpus.meta, split="val", val_fraction=val_fraction),
+        ),
+    )
 
 
 def _split_lines(doc: tuple[str, str], val_fraction: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     name, text = doc
     lines = text.splitlines(keepends=True)
     if len(lines) < 2:
-        raise ValueError(f"The only document, {name!r}, has a single line: nothing to hold out for validation. "
-                         "Give more documents or more lines.")
-    ends = np.cumsum([len(line) for line in lines])              # character offset after each line
+        raise ValueError(
+            f"The only document, {name!r}, has a single line: nothing to hold out for validation. "
+            "Give more documents or more lines."
+        )
+    ends = np.cumsum([len(line) for line in lines])  # character offset after each line
     cut = int(np.argmin(np.abs(ends[:-1] - (1 - val_fraction) * len(text)))) + 1  # lines[:cut] train, >= 1 each side
     return [(f"{name}#train", "".join(lines[:cut]))], [(f"{name}#val", "".join(lines[cut:]))]

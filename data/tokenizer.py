@@ -3,6 +3,7 @@
 Byte-level means every byte has a token, so any text (code, unicode, odd whitespace) round-trips exactly:
 decode(encode(text)) == text. Documents are joined with an end-of-text token, found by `eot_id`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,9 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
 
-def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = TRAIN_MAX_CHARS,
-                        verbose: bool = False) -> Tokenizer:
+def train_bpe_tokenizer(
+    corpus: Corpus, vocab_size: int, max_train_chars: int = TRAIN_MAX_CHARS, verbose: bool = False
+) -> Tokenizer:
     """A byte-level BPE with `vocab_size` tokens (EOT is id 0) trained on the first `max_train_chars` characters of
     `corpus` (documents in order), cached under cache_dir()/tokenizers by corpus fingerprint + vocab size."""
     if vocab_size < 257:
@@ -53,8 +55,12 @@ def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = 
     if not texts:
         raise ValueError(f"corpus {corpus.name!r} has no documents to train a tokenizer on.")
     tok = _new_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=verbose,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=verbose,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     t0 = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if verbose:
@@ -62,6 +68,19 @@ def train_bpe_tokenizer(corpus: Corpus, vocab_size: int, max_train_chars: int = 
         print(f"trained a {tok.get_vocab_size()}-token BPE on {total / 1e6:.1f}M characters in {dt:.1f} s")
     atomic_write(path, lambda f: f.write(tok.to_str().encode()))
     return tok
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files `load_tokenizer` reads from a checkpoint folder: tokenizer.json, else vocab.json + merges.txt."""
+    if (folder / "tokenizer.json").is_file():
+        return [folder / "tokenizer.json"]
+    pair = [folder / "vocab.json", folder / "merges.txt"]
+    if all(f.is_file() for f in pair):
+        return pair
+    raise FileNotFoundError(
+        f"{folder}: no tokenizer.json, nor vocab.json + merges.txt. Copy the checkpoint's "
+        "tokenizer files into the folder."
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -72,14 +91,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     folder = p if p.is_dir() else p.parent
     if p.is_file():
         tok = Tokenizer.from_file(str(p))
-    elif (p / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(p / "tokenizer.json"))
-    elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-        tok = _new_bpe()
-        tok.model = models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"))
     elif p.is_dir():
-        raise FileNotFoundError(f"{p}: no tokenizer.json, nor vocab.json + merges.txt. Copy the checkpoint's "
-                                "tokenizer files into the folder.")
+        files = tokenizer_files(p)
+        if len(files) == 1:
+            tok = Tokenizer.from_file(str(files[0]))
+        else:
+            tok = _new_bpe()
+            tok.model = models.BPE.from_file(*map(str, files))
     else:
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder.")
     eos = _declared_eos(folder)
@@ -112,5 +130,7 @@ def eot_id(tok: Tokenizer) -> int:
             i = tok.token_to_id(name)
             if i is not None:
                 return i
-    raise ValueError(f"No end-of-text token in this tokenizer (looked for {list(EOT_CANDIDATES)}; special tokens: "
-                     f"{sorted(special)}). Use a tokenizer that defines one.")
+    raise ValueError(
+        f"No end-of-text token in this tokenizer (looked for {list(EOT_CANDIDATES)}; special tokens: "
+        f"{sorted(special)}). Use a tokenizer that defines one."
+    )

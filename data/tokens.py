@@ -3,6 +3,7 @@
 Documents are joined as doc_0 EOT doc_1 EOT ... doc_n EOT. The file name carries the corpus fingerprint (which
 already names the split) and the tokenizer fingerprint, so a changed file or tokenizer never reads a stale cache.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,10 +29,11 @@ def encode_corpus(corpus: Corpus, tok: Tokenizer, desc: str = "tokenize", progre
     sep = np.array([eot], dtype=dtype)
     # encode_batch_fast (tokenizers >= 0.20) skips character offsets we never use: about 2x faster.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    with tqdm(total=corpus.n_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True,
-              disable=not progress) as bar:
+    with tqdm(
+        total=corpus.n_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, disable=not progress
+    ) as bar:
         for i in range(0, len(corpus.docs), DOCS_PER_BATCH):
-            texts = [t for _, t in corpus.docs[i:i + DOCS_PER_BATCH]]
+            texts = [t for _, t in corpus.docs[i : i + DOCS_PER_BATCH]]
             # add_special_tokens=False: no BOS/EOS a checkpoint's post-processor would insert (OPT prepends </s>)
             for enc in encode(texts, add_special_tokens=False):
                 parts += [np.asarray(enc.ids, dtype=dtype), sep]

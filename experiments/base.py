@@ -15,6 +15,7 @@ extrapolation" (measured on the default base: val ppl 281 at 512, 287 at 1024, 2
 those lengths adapts to both. Each run records the base's own validation perplexity at its context length
 (`base_val_ppl`), which shows the size of that effect.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from data import cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer, TrainSampler, val_windows
+from data import TrainSampler, cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer, val_windows
+from data.tokenizer import tokenizer_files
 from experiments import loop
 from experiments.config import Config
 from experiments.distributed import DistInfo, resolve_device
 from experiments.logging_utils import MetricsLog, write_json_atomic
 from model import GPT, GPTConfig, save_pretrained
 
-PRETRAIN_VAL_FRACTION = 0.05    # documents held out to report the base's own validation loss
+PRETRAIN_VAL_FRACTION = 0.05  # documents held out to report the base's own validation loss
 PRETRAIN_EVAL_TOKENS = 32768
 
 
@@ -55,8 +57,7 @@ def base_fingerprint(folder: Path) -> str:
     """Identity of a base folder: its config, tokenizer and the size of its weights (hashing gigabytes of an
     imported checkpoint on every run would cost more than it protects)."""
     h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "vocab.json", "merges.txt"):
-        f = folder / name
+    for f in [folder / "config.json", *tokenizer_files(folder)]:
         h.update(f.read_bytes() if f.is_file() else b"-")
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
@@ -68,11 +69,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> Path:
     or the cached built-in base, pretrained now if it is not cached yet."""
     if cfg.model.base != "builtin":
         folder = Path(cfg.model.base)
-        if not (folder / "tokenizer.json").is_file() and not (
-                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-            raise FileNotFoundError(f"model.base {folder} has no tokenizer.json (nor vocab.json + merges.txt); the "
-                                    "fine-tuning text is tokenized with the base model's own tokenizer. Copy the "
-                                    "checkpoint's tokenizer files into the folder.")
+        tokenizer_files(folder)  # fine-tuning text is tokenized with the base's own tokenizer: fail now if absent
         return folder
     corpus = load_corpus(cfg.pretrain.corpus, cfg.data.text_field, builtin="pretrain")
     folder = cache_dir() / "base" / base_key(cfg, corpus.fingerprint)
@@ -104,27 +101,64 @@ def pretrain(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
     val_ids = token_array(val_docs, tok, "pretrain val", progress)
 
     torch.manual_seed(p.seed)
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model,
-                          d_ff=p.d_ff, max_position_embeddings=p.seq_len, position_embedding=p.position_embedding,
-                          dropout=0.0)).to(device).train()
+    model = (
+        GPT(
+            GPTConfig(
+                vocab_size=tok.get_vocab_size(),
+                n_layer=p.n_layer,
+                n_head=p.n_head,
+                d_model=p.d_model,
+                d_ff=p.d_ff,
+                max_position_embeddings=p.seq_len,
+                position_embedding=p.position_embedding,
+                dropout=0.0,
+            )
+        )
+        .to(device)
+        .train()
+    )
     plan = loop.plan_batches(p.tokens, p.batch_tokens, p.micro_batch_tokens, p.seq_len)
-    settings = loop.Settings(lr=p.lr, weight_decay=p.weight_decay, amp_dtype=amp_dtype(cfg.train.dtype, device),
-                             compile=cfg.train.compile, log_every=max(1, plan.steps // 50))
+    settings = loop.Settings(
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        amp_dtype=amp_dtype(cfg.train.dtype, device),
+        compile=cfg.train.compile,
+        log_every=max(1, plan.steps // 50),
+    )
     sampler = TrainSampler(train_ids, p.seq_len, plan.micro_seqs, seed=p.seed, rank=0, world_size=1)
     xv, yv = val_windows(val_ids, p.seq_len, PRETRAIN_EVAL_TOKENS)
     log = MetricsLog(out_dir, config=cfg.to_dict()["pretrain"])
     t0 = time.perf_counter()
-    out = loop.train(model, sampler.batch, plan, settings, device=device, dist=one_process, val=(xv, yv),
-                     log=log, progress=progress, desc="pretrain base")
+    out = loop.train(
+        model,
+        sampler.batch,
+        plan,
+        settings,
+        device=device,
+        dist=one_process,
+        val=(xv, yv),
+        log=log,
+        progress=progress,
+        desc="pretrain base",
+    )
     if out.status != "ok":
-        raise RuntimeError(f"pretraining the built-in base diverged at step {out.diverged_step}; "
-                           f"lower pretrain.lr (now {p.lr}).")
+        raise RuntimeError(
+            f"pretraining the built-in base diverged at step {out.diverged_step}; lower pretrain.lr (now {p.lr})."
+        )
     save_pretrained(model.cpu(), out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
-    summary = {"val_loss": out.val_curve[-1][1], "val_loss_init": out.val_curve[0][1], "steps": out.steps,
-               "tokens": out.train_tokens, "train_time_s": out.train_time_s,
-               "tokens_per_s": out.train_tokens / max(out.train_time_s, 1e-9),
-               "wall_time_s": time.perf_counter() - t0, "params": sum(q.numel() for q in model.parameters()),
-               "device": str(device), "corpus_fingerprint": corpus.fingerprint, "torch_version": torch.__version__}
+    summary = {
+        "val_loss": out.val_curve[-1][1],
+        "val_loss_init": out.val_curve[0][1],
+        "steps": out.steps,
+        "tokens": out.train_tokens,
+        "train_time_s": out.train_time_s,
+        "tokens_per_s": out.train_tokens / max(out.train_time_s, 1e-9),
+        "wall_time_s": time.perf_counter() - t0,
+        "params": sum(q.numel() for q in model.parameters()),
+        "device": str(device),
+        "corpus_fingerprint": corpus.fingerprint,
+        "torch_version": torch.__version__,
+    }
     write_json_atomic(out_dir / "pretrain.json", summary)
     return summary

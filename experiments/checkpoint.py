@@ -2,6 +2,7 @@
 the curves so far. Written atomically, so an interruption mid-write leaves the previous checkpoint intact;
 read with `weights_only=True` (only tensors, numbers, strings, lists and dicts are stored).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,13 @@ from torch import nn
 from data.cache import atomic_write
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
+) -> None:
     """`state` holds the loop's plain values (step, curves, timings). Only trainable tensors are stored: the
     frozen base is rebuilt from its own checkpoint on resume."""
     blob = {
@@ -28,15 +34,18 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     atomic_write(Path(path), lambda f: torch.save(blob, f))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> dict[str, Any]:
     """Restore everything `save_checkpoint` stored into live objects; returns the loop's `state` dict."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(blob["trainable"]):
         missing, extra = sorted(set(params) - set(blob["trainable"])), sorted(set(blob["trainable"]) - set(params))
-        raise ValueError(f"{path} does not match this run's trainable parameters (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}): it was written by a different config. Delete it or drop --resume.")
+        raise ValueError(
+            f"{path} does not match this run's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): it was written by a different config. Delete it or drop --resume."
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(blob["trainable"][n])

@@ -4,6 +4,7 @@ A config file is `defaults.yaml` (shared by every ablation) deep-merged with the
 Every key is checked against the dataclasses below: an unknown key, a wrong type or a value out of range
 raises `ConfigError` naming the file, the dotted key and what is allowed — before data or models are touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 @dataclass
 class PretrainConfig:
     """The built-in base model: a small GPT pretrained once on the built-in corpus, then cached."""
+
     corpus: str = "builtin"  # "builtin" (the Python standard library) or a file, glob, folder, or .jsonl
     vocab_size: int = field(default=8192, metadata=_range(256, 65536))
     n_layer: int = field(default=4, metadata=_range(1, 96))
@@ -62,6 +64,7 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     """The model LoRA adapts, and the context length of fine-tuning and evaluation."""
+
     base: str = "builtin"  # "builtin" or a local OPT / GPT-2 checkpoint folder
     max_position_embeddings: int = field(default=512, metadata=_range(8, 1 << 20))
     dropout: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
@@ -70,6 +73,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Fine-tuning text: "builtin" (installed package sources) or a file, glob, folder, or .jsonl."""
+
     finetune: str = "builtin"
     text_field: str = "text"
     val_fraction: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True))
@@ -78,6 +82,7 @@ class DataConfig:
 @dataclass
 class LoRASection:
     """LoRA hyper-parameters; `alpha_policy` decides what the rank sweep holds fixed."""
+
     rank: int = field(default=16, metadata=_range(1, 4096))
     alpha: float = field(default=32.0, metadata=_range(0, None, lo_open=True))
     # fixed: scaling alpha/rank; double_rank: alpha = 2*rank (scaling 2); rslora: alpha/sqrt(rank)
@@ -93,14 +98,15 @@ class LoRASection:
 @dataclass
 class TrainConfig:
     """A run is a token budget; tokens per optimizer step stay fixed across the values of an ablation."""
+
     tokens: int = field(default=300_000, metadata=_range(1))
-    batch_tokens: int = field(default=8192, metadata=_range(1))        # per optimizer step
+    batch_tokens: int = field(default=8192, metadata=_range(1))  # per optimizer step
     micro_batch_tokens: int = field(default=4096, metadata=_range(1))  # per forward/backward
     lr: float = field(default=1e-2, metadata=_range(0, None, lo_open=True))
     min_lr_ratio: float = field(default=0.1, metadata=_range(0, 1))
     warmup_fraction: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    grad_clip: float = field(default=1.0, metadata=_range(0))          # 0 disables clipping
+    grad_clip: float = field(default=1.0, metadata=_range(0))  # 0 disables clipping
     dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     compile: bool = False
@@ -113,6 +119,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Validation: the same held-out tokens for every run on a corpus, cut into context-length windows."""
+
     max_tokens: int = field(default=65536, metadata=_range(1))
     every_steps: int = field(default=0, metadata=_range(0))  # 0: evaluate only at the end
 
@@ -120,6 +127,7 @@ class EvalConfig:
 @dataclass
 class AblationConfig:
     """The swept key (a dotted path or one of ABLATION_ALIASES) and its values."""
+
     name: str = ""
     key: str = ""
     values: list[Any] = field(default_factory=list)
@@ -157,6 +165,7 @@ ABLATION_ALIASES = {
 
 # ----------------------------------------------------------------------------- building and checking
 
+
 def _where(source: str, key: str) -> str:
     return f"{source}: '{key}'" if key else source
 
@@ -164,8 +173,9 @@ def _where(source: str, key: str) -> str:
 def _unknown_key(source: str, prefix: str, key: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-    return ConfigError(f"{_where(source, prefix + key)} is not a config key.{hint} "
-                       f"Allowed keys here: {', '.join(sorted(known))}.")
+    return ConfigError(
+        f"{_where(source, prefix + key)} is not a config key.{hint} Allowed keys here: {', '.join(sorted(known))}."
+    )
 
 
 _NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -206,8 +216,9 @@ def _check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
         raise ConfigError(f"{_where(source, key)} must be one of {list(meta['choices'])}, got {value!r}.")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
-        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-              (hi is not None and (value >= hi if hi_open else value > hi))
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and (value >= hi if hi_open else value > hi)
+        )
         if bad:
             lo_s = "-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
             hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
@@ -238,31 +249,38 @@ def _check_semantics(cfg: Config, source: str) -> None:
     """Cross-field rules the per-key checks cannot see."""
     targets = cfg.lora.target_modules
     if not targets:
-        raise ConfigError(f"{_where(source, 'lora.target_modules')} is empty; "
-                          f"name at least one of {list(TARGET_NAMES)}.")
+        raise ConfigError(
+            f"{_where(source, 'lora.target_modules')} is empty; name at least one of {list(TARGET_NAMES)}."
+        )
     for t in targets:
         if not isinstance(t, str) or not t:
             raise ConfigError(f"{_where(source, 'lora.target_modules')} entries must be module names, got {t!r}.")
     if cfg.train.micro_batch_tokens > cfg.train.batch_tokens:
-        raise ConfigError(f"{_where(source, 'train.micro_batch_tokens')} ({cfg.train.micro_batch_tokens}) "
-                          f"must not exceed train.batch_tokens ({cfg.train.batch_tokens}).")
+        raise ConfigError(
+            f"{_where(source, 'train.micro_batch_tokens')} ({cfg.train.micro_batch_tokens}) "
+            f"must not exceed train.batch_tokens ({cfg.train.batch_tokens})."
+        )
     p = cfg.pretrain
     if p.d_model % p.n_head:
-        raise ConfigError(f"{_where(source, 'pretrain.d_model')} ({p.d_model}) must be divisible by "
-                          f"pretrain.n_head ({p.n_head}).")
+        raise ConfigError(
+            f"{_where(source, 'pretrain.d_model')} ({p.d_model}) must be divisible by pretrain.n_head ({p.n_head})."
+        )
     if p.micro_batch_tokens > p.batch_tokens:
         raise ConfigError(f"{_where(source, 'pretrain.micro_batch_tokens')} must not exceed pretrain.batch_tokens.")
     if cfg.model.base != "builtin" and not Path(cfg.model.base).is_dir():
-        raise ConfigError(f"{_where(source, 'model.base')}: {cfg.model.base!r} is not a folder. Give 'builtin' "
-                          "or a local OPT / GPT-2 checkpoint folder (config.json + model.safetensors).")
+        raise ConfigError(
+            f"{_where(source, 'model.base')}: {cfg.model.base!r} is not a folder. Give 'builtin' "
+            "or a local OPT / GPT-2 checkpoint folder (config.json + model.safetensors)."
+        )
     if cfg.ablation is not None:
         a = cfg.ablation
         if not a.key or not a.values:
             raise ConfigError(f"{_where(source, 'ablation')} needs a 'key' and a non-empty 'values' list.")
         resolve_key(a.key, source)
         if a.baseline is not None and a.baseline not in a.values:
-            raise ConfigError(f"{_where(source, 'ablation.baseline')} {a.baseline!r} is not one of the "
-                              f"ablation values {a.values}.")
+            raise ConfigError(
+                f"{_where(source, 'ablation.baseline')} {a.baseline!r} is not one of the ablation values {a.values}."
+            )
         for v in a.values:  # every swept value must itself be a valid config
             with_value(cfg, a.key, v, source=f"{source} (ablation value {v!r})")
 
@@ -281,7 +299,7 @@ def resolve_key(key: str, source: str = "command line") -> str:
         sub = [t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)]
         if i < len(parts) - 1:
             if not sub:
-                raise ConfigError(f"{_where(source, key)}: '{'.'.join(parts[:i + 1])}' has no sub-keys.")
+                raise ConfigError(f"{_where(source, key)}: '{'.'.join(parts[: i + 1])}' has no sub-keys.")
             cls = sub[0]
         elif sub:
             raise ConfigError(f"{_where(source, key)} is a section; name one of its keys.")
@@ -335,8 +353,11 @@ def with_values(cfg: Config, items: list[tuple[str, Any, str]]) -> Config:
             if node.get(p) is None:
                 raise ConfigError(f"{_where(source, path)}: this config has no '{p}' section to set it in.")
             node = node[p]
-            cls = next(t for t in (typing.get_type_hints(cls)[p], *typing.get_args(typing.get_type_hints(cls)[p]))
-                       if dataclasses.is_dataclass(t))
+            cls = next(
+                t
+                for t in (typing.get_type_hints(cls)[p], *typing.get_args(typing.get_type_hints(cls)[p]))
+                if dataclasses.is_dataclass(t)
+            )
         f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
         node[leaf] = _check_value(source, path, value, typing.get_type_hints(cls)[leaf], f.metadata)
     return from_dict(data, source=", ".join(dict.fromkeys(s for _, _, s in items)) or "command line")

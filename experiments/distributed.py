@@ -3,6 +3,7 @@
 Under `torchrun --nproc_per_node N` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; without it this is
 one process and every function here is a no-op, so the loop reads the same either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ class DistInfo:
 
 
 def resolve_device(kind: str) -> torch.device:
-    """"auto" means CUDA when there is one; asking for CUDA without one is a clear error."""
+    """ "auto" means CUDA when there is one; asking for CUDA without one is a clear error."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; set train.device: cpu or auto.")
     if kind == "auto":

@@ -2,6 +2,7 @@
 
 Only the process that owns the run directory (rank 0) makes a `MetricsLog`; the others pass `enabled=False`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,16 @@ def _clean(value: Any) -> Any:
 class MetricsLog:
     """Append-only metrics of one run, mirrored to W&B if asked for (`resume`: continue the same W&B run)."""
 
-    def __init__(self, run_dir: Path, *, config: dict, group: str | None = None, name: str | None = None,
-                 enabled: bool = True, resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        config: dict,
+        group: str | None = None,
+        name: str | None = None,
+        enabled: bool = True,
+        resume: bool = False,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
@@ -49,8 +58,11 @@ class MetricsLog:
             return
         kept = []
         if step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, record: dict) -> None:
@@ -77,8 +89,11 @@ def _start_wandb(run_dir: Path, config: dict, group: str | None, name: str | Non
     try:
         import wandb
     except ImportError:
-        print("warning: WANDB_PROJECT is set but wandb is not installed (pip install wandb); "
-              "logging to metrics.jsonl only.", file=sys.stderr)
+        print(
+            "warning: WANDB_PROJECT is set but wandb is not installed (pip install wandb); "
+            "logging to metrics.jsonl only.",
+            file=sys.stderr,
+        )
         return None
     id_file = run_dir / "wandb_id.txt"
     if resume and id_file.exists():
@@ -86,5 +101,12 @@ def _start_wandb(run_dir: Path, config: dict, group: str | None, name: str | Non
     else:
         run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-    return wandb.init(project=os.environ["WANDB_PROJECT"], group=group, name=name, config=config,
-                      dir=str(run_dir), id=run_id, resume="allow")
+    return wandb.init(
+        project=os.environ["WANDB_PROJECT"],
+        group=group,
+        name=name,
+        config=config,
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+    )

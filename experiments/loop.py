@@ -6,14 +6,15 @@ under autocast, check the loss is finite, clip, step; evaluate, log and checkpoi
 Which parameters train is decided before the loop (LoRA injection freezes the base); the loop just obeys
 `requires_grad`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,9 +34,10 @@ BatchFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 class Plan:
     """How a token budget becomes optimizer steps. Tokens per step are held fixed across an ablation; at longer
     contexts fewer sequences make up a micro-batch."""
+
     seq_len: int
-    micro_seqs: int       # sequences per forward/backward
-    accum: int            # micro-batches per optimizer step, over all processes
+    micro_seqs: int  # sequences per forward/backward
+    accum: int  # micro-batches per optimizer step, over all processes
     steps: int
 
     @property
@@ -59,16 +61,17 @@ def plan_batches(tokens: int, batch_tokens: int, micro_batch_tokens: int, seq_le
 @dataclass
 class Settings:
     """Optimizer and bookkeeping knobs of one loop (from `train:` for fine-tuning, `pretrain:` for the base)."""
+
     lr: float
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
-    grad_clip: float = 1.0                 # 0: no clipping
-    amp_dtype: torch.dtype | None = None   # autocast dtype; None: plain float32
+    grad_clip: float = 1.0  # 0: no clipping
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: plain float32
     compile: bool = False
     log_every: int = 10
-    eval_every: int = 0                    # 0: evaluate before training and at the end only
-    checkpoint_every: int = 0              # 0: no checkpoints
+    eval_every: int = 0  # 0: evaluate before training and at the end only
+    checkpoint_every: int = 0  # 0: no checkpoints
 
 
 def lr_at(step: int, steps: int, s: Settings) -> float:
@@ -84,7 +87,8 @@ def lr_at(step: int, steps: int, s: Settings) -> float:
 @dataclass
 class Outcome:
     """What the loop reports back. Curves are [step, value] pairs; step 0 of `val_curve` is before training."""
-    status: str = "ok"                     # "ok" | "diverged"
+
+    status: str = "ok"  # "ok" | "diverged"
     diverged_step: int | None = None
     steps: int = 0
     train_tokens: int = 0
@@ -128,8 +132,15 @@ class _Stopwatch:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, batch: int, device: torch.device,
-             amp_dtype: torch.dtype | None, dist: DistInfo) -> float:
+def evaluate(
+    model: nn.Module,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    batch: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    dist: DistInfo,
+) -> float:
     """Mean cross-entropy per predicted token over the validation windows xv, yv: (N, seq_len), targets of -100
     (padding) carry no loss. Windows are split across processes and the per-token sums added up, so the figure
     does not depend on the number of processes."""
@@ -138,7 +149,7 @@ def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, batch: int, d
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, predicted tokens]
     mine = torch.arange(dist.rank, xv.shape[0], dist.world_size)
     for i in range(0, len(mine), batch):
-        idx = mine[i:i + batch]
+        idx = mine[i : i + batch]
         x, y = xv[idx].to(device), yv[idx].to(device)
         n = (y != IGNORE_INDEX).sum()
         with _autocast(device, amp_dtype):
@@ -150,8 +161,9 @@ def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, batch: int, d
     return (totals[0] / totals[1]).item()
 
 
-def measure_saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                        amp_dtype: torch.dtype | None) -> int:
+def measure_saved_bytes(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None
+) -> int:
     """Activation bytes one micro-batch saves for backward (parameters and buffers excluded). An extra eager
     forward/backward outside the timed loop; RNG and gradients are left as they were."""
     resident = [*model.parameters(), *model.buffers()]
@@ -164,20 +176,32 @@ def measure_saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, devi
     return counter["bytes"]
 
 
-def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, device: torch.device, dist: DistInfo,
-          val: tuple[torch.Tensor, torch.Tensor] | None = None, checkpoint: Path | None = None,
-          resume: bool = False, log: MetricsLog | None = None, progress: bool = True,
-          desc: str = "train") -> Outcome:
+def train(
+    model: nn.Module,
+    get_batch: BatchFn,
+    plan: Plan,
+    s: Settings,
+    *,
+    device: torch.device,
+    dist: DistInfo,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    log: MetricsLog | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> Outcome:
     """Train `model` (already on `device`) in place over `plan.steps` optimizer steps."""
     out = Outcome()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: inject LoRA (or unfreeze weights) before training.")
     # Weight decay on matrices only (LoRA A/B, and base weights when pretraining); never on biases or norms.
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if s.amp_dtype == torch.float16 else None
 
     loss_module: nn.Module = _LossOf(model)
@@ -185,7 +209,8 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
     if dist.world_size > 1:
         # find_unused_parameters=False: every trainable parameter takes part in every forward.
         ddp = loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     step_fn = torch.compile(loss_module) if s.compile else loss_module
     accum_local = plan.accum // dist.world_size
     eval_batch = plan.micro_seqs
@@ -194,8 +219,10 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, model, opt, scaler)
         if state["plan"] != asdict(plan):
-            raise ValueError(f"{checkpoint} was written for batches {state['plan']}, this run plans {asdict(plan)}: "
-                             "the config changed. Delete the checkpoint or drop --resume.")
+            raise ValueError(
+                f"{checkpoint} was written for batches {state['plan']}, this run plans {asdict(plan)}: "
+                "the config changed. Delete the checkpoint or drop --resume."
+            )
         start, out.train_time_s = state["step"], state["train_time_s"]
         out.train_curve, out.val_curve = state["train_curve"], state["val_curve"]
     if log is not None:
@@ -210,19 +237,39 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
         loss = evaluate(model, val[0], val[1], eval_batch, device, s.amp_dtype, dist)
         out.val_curve.append([step, loss])
         if log is not None:
-            log.log({"step": step, "tokens": step * plan.tokens_per_step, "val_loss": loss,
-                     "val_ppl": math.exp(min(loss, 50.0))})
+            log.log(
+                {
+                    "step": step,
+                    "tokens": step * plan.tokens_per_step,
+                    "val_loss": loss,
+                    "val_ppl": math.exp(min(loss, 50.0)),
+                }
+            )
 
     if start == 0:
         if log is not None:  # the batch plan actually used (tokens per step may differ from the asked batch_tokens)
-            log.log({"step": 0, "tokens_per_step": plan.tokens_per_step, "micro_seqs": plan.micro_seqs,
-                     "accum": plan.accum, "steps": plan.steps, "seq_len": plan.seq_len})
+            log.log(
+                {
+                    "step": 0,
+                    "tokens_per_step": plan.tokens_per_step,
+                    "micro_seqs": plan.micro_seqs,
+                    "accum": plan.accum,
+                    "steps": plan.steps,
+                    "seq_len": plan.seq_len,
+                }
+            )
         run_eval(0)  # the base model: LoRA's B starts at zero, so this is the model before fine-tuning
 
     resumed_time = out.train_time_s  # training time of earlier processes of this run
     clock = _Stopwatch(device, resumed_time)
-    bar = tqdm(total=plan.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not (progress and dist.is_main))
+    bar = tqdm(
+        total=plan.steps,
+        initial=start,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (progress and dist.is_main),
+    )
     window: list[float] = []  # step losses since the last log line
     clock.start()
     for step in range(start, plan.steps):
@@ -273,8 +320,15 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
             window = []
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
             if log is not None:
-                log.log({"step": done, "tokens": done * plan.tokens_per_step, "train_loss": mean_loss,
-                         "lr": lr, "tokens_per_s": tok_s})
+                log.log(
+                    {
+                        "step": done,
+                        "tokens": done * plan.tokens_per_step,
+                        "train_loss": mean_loss,
+                        "lr": lr,
+                        "tokens_per_s": tok_s,
+                    }
+                )
             clock.start()
         if is_last or (s.eval_every and done % s.eval_every == 0):
             clock.stop()
@@ -283,9 +337,19 @@ def train(model: nn.Module, get_batch: BatchFn, plan: Plan, s: Settings, *, devi
         if checkpoint is not None and s.checkpoint_every and done % s.checkpoint_every == 0 and not is_last:
             clock.stop()
             if dist.is_main:
-                save_checkpoint(checkpoint, model, opt, scaler, {
-                    "step": done, "plan": asdict(plan), "train_time_s": clock.elapsed,
-                    "train_curve": out.train_curve, "val_curve": out.val_curve})
+                save_checkpoint(
+                    checkpoint,
+                    model,
+                    opt,
+                    scaler,
+                    {
+                        "step": done,
+                        "plan": asdict(plan),
+                        "train_time_s": clock.elapsed,
+                        "train_curve": out.train_curve,
+                        "val_curve": out.val_curve,
+                    },
+                )
             clock.start()
     clock.stop()
     bar.close()

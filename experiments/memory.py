@@ -1,12 +1,13 @@
 """What a run costs in memory: CUDA allocator peaks, the process's peak RSS on CPU, and the activation bytes
 autograd saves for backward (the one figure that is the same on every device, so CPU runs can compare it).
 """
+
 from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 import torch
 
@@ -58,8 +59,12 @@ def peak_rss_bytes() -> int:
 
 def peak_memory(device: torch.device) -> dict[str, int | None]:
     """The run's memory peaks: allocator figures on CUDA, the process's peak RSS on CPU."""
-    out: dict[str, int | None] = {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
-                                  "peak_active_bytes": None, "peak_rss_bytes": None}
+    out: dict[str, int | None] = {
+        "peak_allocated_bytes": None,
+        "peak_reserved_bytes": None,
+        "peak_active_bytes": None,
+        "peak_rss_bytes": None,
+    }
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         stats = torch.cuda.memory_stats(device)

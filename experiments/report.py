@@ -5,6 +5,7 @@ One table per study (an ablation's values under one shared config), the alpha po
 Differences from the baseline use Welch's t-test over seeds: "significant" means the 95% CI of the difference
 of means excludes zero (p < 0.05); with one seed per value a difference is reported without a verdict on noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,12 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from experiments.results import latest, read_rows, RESULTS_JSONL
+from experiments.results import RESULTS_JSONL, latest, read_rows
 from experiments.stats import Difference, Summary, mean_ci, spearman, welch
 
 LEVEL = 0.95
@@ -25,9 +27,11 @@ SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
 
 # ----------------------------------------------------------------------------- gathering
 
+
 @dataclass
 class Value:
     """One swept value of a study: its runs (one per seed, latest row each) and their summaries."""
+
     value: Any
     index: int | None
     is_baseline: bool
@@ -63,6 +67,7 @@ class Value:
 @dataclass
 class Study:
     """The rows of one ablation under one shared config (same study hash): what one table shows."""
+
     ablation: str
     key: str
     study_hash: str
@@ -133,12 +138,18 @@ def _mark_differences(out_dir: Path, studies: list[Study]) -> None:
         flats = [_flat(_config_of(out_dir, st.rows[0])) for st in group]
         for st, flat in zip(group, flats):
             skip = {st.key, "train.seed"}
-            keys = sorted(k for k in set().union(*flats) if k not in skip and k.split(".")[0] != "ablation"
-                          and len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
+            keys = sorted(
+                k
+                for k in set().union(*flats)
+                if k not in skip
+                and k.split(".")[0] != "ablation"
+                and len({json.dumps(f.get(k), default=str) for f in flats}) > 1
+            )
             st.differs = ", ".join(f"{k}={flat.get(k)}" for k in keys) or "(configs not found)"
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def _num(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
@@ -191,11 +202,35 @@ def study_table(st: Study) -> str:
         else:
             delta = _diff_text(welch(v.metric("val_ppl"), base.metric("val_ppl"), LEVEL), base.mean("val_ppl"))
         name = f"**{v.label}**" if v is base else v.label
-        out.append([name, _ci(ppl), delta, f"{len(v.ok)}/{len(v.rows)}", _ci(v.summary("train_time_s"), 1),
-                    _int(v.mean("tokens_per_s")), _mib(v.mean("peak_memory_bytes")),
-                    _mib(v.mean("saved_for_backward_bytes")), _int(v.mean("trainable_params")), _status(v)])
-    return _table(["value", f"val ppl (± {LEVEL:.0%} CI)", "Δ ppl vs baseline", "seeds ok", "train time (s)",
-                   "tokens/s", "peak memory", "saved for backward", "trainable params", "status"], out)
+        out.append(
+            [
+                name,
+                _ci(ppl),
+                delta,
+                f"{len(v.ok)}/{len(v.rows)}",
+                _ci(v.summary("train_time_s"), 1),
+                _int(v.mean("tokens_per_s")),
+                _mib(v.mean("peak_memory_bytes")),
+                _mib(v.mean("saved_for_backward_bytes")),
+                _int(v.mean("trainable_params")),
+                _status(v),
+            ]
+        )
+    return _table(
+        [
+            "value",
+            f"val ppl (± {LEVEL:.0%} CI)",
+            "Δ ppl vs baseline",
+            "seeds ok",
+            "train time (s)",
+            "tokens/s",
+            "peak memory",
+            "saved for backward",
+            "trainable params",
+            "status",
+        ],
+        out,
+    )
 
 
 def _alpha_text(rows: list[dict]) -> str:
@@ -217,32 +252,45 @@ def study_header(st: Study) -> str:
     seeds = sorted({r["seed"] for r in rows})
     budgets = sorted({r["train_tokens"] for r in ok if r.get("train_tokens")})
     evals = sorted({r["eval_max_tokens"] for r in rows if r.get("eval_max_tokens")})
-    budget = (f"{budgets[0]:,} training tokens per run, the same for every value" if len(budgets) == 1 else
-              f"WARNING: runs trained on different token counts ({', '.join(f'{b:,}' for b in budgets)})"
-              if budgets else "no finished run")
+    budget = (
+        f"{budgets[0]:,} training tokens per run, the same for every value"
+        if len(budgets) == 1
+        else f"WARNING: runs trained on different token counts ({', '.join(f'{b:,}' for b in budgets)})"
+        if budgets
+        else "no finished run"
+    )
     devices = sorted({f"{r.get('device')}, {r.get('dtype')}, world size {r.get('world_size')}" for r in ok})
-    lines = [f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else '—'}; "
-             f"seeds: {', '.join(map(str, seeds))} ({len(seeds)} per value)",
-             f"- alpha policy: {_alpha_text(rows)}",
-             f"- token budget: {budget}; validation: the same held-out documents, up to "
-             f"{', '.join(f'{e:,}' for e in evals)} tokens, windows at each run's context length",
-             f"- device: {'; '.join(devices) or '—'}; torch {', '.join(sorted({str(r.get('torch_version')) for r in ok})) or '—'}; "
-             f"git {', '.join(sorted({str(r.get('git_commit'))[:10] for r in rows}))}"]
+    lines = [
+        f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else '—'}; "
+        f"seeds: {', '.join(map(str, seeds))} ({len(seeds)} per value)",
+        f"- alpha policy: {_alpha_text(rows)}",
+        f"- token budget: {budget}; validation: the same held-out documents, up to "
+        f"{', '.join(f'{e:,}' for e in evals)} tokens, windows at each run's context length",
+        f"- device: {'; '.join(devices) or '—'}; "
+        f"torch {', '.join(sorted({str(r.get('torch_version')) for r in ok})) or '—'}; "
+        f"git {', '.join(sorted({str(r.get('git_commit'))[:10] for r in rows}))}",
+    ]
     if any(str(r.get("device", "")).startswith("cpu") for r in ok):
-        lines.append("- on CPU, peak memory is the process's peak RSS: Python, torch, the data pipeline and the model "
-                     "as well as training; the saved-for-backward column isolates activation memory")
+        lines.append(
+            "- on CPU, peak memory is the process's peak RSS: Python, torch, the data pipeline and the model "
+            "as well as training; the saved-for-backward column isolates activation memory"
+        )
     if st.differs:
         lines.append(f"- this study's settings that differ from the other `{st.ablation}` studies: {st.differs}")
     failures = [r for r in rows if r["status"] != "ok"]
     for r in failures:
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"- **{r['status']}**: value {r['value']}, seed {r['seed']}"
-                     + (f" at step {r['diverged_step']}" if r.get("diverged_step") else "")
-                     + (f": `{err[-1][:300]}`" if err else "") + f" (see {r['run_dir']}/train.log)")
+        lines.append(
+            f"- **{r['status']}**: value {r['value']}, seed {r['seed']}"
+            + (f" at step {r['diverged_step']}" if r.get("diverged_step") else "")
+            + (f": `{err[-1][:300]}`" if err else "")
+            + f" (see {r['run_dir']}/train.log)"
+        )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- expected vs observed
+
 
 @dataclass
 class Check:
@@ -261,9 +309,10 @@ def _rho(r: float | None) -> str:
     return "" if r is None else f", Spearman ρ = {r:+.2f}"
 
 
-def _increase_check(st: Study, expected: str, metric: str, what: str, fmt: Callable[[float], str],
-                    x: Callable[[Value], float]) -> Check:
-    """"metric grows with x": held if the largest x's mean exceeds the smallest's and the rank correlation is
+def _increase_check(
+    st: Study, expected: str, metric: str, what: str, fmt: Callable[[float], str], x: Callable[[Value], float]
+) -> Check:
+    """ "metric grows with x": held if the largest x's mean exceeds the smallest's and the rank correlation is
     positive; with seeds, a difference within noise is said so."""
     vs, rho = _trend(st, metric, x)
     if len(vs) < 2:
@@ -271,8 +320,9 @@ def _increase_check(st: Study, expected: str, metric: str, what: str, fmt: Calla
     lo, hi = vs[0], vs[-1]
     a, b = lo.mean(metric), hi.mean(metric)
     ratio = b / a if a else float("inf")
-    observed = (f"{what} {fmt(a)} at {lo.short} → {fmt(b)} at {hi.short} (×{ratio:.2f}{_rho(rho)}); "
-                + ", ".join(f"{v.short}: {fmt(v.mean(metric))}" for v in vs))
+    observed = f"{what} {fmt(a)} at {lo.short} → {fmt(b)} at {hi.short} (×{ratio:.2f}{_rho(rho)}); " + ", ".join(
+        f"{v.short}: {fmt(v.mean(metric))}" for v in vs
+    )
     d = welch(hi.metric(metric), lo.metric(metric), LEVEL)
     if b > a and (rho is None or rho > 0):
         return Check(expected, observed, _held(d))
@@ -310,17 +360,32 @@ def rank_checks(st: Study) -> list[Check]:
             checks = [Check(exp, f"the smallest rank had the best ppl; {_ppl_list(vs)}", "did not hold")]
         else:
             d = welch(best.metric("val_ppl"), lo.metric("val_ppl"), LEVEL)
-            tail = (f"; no gain beyond rank {best.short} (rank {hi.short}: {_num(hi.mean('val_ppl'))})"
-                    if best is not hi else "; still improving at the largest rank tested")
-            obs = (f"ppl {_num(lo.mean('val_ppl'))} at rank {lo.short} → {_num(best.mean('val_ppl'))} at rank "
-                   f"{best.short} ({_diff_text(d, lo.mean('val_ppl'))}){tail}; {_ppl_list(vs)}")
+            tail = (
+                f"; no gain beyond rank {best.short} (rank {hi.short}: {_num(hi.mean('val_ppl'))})"
+                if best is not hi
+                else "; still improving at the largest rank tested"
+            )
+            obs = (
+                f"ppl {_num(lo.mean('val_ppl'))} at rank {lo.short} → {_num(best.mean('val_ppl'))} at rank "
+                f"{best.short} ({_diff_text(d, lo.mean('val_ppl'))}){tail}; {_ppl_list(vs)}"
+            )
             checks = [_lower_is_better(st, exp, best, lo, obs)]
-    checks.append(_increase_check(st, "Higher rank costs more training time", "train_time_s", "train time",
-                                  _sec_fmt, x))
-    checks.append(_increase_check(st, "Higher rank costs more memory (peak)", "peak_memory_bytes", "peak memory",
-                                  _mib, x))
-    checks.append(_increase_check(st, "Higher rank costs more memory (activations saved for backward)",
-                                  "saved_for_backward_bytes", "saved for backward", _mib, x))
+    checks.append(
+        _increase_check(st, "Higher rank costs more training time", "train_time_s", "train time", _sec_fmt, x)
+    )
+    checks.append(
+        _increase_check(st, "Higher rank costs more memory (peak)", "peak_memory_bytes", "peak memory", _mib, x)
+    )
+    checks.append(
+        _increase_check(
+            st,
+            "Higher rank costs more memory (activations saved for backward)",
+            "saved_for_backward_bytes",
+            "saved for backward",
+            _mib,
+            x,
+        )
+    )
     return checks
 
 
@@ -335,9 +400,11 @@ def target_checks(st: Study) -> list[Check]:
         fewest = min(vs, key=lambda v: (count(v), v.mean("val_ppl")))
         most = max(vs, key=lambda v: (count(v), -v.mean("val_ppl")))
         d = welch(most.metric("val_ppl"), fewest.metric("val_ppl"), LEVEL)
-        obs = (f"ppl {_num(fewest.mean('val_ppl'))} with {fewest.short} → {_num(most.mean('val_ppl'))} with "
-               f"{most.short} ({_diff_text(d, fewest.mean('val_ppl'))}{_rho(rho)} between module count and ppl); "
-               f"{_ppl_list(vs)}")
+        obs = (
+            f"ppl {_num(fewest.mean('val_ppl'))} with {fewest.short} → {_num(most.mean('val_ppl'))} with "
+            f"{most.short} ({_diff_text(d, fewest.mean('val_ppl'))}{_rho(rho)} between module count and ppl); "
+            f"{_ppl_list(vs)}"
+        )
         verdict = _lower_is_better(st, exp, most, fewest, obs)
         if verdict.verdict.startswith("held") and rho is not None and rho > 0:
             verdict.verdict = "did not hold"
@@ -347,8 +414,9 @@ def target_checks(st: Study) -> list[Check]:
     if len(pv) < 2:
         checks.append(Check(exp, "fewer than two values finished", "not testable"))
     else:
-        monotone = all(v.mean("trainable_params") < w.mean("trainable_params")
-                       for v in pv for w in pv if count(v) < count(w))
+        monotone = all(
+            v.mean("trainable_params") < w.mean("trainable_params") for v in pv for w in pv if count(v) < count(w)
+        )
         obs = ", ".join(f"{v.short}: {_int(v.mean('trainable_params'))}" for v in sorted(pv, key=count))
         checks.append(Check(exp, obs, "held" if monotone else "did not hold"))
     exp = "q_proj and v_proj matter most (they capture most of the gain)"
@@ -356,8 +424,9 @@ def target_checks(st: Study) -> list[Check]:
     fin = [v for v in st.values if v.metric("val_ppl")]
     base_ppl = qv.mean("base_val_ppl") if qv else None
     if qv is None or base_ppl is None or len(fin) < 2:
-        checks.append(Check(exp, "needs a finished [q_proj, v_proj] run, another value and the base model's ppl",
-                            "not testable"))
+        checks.append(
+            Check(exp, "needs a finished [q_proj, v_proj] run, another value and the base model's ppl", "not testable")
+        )
     else:
         best = min(fin, key=lambda v: v.mean("val_ppl"))
         gain_best, gain_qv = base_ppl - best.mean("val_ppl"), base_ppl - qv.mean("val_ppl")
@@ -365,10 +434,12 @@ def target_checks(st: Study) -> list[Check]:
             checks.append(Check(exp, f"no value improved on the base model's ppl {_num(base_ppl)}", "not testable"))
         else:
             share = gain_qv / gain_best
-            obs = (f"fine-tuning lowers ppl from {_num(base_ppl)} (base model) to {_num(best.mean('val_ppl'))} at "
-                   f"best ({best.short}); q,v alone reach {_num(qv.mean('val_ppl'))}: {share:.0%} of that gain "
-                   f"with {_int(qv.mean('trainable_params'))} of {_int(best.mean('trainable_params'))} params "
-                   f"(held if ≥ 50%)")
+            obs = (
+                f"fine-tuning lowers ppl from {_num(base_ppl)} (base model) to {_num(best.mean('val_ppl'))} at "
+                f"best ({best.short}); q,v alone reach {_num(qv.mean('val_ppl'))}: {share:.0%} of that gain "
+                f"with {_int(qv.mean('trainable_params'))} of {_int(best.mean('trainable_params'))} params "
+                f"(held if ≥ 50%)"
+            )
             obs += _added_modules(st, qv)
             checks.append(Check(exp, obs, "held" if share >= 0.5 else "did not hold"))
     return checks
@@ -386,21 +457,31 @@ def _added_modules(st: Study, qv: Value) -> str:
 
 def context_checks(st: Study) -> list[Check]:
     x = lambda v: float(v.value)  # noqa: E731
-    checks = [_increase_check(st, "Longer context is slower (same tokens, more time)", "train_time_s", "train time",
-                              _sec_fmt, x),
-              _increase_check(st, "Longer context uses more memory (peak)", "peak_memory_bytes", "peak memory",
-                              _mib, x),
-              _increase_check(st, "Longer context uses more memory (activations saved for backward)",
-                              "saved_for_backward_bytes", "saved for backward", _mib, x)]
+    checks = [
+        _increase_check(
+            st, "Longer context is slower (same tokens, more time)", "train_time_s", "train time", _sec_fmt, x
+        ),
+        _increase_check(st, "Longer context uses more memory (peak)", "peak_memory_bytes", "peak memory", _mib, x),
+        _increase_check(
+            st,
+            "Longer context uses more memory (activations saved for backward)",
+            "saved_for_backward_bytes",
+            "saved for backward",
+            _mib,
+            x,
+        ),
+    ]
     exp = "Longer context lowers validation perplexity (broader dependencies)"
     vs, rho = _trend(st, "val_ppl", x)
     if len(vs) < 2:
         checks.append(Check(exp, "fewer than two lengths finished", "not testable"))
     else:
         best = min(vs, key=lambda v: v.mean("val_ppl"))
-        obs = (f"{_ppl_list(vs)}{_rho(rho)}; base model before fine-tuning: "
-               + ", ".join(f"{v.short}: {_num(v.mean('base_val_ppl'))}" for v in vs)
-               + " (each evaluated at its own context length)")
+        obs = (
+            f"{_ppl_list(vs)}{_rho(rho)}; base model before fine-tuning: "
+            + ", ".join(f"{v.short}: {_num(v.mean('base_val_ppl'))}" for v in vs)
+            + " (each evaluated at its own context length)"
+        )
         if best is vs[0]:
             checks.append(Check(exp, obs, "did not hold"))
         else:
@@ -408,8 +489,11 @@ def context_checks(st: Study) -> list[Check]:
     return checks
 
 
-CHECKS = {"lora.rank": rank_checks, "lora.target_modules": target_checks,
-          "model.max_position_embeddings": context_checks}
+CHECKS = {
+    "lora.rank": rank_checks,
+    "lora.target_modules": target_checks,
+    "model.max_position_embeddings": context_checks,
+}
 
 
 def expectations(st: Study) -> list[Check]:
@@ -419,14 +503,19 @@ def expectations(st: Study) -> list[Check]:
 
 # ----------------------------------------------------------------------------- the report
 
+
 def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: Path | None = None) -> str:
     plots = plots or {}
-    parts = ["# LoRA ablation report", "",
-             f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {sum(len(s.rows) for s in studies)} runs "
-             f"(latest row per run in {RESULTS_JSONL}). Val ppl is the final validation perplexity, mean ± "
-             f"{LEVEL:.0%} t-interval over seeds. Δ vs baseline: Welch's t-test; *significant* = the {LEVEL:.0%} CI of "
-             "the difference excludes 0. Peak memory: CUDA allocator peak on GPU, process peak RSS on CPU; "
-             "saved for backward: activation bytes one micro-batch keeps for backward (the same on any device).", ""]
+    parts = [
+        "# LoRA ablation report",
+        "",
+        f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {sum(len(s.rows) for s in studies)} runs "
+        f"(latest row per run in {RESULTS_JSONL}). Val ppl is the final validation perplexity, mean ± "
+        f"{LEVEL:.0%} t-interval over seeds. Δ vs baseline: Welch's t-test; *significant* = the {LEVEL:.0%} CI of "
+        "the difference excludes 0. Peak memory: CUDA allocator peak on GPU, process peak RSS on CPU; "
+        "saved for backward: activation bytes one micro-batch keeps for backward (the same on any device).",
+        "",
+    ]
     for st in studies:
         title = st.ablation + (f" (study {st.study_hash[:8]})" if st.differs else "")
         parts += [f"## {title}", "", study_header(st), "", study_table(st), ""]
@@ -437,19 +526,33 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
         checks = expectations(st)
         if checks:
             held = sum(c.verdict.startswith("held") for c in checks)
-            single = " (with one seed per value: direction only, no test against noise)" \
-                if any(c.verdict == "held (1 seed)" for c in checks) else ""
-            parts += ["### Expected vs observed", "",
-                      f"{held} of {len(checks)} expectations from the seed README held on these runs{single}. "
-                      "Verdicts are computed from the table above: *held* = the expected direction, beyond noise "
-                      "(Welch, 95%) when there are seeds; *within noise* = the expected direction, but not "
-                      "significant; *did not hold* = the opposite direction (\"within noise\" added when the seeds cannot "
-                      "tell it from no difference).", "",
-                      _table(["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.verdict}**"]
-                                                                   for c in checks]), ""]
+            single = (
+                " (with one seed per value: direction only, no test against noise)"
+                if any(c.verdict == "held (1 seed)" for c in checks)
+                else ""
+            )
+            parts += [
+                "### Expected vs observed",
+                "",
+                f"{held} of {len(checks)} expectations from the seed README held on these runs{single}. "
+                "Verdicts are computed from the table above: *held* = the expected direction, beyond noise "
+                "(Welch, 95%) when there are seeds; *within noise* = the expected direction, but not "
+                'significant; *did not hold* = the opposite direction ("within noise" added when the seeds cannot '
+                "tell it from no difference).",
+                "",
+                _table(
+                    ["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.verdict}**"] for c in checks]
+                ),
+                "",
+            ]
     if "ppl_vs_params" in plots:
         rel = plots["ppl_vs_params"].relative_to(out_dir) if out_dir else plots["ppl_vs_params"]
-        parts += ["## Perplexity against trainable parameters (all runs)", "", f"![ppl vs params]({rel.as_posix()})", ""]
+        parts += [
+            "## Perplexity against trainable parameters (all runs)",
+            "",
+            f"![ppl vs params]({rel.as_posix()})",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -476,6 +579,7 @@ def write_report(out_dir: Path, ablations: set[tuple[str, str]] | None = None, p
     files: dict[str, Path] = {}
     if plots and studies:
         from experiments.plots import plot_all
+
         files = plot_all(studies, out_dir / "plots", name=_plot_name)
     (out_dir / "report.md").write_text(render(studies, files, out_dir), encoding="utf-8")
     shown = [s for s in studies if ablations is None or (s.ablation, s.study_hash) in ablations]
@@ -483,14 +587,19 @@ def write_report(out_dir: Path, ablations: set[tuple[str, str]] | None = None, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.report",
-                                 description="Write RUN_DIR/report.md and RUN_DIR/plots/*.png from RUN_DIR/results.jsonl.")
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Write RUN_DIR/report.md and RUN_DIR/plots/*.png from RUN_DIR/results.jsonl.",
+    )
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     args = ap.parse_args(argv)
     if not (args.run_dir / RESULTS_JSONL).exists():
-        print(f"error: {args.run_dir / RESULTS_JSONL} does not exist; run python -m experiments.run --out "
-              f"{args.run_dir} first.", file=sys.stderr)
+        print(
+            f"error: {args.run_dir / RESULTS_JSONL} does not exist; run python -m experiments.run --out "
+            f"{args.run_dir} first.",
+            file=sys.stderr,
+        )
         return 2
     print(write_report(args.run_dir, plots=not args.no_plots))
     return 0

@@ -5,6 +5,7 @@ sweep killed at any moment leaves either the old file or the new one, never half
 appends a new row; readers take the latest row per (ablation, config hash). Load in one line with
 `pandas.read_json("RUN_DIR/results.jsonl", lines=True)` or `pandas.read_csv("RUN_DIR/results.csv")`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,10 +13,11 @@ import io
 import json
 import math
 import subprocess
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from data.cache import atomic_write
 
@@ -24,22 +26,81 @@ RESULTS_CSV = "results.csv"
 
 # Column order of the CSV (and of each JSON row). Memory figures are bytes; times are seconds.
 COLUMNS = [
-    "finished_at", "ablation", "key", "value", "value_index", "is_baseline", "seed", "status", "error",
-    "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "base_val_loss", "base_val_ppl",
-    "train_tokens", "eval_max_tokens", "steps", "train_time_s", "tokens_per_s",
-    "peak_memory_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes", "peak_rss_bytes",
-    "saved_for_backward_bytes", "trainable_params", "total_params",
-    "lora_rank", "lora_alpha", "alpha_policy", "target_modules", "context_length", "lr",
-    "config_hash", "study_hash", "corpus_fingerprint", "base_fingerprint", "device", "dtype", "world_size",
-    "torch_version", "git_commit", "run_dir", "reused_from",
+    "finished_at",
+    "ablation",
+    "key",
+    "value",
+    "value_index",
+    "is_baseline",
+    "seed",
+    "status",
+    "error",
+    "diverged_step",
+    "val_loss",
+    "val_ppl",
+    "best_val_loss",
+    "best_val_ppl",
+    "base_val_loss",
+    "base_val_ppl",
+    "train_tokens",
+    "eval_max_tokens",
+    "steps",
+    "train_time_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "peak_active_bytes",
+    "peak_rss_bytes",
+    "saved_for_backward_bytes",
+    "trainable_params",
+    "total_params",
+    "lora_rank",
+    "lora_alpha",
+    "alpha_policy",
+    "target_modules",
+    "context_length",
+    "lr",
+    "config_hash",
+    "study_hash",
+    "corpus_fingerprint",
+    "base_fingerprint",
+    "device",
+    "dtype",
+    "world_size",
+    "torch_version",
+    "git_commit",
+    "run_dir",
+    "reused_from",
 ]
 
 # What train_run reports, copied into the row as is.
 RESULT_KEYS = [
-    "status", "error", "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "base_val_loss",
-    "base_val_ppl", "train_tokens", "steps", "train_time_s", "tokens_per_s", "trainable_params", "total_params",
-    "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes", "peak_rss_bytes",
-    "saved_for_backward_bytes", "device", "dtype", "torch_version", "world_size", "corpus_fingerprint",
+    "status",
+    "error",
+    "diverged_step",
+    "val_loss",
+    "val_ppl",
+    "best_val_loss",
+    "best_val_ppl",
+    "base_val_loss",
+    "base_val_ppl",
+    "train_tokens",
+    "steps",
+    "train_time_s",
+    "tokens_per_s",
+    "trainable_params",
+    "total_params",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "peak_active_bytes",
+    "peak_rss_bytes",
+    "saved_for_backward_bytes",
+    "device",
+    "dtype",
+    "torch_version",
+    "world_size",
+    "corpus_fingerprint",
     "base_fingerprint",
 ]
 
@@ -54,16 +115,22 @@ def peak_memory(result: dict) -> int | None:
     dev = str(result.get("device") or "")
     if dev.startswith("cuda") and result.get("peak_allocated_bytes") is not None:
         return result["peak_allocated_bytes"]
-    return result.get("peak_rss_bytes") if result.get("peak_rss_bytes") is not None \
-        else result.get("peak_allocated_bytes")
+    return (
+        result.get("peak_rss_bytes") if result.get("peak_rss_bytes") is not None else result.get("peak_allocated_bytes")
+    )
 
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     """HEAD of the repository this code lives in, or "unknown" (no git, not a checkout)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -73,22 +140,44 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def make_row(*, ablation: str, key: str, value: Any, value_index: int | None, is_baseline: bool, seed: int,
-             cfg_dict: dict, config_hash: str, study_hash: str, result: dict, run_dir: str,
-             reused_from: str | None = None) -> dict:
+def make_row(
+    *,
+    ablation: str,
+    key: str,
+    value: Any,
+    value_index: int | None,
+    is_baseline: bool,
+    seed: int,
+    cfg_dict: dict,
+    config_hash: str,
+    study_hash: str,
+    result: dict,
+    run_dir: str,
+    reused_from: str | None = None,
+) -> dict:
     """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column."""
     lora = cfg_dict["lora"]
     alpha = 2.0 * lora["rank"] if lora["alpha_policy"] == "double_rank" else lora["alpha"]
     row: dict[str, Any] = {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ablation": ablation, "key": key, "value": value_label(value), "value_index": value_index,
-        "is_baseline": is_baseline, "seed": seed,
+        "ablation": ablation,
+        "key": key,
+        "value": value_label(value),
+        "value_index": value_index,
+        "is_baseline": is_baseline,
+        "seed": seed,
         "eval_max_tokens": cfg_dict["eval"]["max_tokens"],
-        "lora_rank": lora["rank"], "lora_alpha": alpha, "alpha_policy": lora["alpha_policy"],
+        "lora_rank": lora["rank"],
+        "lora_alpha": alpha,
+        "alpha_policy": lora["alpha_policy"],
         "target_modules": value_label(lora["target_modules"]),
-        "context_length": cfg_dict["model"]["max_position_embeddings"], "lr": cfg_dict["train"]["lr"],
-        "config_hash": config_hash, "study_hash": study_hash, "git_commit": git_commit(),
-        "run_dir": run_dir, "reused_from": reused_from,
+        "context_length": cfg_dict["model"]["max_position_embeddings"],
+        "lr": cfg_dict["train"]["lr"],
+        "config_hash": config_hash,
+        "study_hash": study_hash,
+        "git_commit": git_commit(),
+        "run_dir": run_dir,
+        "reused_from": reused_from,
     }
     for k in RESULT_KEYS:
         row[k] = _clean(result.get(k))

@@ -10,6 +10,7 @@ Everything the command line says is validated before any data or model work. Res
 (one row per finished run); re-running the same command skips what is done and resumes what was interrupted;
 at the end the report (OUT/report.md + plots) is written and its tables printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,43 +23,88 @@ from typing import Any
 
 import yaml
 
-from experiments.config import (ABLATION_ALIASES, CONFIG_DIR, ConfigError, load_config, parse_value,
-                                resolve_key, with_values)
+from experiments.config import (
+    ABLATION_ALIASES,
+    CONFIG_DIR,
+    ConfigError,
+    load_config,
+    parse_value,
+    resolve_key,
+    with_values,
+)
 from experiments.results import value_label
 from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
 # The default study, in the order the seed README recommends reading it.
-DEFAULT_STUDY = [CONFIG_DIR / "abl_lora_rank.yaml", CONFIG_DIR / "abl_target_modules.yaml",
-                 CONFIG_DIR / "abl_context_length.yaml"]
+DEFAULT_STUDY = [
+    CONFIG_DIR / "abl_lora_rank.yaml",
+    CONFIG_DIR / "abl_target_modules.yaml",
+    CONFIG_DIR / "abl_context_length.yaml",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.run", allow_abbrev=False,
-                                 description="Run LoRA ablation sweeps; results, report and plots go to --out.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:5]))
-    ap.add_argument("--config", action="append", type=Path, metavar="YAML",
-                    help="an ablation config (repeatable); default: the three built-in ablations")
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        allow_abbrev=False,
+        description="Run LoRA ablation sweeps; results, report and plots go to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:5]),
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        type=Path,
+        metavar="YAML",
+        help="an ablation config (repeatable); default: the three built-in ablations",
+    )
     for alias, path in ABLATION_ALIASES.items():
-        ap.add_argument(f"--{alias}", f"--{alias.replace('_', '-')}", dest=alias, metavar="VALUE",
-                        help=f"run this one value of {path} (any valid value); for another ablation, sets it")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                    help="override any config key by its dotted path, e.g. train.lr=3e-4 (repeatable)")
-    ap.add_argument("--seeds", type=int, default=1, metavar="N",
-                    help="repeat each value with seeds train.seed + 0..N-1 (N >= 2 gives confidence intervals)")
-    ap.add_argument("--base_model", "--base-model", metavar="PATH",
-                    help="a local OPT / GPT-2 checkpoint folder to adapt (sets model.base)")
-    ap.add_argument("--data", metavar="PATH", help="your fine-tuning text: a file, glob, folder or .jsonl "
-                                                   "(sets data.finetune)")
-    ap.add_argument("--out", type=Path, metavar="DIR",
-                    help="results folder (default runs/default, or runs/quick with --quick)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name})")
-    ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                    help="print the resolved runs and whether each is done, then exit")
-    ap.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
-                    help="no progress bars")
+        ap.add_argument(
+            f"--{alias}",
+            f"--{alias.replace('_', '-')}",
+            dest=alias,
+            metavar="VALUE",
+            help=f"run this one value of {path} (any valid value); for another ablation, sets it",
+        )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override any config key by its dotted path, e.g. train.lr=3e-4 (repeatable)",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat each value with seeds train.seed + 0..N-1 (N >= 2 gives confidence intervals)",
+    )
+    ap.add_argument(
+        "--base_model",
+        "--base-model",
+        metavar="PATH",
+        help="a local OPT / GPT-2 checkpoint folder to adapt (sets model.base)",
+    )
+    ap.add_argument(
+        "--data", metavar="PATH", help="your fine-tuning text: a file, glob, folder or .jsonl (sets data.finetune)"
+    )
+    ap.add_argument(
+        "--out", type=Path, metavar="DIR", help="results folder (default runs/default, or runs/quick with --quick)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name})"
+    )
+    ap.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved runs and whether each is done, then exit",
+    )
+    ap.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
     return ap
 
 
@@ -91,8 +137,10 @@ def _check_corpora(specs: list[RunSpec]) -> None:
     for s in specs:
         for key, value in (("data.finetune", s.cfg.data.finetune), ("pretrain.corpus", s.cfg.pretrain.corpus)):
             if value != "builtin" and _missing(value):
-                raise ConfigError(f"'{key}': {value!r} is no file, folder or matching glob. Give 'builtin' or a "
-                                  "path to your text (.txt/.md/.py files, a folder, a glob, or a .jsonl).")
+                raise ConfigError(
+                    f"'{key}': {value!r} is no file, folder or matching glob. Give 'builtin' or a "
+                    "path to your text (.txt/.md/.py files, a folder, a glob, or a .jsonl)."
+                )
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
@@ -147,14 +195,25 @@ def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
 def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
     rows = [("ablation", "key", "value", "seed", "config hash", "state", "run dir")]
     for s, st in zip(specs, states):
-        rows.append((s.ablation, s.key or "-", str(value_label(s.value)), str(s.seed), s.config_hash, st,
-                     str(s.run_dir(out_dir))))
+        rows.append(
+            (
+                s.ablation,
+                s.key or "-",
+                str(value_label(s.value)),
+                str(s.seed),
+                s.config_hash,
+                st,
+                str(s.run_dir(out_dir)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     todo = sum(st != "done" for st in states)
-    print(f"{len(specs)} runs: {len(specs) - todo} done, {todo} to run "
-          "(done = ok row; reuse = identical config already ran; resume = from its checkpoint)")
+    print(
+        f"{len(specs)} runs: {len(specs) - todo} done, {todo} to run "
+        "(done = ok row; reuse = identical config already ran; resume = from its checkpoint)"
+    )
 
 
 def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
@@ -163,13 +222,22 @@ def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
     tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS)."""
     from experiments.base import ensure_base
     from experiments.train import finetune_tokens
+
     seen = set()
     for s, st in zip(specs, states):
         if st in ("done", "reuse"):
             continue
         d = s.cfg.data
-        key = repr((s.cfg.to_dict()["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base,
-                    s.cfg.train.device, s.cfg.train.dtype, d.finetune, d.text_field, d.val_fraction))
+        key = repr(
+            (
+                s.cfg.to_dict()["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base,
+                s.cfg.train.device,
+                s.cfg.train.dtype,
+                d.finetune,
+                d.text_field,
+                d.val_fraction,
+            )
+        )
         if key not in seen:
             seen.add(key)
             finetune_tokens(s.cfg, ensure_base(s.cfg, progress=progress), progress)
@@ -180,6 +248,7 @@ def _join_torchrun(specs: list[RunSpec], states: list[str] | None) -> list[str]:
     re-creating groups back to back can deadlock), and rank 0's view of what is done, so every rank agrees."""
     import torch
     import torch.distributed as dist
+
     if torch.cuda.is_available() and any(s.cfg.train.device != "cpu" for s in specs):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
@@ -216,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             states = _join_torchrun(specs, states)
             rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states)
             import torch.distributed as dist
+
             dist.barrier()  # no rank tears the group down while another is still in its last collective
             dist.destroy_process_group()
         else:
@@ -227,12 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_sweep(specs, out_dir, subprocess_runner(progress))
     except KeyboardInterrupt:
         if is_main:
-            print(f"\ninterrupted: finished runs are in {out_dir / 'results.jsonl'}; "
-                  "re-run the same command to resume.", file=sys.stderr)
+            print(
+                f"\ninterrupted: finished runs are in {out_dir / 'results.jsonl'}; re-run the same command to resume.",
+                file=sys.stderr,
+            )
         return 130
     if not is_main:
         return 0
     from experiments.report import write_report
+
     text = write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs})
     print(text)
     failed = [r for r in rows if r["status"] == "failed"]

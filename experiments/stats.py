@@ -4,11 +4,12 @@ Written out here (no scipy): the t CDF is the regularized incomplete beta functi
 fraction, and the quantile is found by bisection on the CDF. Degrees of freedom may be fractional, as Welch's
 test needs.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def _beta_cf(a: float, b: float, x: float) -> float:
@@ -18,8 +19,10 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 500):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # even step
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even step
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):  # odd step
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -73,6 +76,7 @@ def t_quantile(p: float, df: float) -> float:
 @dataclass
 class Summary:
     """Mean of n samples with the half-width of its two-sided CI (None with fewer than two samples)."""
+
     n: int
     mean: float
     sd: float | None
@@ -94,6 +98,7 @@ def mean_ci(xs: Sequence[float], level: float = 0.95) -> Summary:
 @dataclass
 class Difference:
     """mean(a) - mean(b) with Welch's CI and two-sided p-value; `significant` iff the CI excludes zero."""
+
     diff: float
     half: float | None
     df: float | None
@@ -111,11 +116,11 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Differ
     diff = sa.mean - sb.mean
     if sa.sd is None or sb.sd is None:
         return Difference(diff, None, None, None, None)
-    va, vb = sa.sd ** 2 / sa.n, sb.sd ** 2 / sb.n
+    va, vb = sa.sd**2 / sa.n, sb.sd**2 / sb.n
     se = math.sqrt(va + vb)
     if se == 0.0:  # identical samples on both sides: no spread to test against
         return Difference(diff, 0.0, None, 0.0 if diff else 1.0, diff != 0.0)
-    df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
+    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
     t = diff / se
     p = 2.0 * (1.0 - t_cdf(abs(t), df))
     half = t_quantile(0.5 + level / 2.0, df) * se

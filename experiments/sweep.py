@@ -8,6 +8,7 @@ in this process under torchrun). The sweep's own job is never to lose work:
   three ablations share their baseline) is copied, not re-run;
 - a run killed mid-way resumes from run_dir/checkpoint.pt; a run that fails is recorded and the sweep goes on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,13 +20,14 @@ import sys
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from experiments.config import Config, get_value, resolve_key, with_value
 from experiments.logging_utils import write_json_atomic
-from experiments.results import append_row, latest, make_row, read_rows, value_label, RESULT_KEYS
+from experiments.results import RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = "checkpoint.pt"
@@ -35,8 +37,9 @@ RESULT = "result.json"
 @dataclass
 class RunSpec:
     """One run of a sweep: an ablation's value at one seed, with its fully resolved config."""
+
     ablation: str
-    key: str                 # dotted path of the swept key ("" for a config without an ablation block)
+    key: str  # dotted path of the swept key ("" for a config without an ablation block)
     value: Any
     value_index: int | None  # position in the ablation's `values` (None: a value given on the command line)
     is_baseline: bool
@@ -68,8 +71,9 @@ def study_hash(cfg: Config, key: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_runs(cfg: Config, *, name: str, values: Sequence[Any] | None = None, seeds: int = 1,
-              source: str = "command line") -> list[RunSpec]:
+def plan_runs(
+    cfg: Config, *, name: str, values: Sequence[Any] | None = None, seeds: int = 1, source: str = "command line"
+) -> list[RunSpec]:
     """The runs of one ablation config: every value (or just `values`), each at seeds train.seed + i.
 
     Seed-major order (all values at the first seed, then the next seed), so a sweep stopped early still has one
@@ -92,13 +96,24 @@ def plan_runs(cfg: Config, *, name: str, values: Sequence[Any] | None = None, se
     for i in range(seeds):
         for vcfg, norm, idx, is_base in per_value:
             scfg = with_value(vcfg, "train.seed", vcfg.train.seed + i, source=source)
-            specs.append(RunSpec(ablation=a.name if a is not None and a.name else name, key=key, value=norm,
-                                 value_index=idx, is_baseline=is_base, seed=scfg.train.seed, cfg=scfg,
-                                 config_hash=scfg.hash(), study_hash=study_hash(scfg, key)))
+            specs.append(
+                RunSpec(
+                    ablation=a.name if a is not None and a.name else name,
+                    key=key,
+                    value=norm,
+                    value_index=idx,
+                    is_baseline=is_base,
+                    seed=scfg.train.seed,
+                    cfg=scfg,
+                    config_hash=scfg.hash(),
+                    study_hash=study_hash(scfg, key),
+                )
+            )
     return specs
 
 
 # ----------------------------------------------------------------------------- what is done already
+
 
 def _read_result(run_dir: Path) -> dict | None:
     try:
@@ -108,7 +123,7 @@ def _read_result(run_dir: Path) -> dict | None:
 
 
 def run_state(spec: RunSpec, out_dir: Path, rows: dict[tuple[str, str], dict], planned: set[str]) -> str:
-    """"done" (an ok row for this ablation), "reuse" (this exact config finished ok elsewhere, or runs earlier in
+    """ "done" (an ok row for this ablation), "reuse" (this exact config finished ok elsewhere, or runs earlier in
     this sweep), "resume" (a checkpoint of an interrupted run exists), "retry" (its last row was not ok) or "run".
     `planned`: the config hashes of the specs before this one in the sweep."""
     row = rows.get((spec.ablation, spec.config_hash))
@@ -156,8 +171,19 @@ def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "e
     segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log."""
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
-        cmd = [sys.executable, "-m", module, "--config-json", str(run_dir / "config.json"),
-               "--run-dir", str(run_dir), "--group", spec.ablation, "--name", spec.name]
+        cmd = [
+            sys.executable,
+            "-m",
+            module,
+            "--config-json",
+            str(run_dir / "config.json"),
+            "--run-dir",
+            str(run_dir),
+            "--group",
+            spec.ablation,
+            "--name",
+            spec.name,
+        ]
         cmd += ["--resume"] if resume else []
         cmd += [] if progress else ["--no-progress"]
         env = dict(os.environ)
@@ -183,8 +209,11 @@ def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "e
             return result
         text = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n")
         lines = [ln for ln in text.splitlines() if ln.strip()][-15:]
-        why = f"killed by signal {-rc}" + (" (SIGKILL: often the out-of-memory killer)" if rc == -9 else "") \
-            if rc < 0 else f"exit code {rc}"
+        why = (
+            f"killed by signal {-rc}" + (" (SIGKILL: often the out-of-memory killer)" if rc == -9 else "")
+            if rc < 0
+            else f"exit code {rc}"
+        )
         return _failed(f"training process ended without a result ({why}); stderr tail:\n" + "\n".join(lines))
 
     return run
@@ -195,9 +224,11 @@ def inprocess_runner(progress: bool = True) -> Runner:
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
         from experiments.train import train_run  # torch is imported only when something trains
+
         try:
-            return train_run(spec.cfg, run_dir, resume=resume, group=spec.ablation, run_name=spec.name,
-                             progress=progress)
+            return train_run(
+                spec.cfg, run_dir, resume=resume, group=spec.ablation, run_name=spec.name, progress=progress
+            )
         except Exception as e:  # train_run reports failures itself; this is the safety net
             return _failed(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
 
@@ -206,11 +237,22 @@ def inprocess_runner(progress: bool = True) -> Runner:
 
 # ----------------------------------------------------------------------------- the sweep
 
+
 def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None) -> dict:
-    return make_row(ablation=spec.ablation, key=spec.key, value=spec.value, value_index=spec.value_index,
-                    is_baseline=spec.is_baseline, seed=spec.seed, cfg_dict=spec.cfg.to_dict(),
-                    config_hash=spec.config_hash, study_hash=spec.study_hash, result=result,
-                    run_dir=str(spec.run_dir(out_dir).relative_to(out_dir)), reused_from=reused_from)
+    return make_row(
+        ablation=spec.ablation,
+        key=spec.key,
+        value=spec.value,
+        value_index=spec.value_index,
+        is_baseline=spec.is_baseline,
+        seed=spec.seed,
+        cfg_dict=spec.cfg.to_dict(),
+        config_hash=spec.config_hash,
+        study_hash=spec.study_hash,
+        result=result,
+        run_dir=str(spec.run_dir(out_dir).relative_to(out_dir)),
+        reused_from=reused_from,
+    )
 
 
 def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
@@ -225,8 +267,15 @@ def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
     return _failed("the identical config this run was to reuse left no result"), ""
 
 
-def run_sweep(specs: Sequence[RunSpec], out_dir: Path, runner: Runner, *, is_main: bool = True,
-              states: Sequence[str] | None = None, say: Callable[[str], None] = print) -> list[dict]:
+def run_sweep(
+    specs: Sequence[RunSpec],
+    out_dir: Path,
+    runner: Runner,
+    *,
+    is_main: bool = True,
+    states: Sequence[str] | None = None,
+    say: Callable[[str], None] = print,
+) -> list[dict]:
     """Run every spec not done yet, in order; append a row per finished run (rank 0 only). Returns the new rows.
 
     Under torchrun every rank calls this with the same specs and the same `states` (rank 0's plan_states, sent to
@@ -245,8 +294,10 @@ def run_sweep(specs: Sequence[RunSpec], out_dir: Path, runner: Runner, *, is_mai
         k += 1
         run_dir = spec.run_dir(out_dir)
         if is_main:
-            say(f"[{k}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
-                f"({state}, {run_dir.relative_to(out_dir)})")
+            say(
+                f"[{k}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
+                f"({state}, {run_dir.relative_to(out_dir)})"
+            )
         if state == "reuse":
             if is_main:
                 result, source = _reused_result(spec, out_dir)
@@ -276,5 +327,9 @@ def _one_line(r: dict) -> str:
         return f"{r.get('status')}{extra}: {err[0] if err else ''}"
     ppl, base = r.get("val_ppl"), r.get("base_val_ppl")
     tps = r.get("tokens_per_s")
-    return (f"ok: val ppl {ppl:.3f}" + (f" (base {base:.3f})" if base else "") +
-            f", {r.get('train_time_s') or 0:.1f} s" + (f", {tps:,.0f} tok/s" if tps else ""))
+    return (
+        f"ok: val ppl {ppl:.3f}"
+        + (f" (base {base:.3f})" if base else "")
+        + f", {r.get('train_time_s') or 0:.1f} s"
+        + (f", {tps:,.0f} tok/s" if tps else "")
+    )

@@ -6,6 +6,7 @@
 The sweep runner starts one such process per run, so a run's peak memory is its own. Whatever happens, the
 process exits 0 and run_dir/result.json says what happened: ok, diverged (with the step), oom or failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import Corpus, load_corpus, load_tokenizer, split_corpus, token_array, TrainSampler, val_windows
+from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, token_array, val_windows
 from experiments import distributed, loop, memory
 from experiments.base import amp_dtype, base_fingerprint, ensure_base
 from experiments.config import Config, from_dict
@@ -29,11 +30,32 @@ from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
 from model import from_pretrained
 
 RESULT_KEYS = (
-    "status", "error", "diverged_step", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl",
-    "base_val_loss", "base_val_ppl", "train_tokens", "steps", "train_time_s", "tokens_per_s",
-    "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes",
-    "peak_rss_bytes", "saved_for_backward_bytes", "device", "dtype", "torch_version", "world_size",
-    "corpus_fingerprint", "base_fingerprint",
+    "status",
+    "error",
+    "diverged_step",
+    "val_loss",
+    "val_ppl",
+    "best_val_loss",
+    "best_val_ppl",
+    "base_val_loss",
+    "base_val_ppl",
+    "train_tokens",
+    "steps",
+    "train_time_s",
+    "tokens_per_s",
+    "trainable_params",
+    "total_params",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "peak_active_bytes",
+    "peak_rss_bytes",
+    "saved_for_backward_bytes",
+    "device",
+    "dtype",
+    "torch_version",
+    "world_size",
+    "corpus_fingerprint",
+    "base_fingerprint",
 )
 
 
@@ -68,12 +90,21 @@ def _set_dropout(model: nn.Module, p: float) -> None:
 def _check_context(model: nn.Module, seq_len: int, base: str) -> None:
     kind, limit = model.config.position_embedding, model.config.max_position_embeddings
     if kind in ("learned", "sinusoidal") and seq_len > limit:
-        raise ValueError(f"model.max_position_embeddings={seq_len} exceeds the {limit} positions of the base "
-                         f"model's {kind} position table ({base}); use at most {limit}.")
+        raise ValueError(
+            f"model.max_position_embeddings={seq_len} exceeds the {limit} positions of the base "
+            f"model's {kind} position table ({base}); use at most {limit}."
+        )
 
 
-def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, group: str | None = None,
-              run_name: str | None = None, progress: bool = True) -> dict:
+def train_run(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    group: str | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+) -> dict:
     """One LoRA fine-tuning run. Never raises for diverged/oom/failed runs: returns them as a status.
 
     Returns (and rank 0 writes atomically to run_dir/result.json) a flat dict with the keys of RESULT_KEYS.
@@ -83,14 +114,25 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, group: str | 
     device = dist.device
     dtype = amp_dtype(cfg.train.dtype, device)
     result: dict = dict.fromkeys(RESULT_KEYS)
-    result.update(status="failed", device=device_name(device), torch_version=torch.__version__,
-                  world_size=dist.world_size, dtype=f"{dtype} autocast".replace("torch.", "") if dtype else "float32")
+    result.update(
+        status="failed",
+        device=device_name(device),
+        torch_version=torch.__version__,
+        world_size=dist.world_size,
+        dtype=f"{dtype} autocast".replace("torch.", "") if dtype else "float32",
+    )
     log = None
     try:
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(run_dir, config=cfg.to_dict(), group=group, name=run_name or run_dir.name,
-                         enabled=dist.is_main, resume=resume)
+        log = MetricsLog(
+            run_dir,
+            config=cfg.to_dict(),
+            group=group,
+            name=run_name or run_dir.name,
+            enabled=dist.is_main,
+            resume=resume,
+        )
         result.update(_fine_tune(cfg, run_dir, dist, dtype, resume, log, progress, run_name or run_dir.name))
     except torch.cuda.OutOfMemoryError as e:
         result.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
@@ -118,8 +160,16 @@ def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) ->
     return corpus, train_ids, val_ids
 
 
-def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: torch.dtype | None, resume: bool,
-               log: MetricsLog, progress: bool, desc: str) -> dict:
+def _fine_tune(
+    cfg: Config,
+    run_dir: Path,
+    dist: distributed.DistInfo,
+    dtype: torch.dtype | None,
+    resume: bool,
+    log: MetricsLog,
+    progress: bool,
+    desc: str,
+) -> dict:
     device, seq_len = dist.device, cfg.model.max_position_embeddings
     # 1. The base model and its tokenizer (rank 0 builds the cached base first; the others then read it).
     if dist.is_main:
@@ -133,8 +183,9 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
     corpus, train_ids, val_ids = finetune_tokens(cfg, base_dir, progress)
-    plan = loop.plan_batches(cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len,
-                             dist.world_size)
+    plan = loop.plan_batches(
+        cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len, dist.world_size
+    )
     # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
     sampler = TrainSampler(train_ids, seq_len, plan.micro_seqs, seed=cfg.train.seed, rank=0, world_size=1)
     xv, yv = val_windows(val_ids, seq_len, cfg.eval.max_tokens)
@@ -143,9 +194,17 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
     _set_dropout(model, cfg.model.dropout)
     torch.manual_seed(cfg.train.seed)
     lcfg = cfg.lora
-    inject_lora(model, LoRAConfig(rank=lcfg.rank, alpha=lcfg.resolved_alpha(), dropout=lcfg.dropout,
-                                  target_modules=list(lcfg.target_modules), use_rslora=lcfg.alpha_policy == "rslora",
-                                  init=lcfg.init))
+    inject_lora(
+        model,
+        LoRAConfig(
+            rank=lcfg.rank,
+            alpha=lcfg.resolved_alpha(),
+            dropout=lcfg.dropout,
+            target_modules=list(lcfg.target_modules),
+            use_rslora=lcfg.alpha_policy == "rslora",
+            init=lcfg.init,
+        ),
+    )
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     model.to(device).train()
     trainable, total = count_parameters(model)
@@ -153,12 +212,32 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
     # 4. Train. Peaks count from here: the model and data are resident, the rest is the run's own.
     memory.reset_peaks(device)
     t = cfg.train
-    settings = loop.Settings(lr=t.lr, min_lr_ratio=t.min_lr_ratio, warmup_fraction=t.warmup_fraction,
-                             weight_decay=t.weight_decay, grad_clip=t.grad_clip, amp_dtype=dtype, compile=t.compile,
-                             log_every=t.log_every, eval_every=cfg.eval.every_steps,
-                             checkpoint_every=t.checkpoint_every)
-    out = loop.train(model, sampler.batch, plan, settings, device=device, dist=dist, val=(xv, yv),
-                     checkpoint=run_dir / "checkpoint.pt", resume=resume, log=log, progress=progress, desc=desc)
+    settings = loop.Settings(
+        lr=t.lr,
+        min_lr_ratio=t.min_lr_ratio,
+        warmup_fraction=t.warmup_fraction,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        amp_dtype=dtype,
+        compile=t.compile,
+        log_every=t.log_every,
+        eval_every=cfg.eval.every_steps,
+        checkpoint_every=t.checkpoint_every,
+    )
+    out = loop.train(
+        model,
+        sampler.batch,
+        plan,
+        settings,
+        device=device,
+        dist=dist,
+        val=(xv, yv),
+        checkpoint=run_dir / "checkpoint.pt",
+        resume=resume,
+        log=log,
+        progress=progress,
+        desc=desc,
+    )
 
     # 5. The adapter and the numbers.
     if dist.is_main and out.status == "ok":
@@ -169,14 +248,24 @@ def _fine_tune(cfg: Config, run_dir: Path, dist: distributed.DistInfo, dtype: to
     final = tuned[-1] if out.status == "ok" and tuned else None
     best = min(tuned) if tuned else None
     return {
-        "status": out.status, "error": None, "diverged_step": out.diverged_step,
-        "val_loss": final, "val_ppl": _ppl(final), "best_val_loss": best, "best_val_ppl": _ppl(best),
-        "base_val_loss": base_loss, "base_val_ppl": _ppl(base_loss),
-        "train_tokens": out.train_tokens, "steps": out.steps, "train_time_s": out.train_time_s,
+        "status": out.status,
+        "error": None,
+        "diverged_step": out.diverged_step,
+        "val_loss": final,
+        "val_ppl": _ppl(final),
+        "best_val_loss": best,
+        "best_val_ppl": _ppl(best),
+        "base_val_loss": base_loss,
+        "base_val_ppl": _ppl(base_loss),
+        "train_tokens": out.train_tokens,
+        "steps": out.steps,
+        "train_time_s": out.train_time_s,
         "tokens_per_s": out.train_tokens / out.train_time_s if out.train_time_s > 0 else None,
-        "trainable_params": trainable, "total_params": total,
+        "trainable_params": trainable,
+        "total_params": total,
         "saved_for_backward_bytes": out.saved_for_backward_bytes,
-        "corpus_fingerprint": corpus.fingerprint, "base_fingerprint": base_fingerprint(Path(base_dir)),
+        "corpus_fingerprint": corpus.fingerprint,
+        "base_fingerprint": base_fingerprint(Path(base_dir)),
     }
 
 
@@ -190,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg = from_dict(json.loads(args.config_json.read_text(encoding="utf-8")), source=str(args.config_json))
-    result = train_run(cfg, args.run_dir, resume=args.resume, group=args.group, run_name=args.name,
-                       progress=not args.no_progress)
+    result = train_run(
+        cfg, args.run_dir, resume=args.resume, group=args.group, run_name=args.name, progress=not args.no_progress
+    )
     print(json.dumps({k: result[k] for k in ("status", "val_ppl", "base_val_ppl", "tokens_per_s")}), file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ attribute `hf_module_prefix` (e.g. "model.decoder." for OPT): file keys then car
 (except `lm_head`, which transformers' *ForCausalLM keeps at the top), so plain PEFT loads the
 adapter onto the transformers model, and load_adapter strips it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,14 +76,24 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     lora_names = {n for n, _ in lora_layers(model)}
     prefix = _hf_prefix(model)
-    tensors = {_to_file_key(k, lora_names, prefix): v.contiguous().cpu().clone()
-               for k, v in lora_state_dict(model).items()}
+    tensors = {
+        _to_file_key(k, lora_names, prefix): v.contiguous().cpu().clone() for k, v in lora_state_dict(model).items()
+    }
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-        "target_modules": cfg.target_modules, "exclude_modules": cfg.exclude_modules, "bias": cfg.bias,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": cfg.target_modules,
+        "exclude_modules": cfg.exclude_modules,
+        "bias": cfg.bias,
         "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
-        "fan_in_fan_out": False, "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
     }
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -100,11 +111,16 @@ def _read_config(file: Path) -> LoRAConfig:
         raise ValueError(f"{file} lacks {missing}")
     if raw.get("fan_in_fan_out"):
         raise ValueError(f"{file} has fan_in_fan_out=true (Conv1D layout); only nn.Linear adapters load here")
-    return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                      target_modules=raw["target_modules"],
-                      use_rslora=bool(raw.get("use_rslora", False)),
-                      init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
-                      bias=raw.get("bias", "none"), exclude_modules=raw.get("exclude_modules"))
+    return LoRAConfig(
+        rank=raw["r"],
+        alpha=raw["lora_alpha"],
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=raw["target_modules"],
+        use_rslora=bool(raw.get("use_rslora", False)),
+        init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+        bias=raw.get("bias", "none"),
+        exclude_modules=raw.get("exclude_modules"),
+    )
 
 
 def _expected_shapes(model: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -130,8 +146,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     path = Path(path)
     missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not an adapter folder: missing {missing} "
-                                f"(save_adapter writes {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"{path} is not an adapter folder: missing {missing} (save_adapter writes {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     cfg = _read_config(path / CONFIG_NAME)
     try:
         raw = load_file(str(path / WEIGHTS_NAME))
@@ -145,20 +162,26 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
             raise RuntimeError("the model's LoRA is merged; unmerge_lora before loading an adapter")
         bad = [n for n, m in present if (m.rank, m.alpha, m.use_rslora) != (cfg.rank, cfg.alpha, cfg.use_rslora)]
         if bad:
-            raise ValueError(f"the model already carries LoRA at {bad[:3]} with other rank/alpha than the adapter "
-                             f"(r={cfg.rank}, alpha={cfg.alpha}); load it into a fresh base model")
+            raise ValueError(
+                f"the model already carries LoRA at {bad[:3]} with other rank/alpha than the adapter "
+                f"(r={cfg.rank}, alpha={cfg.alpha}); load it into a fresh base model"
+            )
         names = [n for n, _ in present]
     else:
         names = find_targets(model, cfg)
     expected = _expected_shapes(model, names, cfg)
     for key, shape in expected.items():
         if key not in tensors:
-            raise ValueError(f"{path / WEIGHTS_NAME} has no tensor for {key!r}; the adapter was trained on other "
-                             "modules than this model's targets")
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} has no tensor for {key!r}; the adapter was trained on other "
+                "modules than this model's targets"
+            )
         if tuple(tensors[key].shape) != shape:
             module = key.rpartition(".")[0]
-            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but module {module!r} "
-                             f"needs {shape}; the adapter was trained on a model of another size")
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but module {module!r} "
+                f"needs {shape}; the adapter was trained on a model of another size"
+            )
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ValueError(f"{path / WEIGHTS_NAME} holds tensors for modules this model does not target: {extra[:5]}")

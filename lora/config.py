@@ -1,4 +1,5 @@
 """LoRAConfig: the hyperparameters of one adapter, validated when it is built."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def _check_targets(value: object, what: str, allow_empty: bool) -> None:
                 raise ValueError(f"{what}={value!r} is not a valid regex: {e}") from None
         return
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{what} must be a list of module names, a regex string or 'all-linear', "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{what} must be a list of module names, a regex string or 'all-linear', got {type(value).__name__}"
+        )
     if not value and not allow_empty:
         raise ValueError(f"{what} is empty; name at least one module (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
     for name in value:

@@ -1,4 +1,5 @@
 """Put LoRALinear into a model: matching target names, wrapping, freezing, merge/unmerge, counting."""
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,11 @@ def _matches(name: str, module: nn.Module, spec: TargetSpec, model: nn.Module) -
 
 def _linear_summary(model: nn.Module) -> str:
     """Linear module names with layer indices folded to '*', e.g. 'layers.*.self_attn.q_proj'."""
-    names = {re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", n) for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, LoRALinear))}
+    names = {
+        re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", n)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, LoRALinear))
+    }
     return ", ".join(sorted(names)) or "(none)"
 
 
@@ -48,15 +52,21 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         if cfg.exclude_modules is not None and _matches(name, module, cfg.exclude_modules, model):
             continue
         if isinstance(module, LoRALinear):
-            raise ValueError(f"{name!r} is already a LoRALinear: inject_lora ran twice on it. Inject once, "
-                             "or exclude it with exclude_modules")
+            raise ValueError(
+                f"{name!r} is already a LoRALinear: inject_lora ran twice on it. Inject once, "
+                "or exclude it with exclude_modules"
+            )
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"target_modules={cfg.target_modules!r} matched {name!r}, a {type(module).__name__}, "
-                             f"but LoRA wraps nn.Linear only. Linear modules in the model: {_linear_summary(model)}")
+            raise ValueError(
+                f"target_modules={cfg.target_modules!r} matched {name!r}, a {type(module).__name__}, "
+                f"but LoRA wraps nn.Linear only. Linear modules in the model: {_linear_summary(model)}"
+            )
         names.append(name)
     if not names:
-        raise ValueError(f"target_modules={cfg.target_modules!r} (exclude_modules={cfg.exclude_modules!r}) matched "
-                         f"no module. Linear modules in the model: {_linear_summary(model)}")
+        raise ValueError(
+            f"target_modules={cfg.target_modules!r} (exclude_modules={cfg.exclude_modules!r}) matched "
+            f"no module. Linear modules in the model: {_linear_summary(model)}"
+        )
     return names
 
 
@@ -82,17 +92,32 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     if previous is not None:
         same = ("rank", "alpha", "dropout", "use_rslora", "init", "bias")
         if any(getattr(previous, k) != getattr(cfg, k) for k in same):
-            raise ValueError(f"the model already carries LoRA with {previous}; a second inject_lora must use the "
-                             f"same {', '.join(same)} (one adapter config per model, as in PEFT's file format)")
+            raise ValueError(
+                f"the model already carries LoRA with {previous}; a second inject_lora must use the "
+                f"same {', '.join(same)} (one adapter config per model, as in PEFT's file format)"
+            )
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoRALinear(getattr(parent, child), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                           use_rslora=cfg.use_rslora, init=cfg.init)
+        layer = LoRALinear(
+            getattr(parent, child),
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            use_rslora=cfg.use_rslora,
+            init=cfg.init,
+        )
         setattr(parent, child, layer)
     if previous is not None:  # record exactly what is wrapped now, so the saved config re-matches it
-        cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                         init=cfg.init, bias=cfg.bias, target_modules=sorted(n for n, _ in lora_layers(model)))
+        cfg = LoRAConfig(
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            use_rslora=cfg.use_rslora,
+            init=cfg.init,
+            bias=cfg.bias,
+            target_modules=sorted(n for n, _ in lora_layers(model)),
+        )
     model.lora_config = cfg
     _freeze(model, cfg.bias)
     return names
@@ -105,8 +130,10 @@ def _check_not_tied(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> N
     for name, layer in layers:
         shared = [n for n in owners.get(id(layer.weight), []) if n != f"{name}.weight"]
         if shared:
-            raise ValueError(f"{name}.weight is tied to {shared}; merging would change those too. "
-                             "Keep this adapter unmerged (or untie the weights first)")
+            raise ValueError(
+                f"{name}.weight is tied to {shared}; merging would change those too. "
+                "Keep this adapter unmerged (or untie the weights first)"
+            )
 
 
 def merge_lora(model: nn.Module) -> list[str]:
@@ -116,12 +143,13 @@ def merge_lora(model: nn.Module) -> list[str]:
         raise ValueError("the model has no LoRALinear layers to merge; call inject_lora first")
     merged = [n for n, m in layers if m.merged]
     if merged:
-        raise RuntimeError(f"LoRA is already merged into {merged[:3]}...; merging twice would add B A twice. "
-                           "Call unmerge_lora first")
+        raise RuntimeError(
+            f"LoRA is already merged into {merged[:3]}...; merging twice would add B A twice. Call unmerge_lora first"
+        )
     _check_not_tied(model, layers)
     done = []
     try:
-        for name, layer in layers:
+        for name, layer in layers:  # noqa: B007 (name is read by the error below)
             layer.merge()
             done.append(layer)
     except ValueError as e:  # leave the model as it was
@@ -146,4 +174,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) element counts, each shared (tied) parameter counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-

@@ -13,6 +13,7 @@ the plain two-matmul path is used. bench/NOTES.md has the measurements.
 Under autocast W_eff is rounded once to bf16/fp16 like the base weight, so the low-rank term shares
 the base weight's rounding (2^-9 of |W| for bf16) instead of being rounded on its own.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                   dtype: torch.dtype) -> torch.Tensor:
+def _merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> torch.Tensor:
     """W + s B A computed in the params' precision (fp32 for fp32/bf16 bases), rounded once to `dtype`."""
     master = torch.promote_types(weight.dtype, lora_A.dtype)
     w = weight.to(master, copy=True).addmm_(lora_B.to(master), lora_A.to(master), alpha=scaling)
@@ -51,17 +53,25 @@ class _LoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        xc = x.to(dtype)                                                   # (N, in)
-        w_eff = _merged_weight(weight, lora_A, lora_B, scaling, dtype)      # (out, in)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        xc = x.to(dtype)  # (N, in)
+        w_eff = _merged_weight(weight, lora_A, lora_B, scaling, dtype)  # (out, in)
         if bias is None:
-            y = xc @ w_eff.t()                                              # (N, out)
+            y = xc @ w_eff.t()  # (N, out)
         else:
-            y = torch.addmm(bias.to(dtype), xc, w_eff.t())                  # (N, out)
+            y = torch.addmm(bias.to(dtype), xc, w_eff.t())  # (N, out)
         need_x, need_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # h = s x A^T, kept for grad_B; the only extra read of x in forward.
-        h = xc @ (lora_A * scaling).to(dtype).t() if need_lora else None   # (N, r)
+        h = xc @ (lora_A * scaling).to(dtype).t() if need_lora else None  # (N, r)
         # W_eff is kept rather than recomputed (2-3 kernels): it is smaller than the saved x whenever
         # this path runs (N >= in*out/(in+out)).
         ctx.save_for_backward(xc if need_lora else None, w_eff if need_x else None, lora_B, h)
@@ -74,19 +84,19 @@ class _LoRAFunction(torch.autograd.Function):
         xc, w_eff, lora_B, h = ctx.saved_tensors
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         s, dtype = ctx.scaling, ctx.dtype
-        g = g.to(dtype)                                                     # (N, out)
+        g = g.to(dtype)  # (N, out)
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            grad_x = (g @ w_eff).to(ctx.x_dtype)                            # (N, in)
+            grad_x = (g @ w_eff).to(ctx.x_dtype)  # (N, in)
         # Thin GEMMs are written as (thin^T @ big): MKL is several times slower on (big^T @ thin)
         # at some ranks (r=8) and never faster by much (bench/NOTES.md).
         if need_A:
-            gb = g @ (lora_B * s).to(dtype)                                 # (N, r)
-            grad_A = (gb.t() @ xc).to(ctx.A_dtype)                         # (r, in)
+            gb = g @ (lora_B * s).to(dtype)  # (N, r)
+            grad_A = (gb.t() @ xc).to(ctx.A_dtype)  # (r, in)
         if need_B:
-            grad_B = (h.t() @ g).t().to(lora_B.dtype)                       # (out, r)
+            grad_B = (h.t() @ g).t().to(lora_B.dtype)  # (out, r)
         if need_bias:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)                         # (out,)
+            grad_bias = g.sum(0).to(ctx.bias_dtype)  # (out,)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
 
 
@@ -101,8 +111,15 @@ class LoRALinear(nn.Module):
 
     fused: bool = True
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming") -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
@@ -110,7 +127,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.use_rslora, self.init = cfg.rank, cfg.alpha, cfg.use_rslora, cfg.init
         self.scaling = cfg.scaling
-        self.weight = base.weight.requires_grad_(False)                     # (out, in)
+        self.weight = base.weight.requires_grad_(False)  # (out, in)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None  # (out,)
         w = base.weight
         lora_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
@@ -136,8 +153,9 @@ class LoRALinear(nn.Module):
         dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
         big_batch = n_tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
         if self.fused and big_batch and not dropout_on and not self.weight.requires_grad:
-            y = _LoRAFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias,
-                                    self.lora_A, self.lora_B, self.scaling, dtype)
+            y = _LoRAFunction.apply(
+                x.reshape(-1, self.in_features), self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dtype
+            )
             return y.view(*x.shape[:-1], self.out_features)
         # Plain autograd: dropout on the LoRA input only, small batches, or a trainable base weight.
         lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(dtype)), self.lora_B.to(dtype))
@@ -150,8 +168,10 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear is already merged; call unmerge() first")
         w = _merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling, self.weight.dtype)
         if not torch.isfinite(w).all():
-            raise ValueError("merging LoRA gives a non-finite weight (lora_A/lora_B hold inf/nan or overflow "
-                             f"{self.weight.dtype}); the weight was left unchanged")
+            raise ValueError(
+                "merging LoRA gives a non-finite weight (lora_A/lora_B hold inf/nan or overflow "
+                f"{self.weight.dtype}); the weight was left unchanged"
+            )
         self.weight.copy_(w)
         self.merged = True
 
@@ -164,5 +184,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        )

@@ -1,5 +1,6 @@
 """A minimal GPT (learned / sinusoidal / RoPE / ALiBi / no positions), its memory-lean loss, and loading
 OPT / GPT-2 / our own checkpoints from local folders."""
+
 from .config import GPTConfig
 from .gpt import GPT
 from .pretrained import from_pretrained, save_pretrained

@@ -1,5 +1,6 @@
 """Causal self-attention with separate q/k/v/out projections (so LoRA can target each by name), RoPE applied
 in place of a table, and an optional KV cache for generation. All attention math goes through SDPA."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ class KVCache:
 
     def __init__(self, n_layer: int, max_len: int):
         self.max_len = max_len
-        self.length = 0                                   # tokens already cached (same for every layer)
+        self.length = 0  # tokens already cached (same for every layer)
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
 
@@ -29,8 +30,8 @@ class KVCache:
         if self.k[layer] is None:
             self.k[layer] = k.new_empty(B, H, self.max_len, D)
             self.v[layer] = v.new_empty(B, H, self.max_len, D)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -49,9 +50,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,                          # (B, T, d)
+        x: torch.Tensor,  # (B, T, d)
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (T, 1, rot)
-        attn_mask: torch.Tensor | None = None,    # ALiBi bias (H, T, S) float, or (T, S) bool; None -> causal
+        attn_mask: torch.Tensor | None = None,  # ALiBi bias (H, T, S) float, or (T, S) bool; None -> causal
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, d = x.shape
@@ -63,14 +64,16 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)   # (B, H, S, D), S = cached + T
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D), S = cached + T
         # No mask and T == S: plain causal, which lets SDPA pick flash / memory-efficient kernels. One query
         # against a cache (T=1 < S) sees every key, so it needs neither mask nor is_causal.
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=attn_mask is None and T == k.shape[2] and T > 1,
-        )                                                                   # (B, H, T, D)
+        )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.out_proj(y)

@@ -1,4 +1,5 @@
 """GPTConfig: every knob of the GPT, validated up front so a bad value fails before any tensor is built."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -16,20 +17,20 @@ class GPTConfig:
     d_ff: int = 1024
     max_position_embeddings: int = 512
     position_embedding: str = "rope"
-    dropout: float = 0.0                    # residual dropout (after out_proj and fc2)
-    bias: bool = True                       # biases in every Linear of the blocks (never in lm_head)
+    dropout: float = 0.0  # residual dropout (after out_proj and fc2)
+    bias: bool = True  # biases in every Linear of the blocks (never in lm_head)
     activation: str = "gelu"
     tie_embeddings: bool = True
     # --- what loading OPT / GPT-2 checkpoints needs ---
     attention_dropout: float | None = None  # dropout on attention probabilities; None -> same as `dropout`
-    pre_norm: bool = True                   # False: post-LN blocks (OPT-350m)
-    final_norm: bool = True                 # LayerNorm after the last block (OPT-350m has none)
+    pre_norm: bool = True  # False: post-LN blocks (OPT-350m)
+    final_norm: bool = True  # LayerNorm after the last block (OPT-350m has none)
     layer_norm_eps: float = 1e-5
-    position_offset: int = 0                # learned table index = position + offset (OPT: 2)
+    position_offset: int = 0  # learned table index = position + offset (OPT: 2)
     rope_base: float = 10000.0
-    rotary_fraction: float = 1.0            # share of each head's dims that RoPE rotates (rest pass through)
+    rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates (rest pass through)
     word_embed_proj_dim: int | None = None  # != d_model: embeddings live in this width, with project_in/out
-    gradient_checkpointing: bool = False    # recompute each block in backward (torch.utils.checkpoint)
+    gradient_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_position_embeddings"):
@@ -47,7 +48,9 @@ class GPTConfig:
                 f"choose one of {', '.join(POSITION_EMBEDDINGS)}"
             )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"GPTConfig.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
+            raise ValueError(
+                f"GPTConfig.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}"
+            )
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -91,7 +94,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

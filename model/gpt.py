@@ -1,6 +1,7 @@
 """The GPT: token embeddings (+ learned / sinusoidal positions, or RoPE / ALiBi inside attention), a stack of
 pre-LN (or post-LN) blocks, final norm, lm_head. Leaf names match OPT's (q_proj ... fc2) so LoRA targets and
 PEFT adapters line up."""
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
-        self.tokenizer_path: str | None = None   # set by from_pretrained when the folder has tokenizer.json
+        self.tokenizer_path: str | None = None  # set by from_pretrained when the folder has tokenizer.json
         # Where our top-level modules (layers, project_in, ...) sit in the source checkpoint's own module tree
         # ("model.decoder." for OPT), so adapter files can name modules the way PEFT on transformers does.
         self.hf_module_prefix = ""
@@ -63,11 +64,11 @@ class GPT(nn.Module):
             self.register_buffer("sinusoidal", sinusoidal_table(config.max_position_embeddings, d), persistent=False)
         if kind == "rope":
             cos, sin = rope_tables(config.max_position_embeddings, config.rotary_dim, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)               # (P, rot)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (P, rot)
             self.register_buffer("rope_sin", sin, persistent=False)
         if kind == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)  # (H,)
-            self.register_buffer("alibi", empty, persistent=False)                # (H, P, P), built on first use
+            self.register_buffer("alibi", empty, persistent=False)  # (H, P, P), built on first use
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.final_norm else None
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
@@ -109,15 +110,15 @@ class GPT(nn.Module):
         self._grow_tables(end)
         if kind == "learned":
             off = cfg.position_offset
-            x = x + self.embed_positions.weight[start + off:end + off]
+            x = x + self.embed_positions.weight[start + off : end + off]
         elif kind == "sinusoidal":
             x = x + self.sinusoidal[start:end]
         elif kind == "rope":
-            dtype = _compute_dtype(x)   # q/k dtype: a no-op cast unless autocast runs a lower precision
+            dtype = _compute_dtype(x)  # q/k dtype: a no-op cast unless autocast runs a lower precision
             rope = self.rope_cos[start:end, None].to(dtype), self.rope_sin[start:end, None].to(dtype)  # (T, 1, rot)
         elif kind == "alibi":
-            attn_mask = self.alibi[:, start:end, :end].to(_compute_dtype(x))                          # (H, T, S)
-        if attn_mask is None and start > 0 and T > 1:   # a chunk after cached tokens: causal, offset by start
+            attn_mask = self.alibi[:, start:end, :end].to(_compute_dtype(x))  # (H, T, S)
+        if attn_mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal, offset by start
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         return x, rope, attn_mask
 
@@ -138,9 +139,9 @@ class GPT(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         start = cache.length if cache is not None else 0
-        x = self.embed_tokens(input_ids)                                   # (B, T, e)
+        x = self.embed_tokens(input_ids)  # (B, T, e)
         if self.project_in is not None:
-            x = self.project_in(x)                                         # (B, T, d)
+            x = self.project_in(x)  # (B, T, d)
         x, rope, attn_mask = self._position_inputs(x, start)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
@@ -166,7 +167,9 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy; targets (B, T) are already shifted (targets[:, t] follows
         input_ids[:, t]). Never materializes the full (B*T, vocab) logits: see model/loss.py."""
         if targets.shape != input_ids.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
         h = self.hidden_states(input_ids)
         return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk_size, ignore_index)
 
@@ -185,27 +188,31 @@ class GPT(nn.Module):
         greedy (argmax). Once a row emits eos_token_id it is padded with eos; stops early when all rows have.
         Call model.eval() first if the model has dropout."""
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0):
-            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k > 0 or None; got "
-                             f"{max_new_tokens}, {temperature}, {top_k}")
+            raise ValueError(
+                f"need max_new_tokens >= 0, temperature >= 0, top_k > 0 or None; got "
+                f"{max_new_tokens}, {temperature}, {top_k}"
+            )
         B, T0 = input_ids.shape
         total = T0 + max_new_tokens
         kind, limit = self.config.position_embedding, self.config.max_position_embeddings
         if kind in ("learned", "sinusoidal") and total > limit:
-            raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                             f"max_position_embeddings={limit} of '{kind}' positions")
-        self._grow_tables(total)   # once, instead of step by step
+            raise ValueError(
+                f"prompt {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                f"max_position_embeddings={limit} of '{kind}' positions"
+            )
+        self._grow_tables(total)  # once, instead of step by step
         cache = KVCache(self.config.n_layer, total)
         out = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
         for _ in range(max_new_tokens):
-            logits = self.lm_head(self.hidden_states(step_ids, cache)[:, -1])   # (B, V): last position only
-            step_ids = _sample(logits, temperature, top_k)                     # (B, 1)
+            logits = self.lm_head(self.hidden_states(step_ids, cache)[:, -1])  # (B, V): last position only
+            step_ids = _sample(logits, temperature, top_k)  # (B, 1)
             if eos_token_id is not None:
                 step_ids = step_ids.masked_fill(finished[:, None], eos_token_id)
                 finished |= step_ids[:, 0] == eos_token_id
             out.append(step_ids)
-            if eos_token_id is not None and bool(finished.all()):   # one host sync per step, only with eos
+            if eos_token_id is not None and bool(finished.all()):  # one host sync per step, only with eos
                 break
         return torch.cat(out, dim=1)
 

@@ -1,5 +1,6 @@
 """Position tables and their application: sinusoidal (Vaswani et al. 2017), RoPE (Su et al. 2021, rotate-half
 layout), ALiBi (Press et al. 2022). Pure functions; the GPT caches their outputs as non-persistent buffers."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,10 @@ import torch
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     """(n_positions, dim) float32: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same angle)."""
-    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]                   # (P, 1)
-    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)     # (dim/2,)
-    angle = pos * inv_freq                                                          # (P, dim/2)
-    table = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)              # interleave sin, cos
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angle = pos * inv_freq  # (P, dim/2)
+    table = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)  # interleave sin, cos
     return table.float()
 
 
@@ -20,8 +21,8 @@ def rope_tables(n_positions: int, rotary_dim: int, base: float) -> tuple[torch.T
     """cos, sin of shape (n_positions, rotary_dim) float32, rotate-half layout: frequency i sits at dims i
     and i + rotary_dim/2 (the GPT-NeoX / Llama convention)."""
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # (rot/2,)
-    angle = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq              # (P, rot/2)
-    angle = torch.cat((angle, angle), dim=-1)                                              # (P, rot)
+    angle = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq  # (P, rot/2)
+    angle = torch.cat((angle, angle), dim=-1)  # (P, rot)
     return angle.cos().float(), angle.sin().float()
 
 
@@ -44,6 +45,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """(n_head,) float32 slopes from the ALiBi paper: the geometric sequence 2^(-8/n)^(1..n) for n a power of
     two; otherwise the slopes of the nearest lower power of two m, then every other slope of 2m."""
+
     def power_of_two(n: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
@@ -60,6 +62,6 @@ def alibi_bias(slopes: torch.Tensor, n_positions: int) -> torch.Tensor:
     diagonal (so it is also the causal mask). Relative form keeps values near 0 for recent keys, which
     survives a bf16 cast better than the shift-equivalent slope * j."""
     pos = torch.arange(n_positions, device=slopes.device)
-    rel = (pos[None, :] - pos[:, None]).float()                                      # (P, P): j - i
-    bias = slopes[:, None, None] * rel                                               # (H, P, P)
+    rel = (pos[None, :] - pos[:, None]).float()  # (P, P): j - i
+    bias = slopes[:, None, None] * rel  # (H, P, P)
     return bias.masked_fill(rel > 0, float("-inf"))

@@ -1,5 +1,6 @@
 """Load checkpoints from a local folder as transformers writes it (config.json + safetensors / bin), mapping
 OPT and GPT-2 onto our GPT, and save / load our own base model ("slm-gpt"). Nothing is downloaded."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not supported; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{config_file}: model_type {model_type!r} is not supported; "
+            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if model_type == "opt":
         config = _opt_config(hf)
@@ -48,7 +50,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     _load_checked(model, tensors, ignorable, source=str(folder))
     tokenizer = folder / "tokenizer.json"
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
-    model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""   # GPT-2's leaf names differ anyway
+    model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""  # GPT-2's leaf names differ anyway
     return model.to(dtype).eval()
 
 
@@ -65,8 +67,12 @@ def save_pretrained(model: GPT, path: str | Path) -> None:
     if missing:
         raise ValueError(f"model has no tensors {missing}; is it a GPT built from its own config?")
     skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    save_file({k: state[k].detach().contiguous().cpu() for k in base_keys if k not in skip}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "slm-gpt", **model.config.to_dict()}, indent=2) + "\n")
+    save_file(
+        {k: state[k].detach().contiguous().cpu() for k in base_keys if k not in skip}, str(folder / "model.safetensors")
+    )
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "slm-gpt", **model.config.to_dict()}, indent=2) + "\n"
+    )
     if model.tokenizer_path and Path(model.tokenizer_path).resolve() != (folder / "tokenizer.json").resolve():
         shutil.copyfile(model.tokenizer_path, folder / "tokenizer.json")
 
@@ -79,8 +85,11 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     the latter only through torch.load(weights_only=True), which refuses arbitrary pickled code."""
     for index_name, single, load in (
         ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin",
-         lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+        (
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+            lambda f: torch.load(f, map_location="cpu", weights_only=True),
+        ),
     ):
         if (folder / single).is_file():
             return load(folder / single)
@@ -135,12 +144,23 @@ def _opt_config(hf: dict) -> GPTConfig:
     d, proj = hf["hidden_size"], hf.get("word_embed_proj_dim", hf["hidden_size"])
     pre_norm = hf.get("do_layer_norm_before", True)
     return GPTConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=d,
-        d_ff=hf["ffn_dim"], max_position_embeddings=hf["max_position_embeddings"], position_embedding="learned",
-        dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
-        bias=hf.get("enable_bias", True), activation=_activation(hf), tie_embeddings=hf.get("tie_word_embeddings", True),
-        pre_norm=pre_norm, final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
-        layer_norm_eps=1e-5, position_offset=2, word_embed_proj_dim=proj if proj != d else None,
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        d_model=d,
+        d_ff=hf["ffn_dim"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        position_embedding="learned",
+        dropout=hf.get("dropout", 0.1),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        bias=hf.get("enable_bias", True),
+        activation=_activation(hf),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        pre_norm=pre_norm,
+        final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+        layer_norm_eps=1e-5,
+        position_offset=2,
+        word_embed_proj_dim=proj if proj != d else None,
     )
 
 
@@ -166,11 +186,18 @@ def _gpt2_config(hf: dict) -> GPTConfig:
         raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights=false is not supported")
     d = hf.get("n_embd", hf.get("hidden_size"))
     return GPTConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf.get("n_layer", hf.get("num_hidden_layers")),
-        n_head=hf.get("n_head", hf.get("num_attention_heads")), d_model=d, d_ff=hf.get("n_inner") or 4 * d,
-        max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")), position_embedding="learned",
-        dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1), bias=True,
-        activation=_activation(hf), tie_embeddings=hf.get("tie_word_embeddings", True),
+        vocab_size=hf["vocab_size"],
+        n_layer=hf.get("n_layer", hf.get("num_hidden_layers")),
+        n_head=hf.get("n_head", hf.get("num_attention_heads")),
+        d_model=d,
+        d_ff=hf.get("n_inner") or 4 * d,
+        max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")),
+        position_embedding="learned",
+        dropout=hf.get("resid_pdrop", 0.1),
+        attention_dropout=hf.get("attn_pdrop", 0.1),
+        bias=True,
+        activation=_activation(hf),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
 
@@ -178,10 +205,20 @@ def _gpt2_config(hf: dict) -> GPTConfig:
 def _gpt2_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel / GPT2Model keys (with or without `transformer.`) -> ours. Conv1D stores (in, out), so
     weights are transposed; the fused c_attn (d, 3d) splits into q, k, v."""
-    names = {"wte.weight": "embed_tokens.weight", "wpe.weight": "embed_positions.weight",
-             "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
-    block = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_proj": "self_attn.out_proj",
-             "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"}
+    names = {
+        "wte.weight": "embed_tokens.weight",
+        "wpe.weight": "embed_positions.weight",
+        "ln_f.weight": "final_norm.weight",
+        "ln_f.bias": "final_norm.bias",
+        "lm_head.weight": "lm_head.weight",
+    }
+    block = {
+        "ln_1": "attn_norm",
+        "ln_2": "mlp_norm",
+        "attn.c_proj": "self_attn.out_proj",
+        "mlp.c_fc": "fc1",
+        "mlp.c_proj": "fc2",
+    }
     out = {}
     for key, t in raw.items():
         k = key.removeprefix("transformer.")
@@ -189,14 +226,14 @@ def _gpt2_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
             out[names[k]] = t
             continue
         if not k.startswith("h."):
-            out[k] = t                                   # unknown: reported as unexpected by _load_checked
+            out[k] = t  # unknown: reported as unexpected by _load_checked
             continue
         _, i, rest = k.split(".", 2)
         module, param = rest.rsplit(".", 1)
         if module == "attn" and param in ("bias", "masked_bias"):
-            continue                                     # old checkpoints' causal-mask buffers, not weights
+            continue  # old checkpoints' causal-mask buffers, not weights
         conv = module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") and param == "weight"
-        t = t.t().contiguous() if conv else t            # Conv1D (in, out) -> Linear (out, in)
+        t = t.t().contiguous() if conv else t  # Conv1D (in, out) -> Linear (out, in)
         if module == "attn.c_attn":
             for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split(config.d_model, dim=0)):
                 out[f"layers.{i}.self_attn.{name}.{param}"] = part.contiguous()

@@ -1,4 +1,5 @@
 """bench.train compares the same function on both sides, and its JSON has what readers need (tiny shape)."""
+
 import json
 
 import torch

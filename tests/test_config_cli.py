@@ -1,5 +1,6 @@
 """Every config mistake fails fast — before any data or model work — naming the file or flag, the key and what is
 allowed; and --dry-run shows the resolved runs. All in-process: nothing here trains."""
+
 from __future__ import annotations
 
 import textwrap
@@ -22,30 +23,33 @@ def write(tmp_path, text, name="abl.yaml"):
     return p
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["--lora_rank", "0"], ["--lora_rank 0", "'lora.rank'", "[1, 4096]", "got 0"]),
-    (["--lora_rank", "abc"], ["--lora_rank abc", "must be an integer"]),
-    (["--lora_rank", "2.5"], ["must be an integer", "2.5"]),
-    (["--max_position_embeddings", "4"], ["'model.max_position_embeddings' must be in [8"]),
-    (["--target_modules", ""], ["'lora.target_modules' must be a list"]),
-    (["--target_modules", ","], ["'lora.target_modules' is empty", "q_proj"]),
-    (["--set", "train.lrr=1e-3"], ["--set train.lrr=1e-3", "Did you mean 'train.lr'?"]),
-    (["--set", "lora_rnk=8"], ["Did you mean 'lora_rank'?"]),
-    (["--set", "train.lr"], ["expected KEY=VALUE"]),
-    (["--set", "train.lr=-1"], ["'train.lr' must be in (0, inf)"]),
-    (["--set", "lora.alpha_policy=double"], ["must be one of ['fixed', 'double_rank', 'rslora']"]),
-    (["--set", "train.compile=yes please"], ["'train.compile' must be true or false"]),
-    (["--set", "train.micro_batch_tokens=99999"], ["must not exceed train.batch_tokens"]),
-    (["--set", "train"], ["expected KEY=VALUE"]),
-    (["--set", "train=3"], ["is a section"]),
-    (["--seeds", "0"], ["--seeds 0", "at least 1"]),
-    (["--data", "/no/such/corpus.txt"], ["--data /no/such/corpus.txt", "no such file"]),
-    (["--base_model", "/no/such/opt"], ["--base_model /no/such/opt", "no such file"]),
-    (["--data", "/no/such/*.txt"], ["--data /no/such/*.txt", "glob matches nothing"]),
-    (["--set", "data.finetune=/no/such/dir"], ["'data.finetune': '/no/such/dir' is no file, folder"]),
-    (["--set", "pretrain.corpus=/no/such/dir"], ["'pretrain.corpus'", "Give 'builtin'"]),
-    (["--config", "/no/such.yaml"], ["/no/such.yaml", "no such config file", "configs"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--lora_rank", "0"], ["--lora_rank 0", "'lora.rank'", "[1, 4096]", "got 0"]),
+        (["--lora_rank", "abc"], ["--lora_rank abc", "must be an integer"]),
+        (["--lora_rank", "2.5"], ["must be an integer", "2.5"]),
+        (["--max_position_embeddings", "4"], ["'model.max_position_embeddings' must be in [8"]),
+        (["--target_modules", ""], ["'lora.target_modules' must be a list"]),
+        (["--target_modules", ","], ["'lora.target_modules' is empty", "q_proj"]),
+        (["--set", "train.lrr=1e-3"], ["--set train.lrr=1e-3", "Did you mean 'train.lr'?"]),
+        (["--set", "lora_rnk=8"], ["Did you mean 'lora_rank'?"]),
+        (["--set", "train.lr"], ["expected KEY=VALUE"]),
+        (["--set", "train.lr=-1"], ["'train.lr' must be in (0, inf)"]),
+        (["--set", "lora.alpha_policy=double"], ["must be one of ['fixed', 'double_rank', 'rslora']"]),
+        (["--set", "train.compile=yes please"], ["'train.compile' must be true or false"]),
+        (["--set", "train.micro_batch_tokens=99999"], ["must not exceed train.batch_tokens"]),
+        (["--set", "train"], ["expected KEY=VALUE"]),
+        (["--set", "train=3"], ["is a section"]),
+        (["--seeds", "0"], ["--seeds 0", "at least 1"]),
+        (["--data", "/no/such/corpus.txt"], ["--data /no/such/corpus.txt", "no such file"]),
+        (["--base_model", "/no/such/opt"], ["--base_model /no/such/opt", "no such file"]),
+        (["--data", "/no/such/*.txt"], ["--data /no/such/*.txt", "glob matches nothing"]),
+        (["--set", "data.finetune=/no/such/dir"], ["'data.finetune': '/no/such/dir' is no file, folder"]),
+        (["--set", "pretrain.corpus=/no/such/dir"], ["'pretrain.corpus'", "Give 'builtin'"]),
+        (["--config", "/no/such.yaml"], ["/no/such.yaml", "no such config file", "configs"]),
+    ],
+)
 def test_cli_errors_fail_fast(argv, needles, tmp_path, capsys):
     rc, out, err, out_dir = run(argv, tmp_path, capsys)
     assert rc == 2, (out, err)
@@ -54,22 +58,29 @@ def test_cli_errors_fail_fast(argv, needles, tmp_path, capsys):
     assert not out_dir.exists()  # nothing was started
 
 
-@pytest.mark.parametrize("yaml_text,needles", [
-    ("lora:\n  rnak: 8\n", ["abl.yaml", "'lora.rnak' is not a config key", "Did you mean 'lora.rank'?"]),
-    ("trian:\n  lr: 1\n", ["abl.yaml", "Did you mean 'train'?"]),
-    ("train:\n  lr: fast\n", ["abl.yaml", "'train.lr' must be a number, got 'fast'"]),
-    ("train:\n  tokens: 1.5\n", ["'train.tokens' must be an integer"]),
-    ("lora:\n  dropout: 1.0\n", ["'lora.dropout' must be in [0, 1)"]),
-    ("lora:\n  target_modules: []\n", ["'lora.target_modules' is empty"]),
-    ("ablation:\n  name: r\n  key: lora_rank\n  values: [4, 0]\n",
-     ["abl.yaml (ablation value 0)", "'lora.rank' must be in [1, 4096]"]),
-    ("ablation:\n  name: r\n  key: lora_rnk\n  values: [4]\n", ["Did you mean 'lora_rank'?"]),
-    ("ablation:\n  name: r\n  key: lora_rank\n  values: [4, 8]\n  baseline: 16\n",
-     ["'ablation.baseline' 16 is not one of the ablation values [4, 8]"]),
-    ("ablation:\n  name: r\n  key: lora_rank\n", ["needs a 'key' and a non-empty 'values' list"]),
-    ("- just\n- a list\n", ["top level must be a mapping"]),
-    ("lora: [1, 2\n", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "yaml_text,needles",
+    [
+        ("lora:\n  rnak: 8\n", ["abl.yaml", "'lora.rnak' is not a config key", "Did you mean 'lora.rank'?"]),
+        ("trian:\n  lr: 1\n", ["abl.yaml", "Did you mean 'train'?"]),
+        ("train:\n  lr: fast\n", ["abl.yaml", "'train.lr' must be a number, got 'fast'"]),
+        ("train:\n  tokens: 1.5\n", ["'train.tokens' must be an integer"]),
+        ("lora:\n  dropout: 1.0\n", ["'lora.dropout' must be in [0, 1)"]),
+        ("lora:\n  target_modules: []\n", ["'lora.target_modules' is empty"]),
+        (
+            "ablation:\n  name: r\n  key: lora_rank\n  values: [4, 0]\n",
+            ["abl.yaml (ablation value 0)", "'lora.rank' must be in [1, 4096]"],
+        ),
+        ("ablation:\n  name: r\n  key: lora_rnk\n  values: [4]\n", ["Did you mean 'lora_rank'?"]),
+        (
+            "ablation:\n  name: r\n  key: lora_rank\n  values: [4, 8]\n  baseline: 16\n",
+            ["'ablation.baseline' 16 is not one of the ablation values [4, 8]"],
+        ),
+        ("ablation:\n  name: r\n  key: lora_rank\n", ["needs a 'key' and a non-empty 'values' list"]),
+        ("- just\n- a list\n", ["top level must be a mapping"]),
+        ("lora: [1, 2\n", ["not valid YAML"]),
+    ],
+)
 def test_config_file_errors_name_file_and_key(yaml_text, needles, tmp_path, capsys):
     path = write(tmp_path, yaml_text)
     rc, out, err, out_dir = run(["--config", str(path)], tmp_path, capsys)
@@ -99,18 +110,35 @@ def test_value_flags_select_one_value_any_valid(tmp_path, capsys):
     assert rc == 0 and "q_proj,fc2" in out and "1 runs:" in out
     # A value flag for another ablation's key sets that key; --set of the swept key selects the value.
     cfg = str(DEFAULT_STUDY[2])
-    rc, out, _, _ = run(["--dry-run", "--config", cfg, "--lora_rank", "8", "--set", "model.max_position_embeddings=1024",
-                         "--set", "train.lr=3e-4", "--set", "train.batch_tokens=4096",
-                         "--set", "train.micro_batch_tokens=2048"], tmp_path, capsys)
+    rc, out, _, _ = run(
+        [
+            "--dry-run",
+            "--config",
+            cfg,
+            "--lora_rank",
+            "8",
+            "--set",
+            "model.max_position_embeddings=1024",
+            "--set",
+            "train.lr=3e-4",
+            "--set",
+            "train.batch_tokens=4096",
+            "--set",
+            "train.micro_batch_tokens=2048",
+        ],
+        tmp_path,
+        capsys,
+    )
     assert rc == 0 and "context_length  model.max_position_embeddings  1024" in out and "1 runs:" in out
 
 
 def test_quick_overrides_apply_to_every_run(tmp_path, capsys):
     from experiments.run import build_parser, resolve_runs
+
     specs = resolve_runs(build_parser().parse_args(["--quick", "--set", "train.tokens=4096"]))
     assert len(specs) == 13
-    assert {s.cfg.train.tokens for s in specs} == {4096}          # --set comes after quick.yaml
-    assert {s.cfg.pretrain.n_layer for s in specs} == {2}         # the tiny base of quick.yaml
+    assert {s.cfg.train.tokens for s in specs} == {4096}  # --set comes after quick.yaml
+    assert {s.cfg.pretrain.n_layer for s in specs} == {2}  # the tiny base of quick.yaml
     assert {s.cfg.eval.max_tokens for s in specs} == {4096}
     full = resolve_runs(build_parser().parse_args([]))
     assert {s.config_hash for s in specs}.isdisjoint({s.config_hash for s in full})
@@ -118,10 +146,13 @@ def test_quick_overrides_apply_to_every_run(tmp_path, capsys):
 
 def test_with_values_checks_each_then_cross_field_once():
     from experiments.config import ConfigError, load_config, with_values
+
     cfg = load_config(DEFAULT_STUDY[0])
     # Lowering batch below the current micro-batch is fine when the micro-batch comes down in the same call.
-    for items in ([("train.batch_tokens", 2048, "a"), ("train.micro_batch_tokens", 1024, "b")],
-                  [("train.micro_batch_tokens", 1024, "b"), ("train.batch_tokens", 2048, "a")]):
+    for items in (
+        [("train.batch_tokens", 2048, "a"), ("train.micro_batch_tokens", 1024, "b")],
+        [("train.micro_batch_tokens", 1024, "b"), ("train.batch_tokens", 2048, "a")],
+    ):
         new = with_values(cfg, items)
         assert (new.train.batch_tokens, new.train.micro_batch_tokens) == (2048, 1024)
     # YAML 1.1 reads 3e5 / 3e-4 as strings: they are numbers, and hash like the numbers they are.

@@ -1,4 +1,5 @@
 """Batches: training windows as a pure function of (seed, step, micro-batch), DDP sharding, validation windows."""
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_ddp_ranks_partition_the_one_process_batch(world):
     single = torch.cat([one.batch(step, g)[0] for g in range(world * accum_local)])
     per_rank = [torch.cat([s.batch(step, j)[0] for j in range(accum_local)]) for s in ranks]
     starts = [set(p[:, 0].tolist()) for p in per_rank]
-    assert all(a.isdisjoint(b) for i, a in enumerate(starts) for b in starts[i + 1:])
+    assert all(a.isdisjoint(b) for i, a in enumerate(starts) for b in starts[i + 1 :])
     assert sorted(torch.cat(per_rank)[:, 0].tolist()) == sorted(single[:, 0].tolist())
     # and micro j of rank r is exactly global micro-batch j * world + r of the single process
     assert torch.equal(ranks[world - 1].batch(step, 2)[0], one.batch(step, 2 * world + world - 1)[0])

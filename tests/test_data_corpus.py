@@ -1,4 +1,5 @@
 """Corpora: built-in selection, user data and its errors, fingerprints, the split by document."""
+
 import json
 import warnings
 
@@ -7,9 +8,7 @@ import pytest
 from data import builtin_finetune_corpus, builtin_pretrain_corpus, load_corpus, split_corpus
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _folder(tmp_path, n=40):

@@ -1,4 +1,5 @@
 """Tokenizer: exact round trip on code with unicode, end-of-text detection, caching, checkpoint folders."""
+
 import json
 
 import pytest
@@ -7,13 +8,13 @@ from tokenizers import Tokenizer, models
 import data.tokenizer
 from data import EOT, eot_id, load_corpus, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
-CODE = ('def größe(x: float) -> str:\n\t"""Naïve λ-calculus — 数据 ✓ 🚀."""\r\n'
-        '    return f"{x!r:>10}"   \n\n\n  # trailing\n')
+CODE = (
+    'def größe(x: float) -> str:\n\t"""Naïve λ-calculus — 数据 ✓ 🚀."""\r\n'
+    '    return f"{x!r:>10}"   \n\n\n  # trailing\n'
+)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

@@ -1,18 +1,27 @@
 """Token cache: documents joined with end-of-text, tokenized once, memory-mapped, written atomically."""
+
 import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, processors
 
 import data.tokens
-from data import (TrainSampler, builtin_pretrain_corpus, cache_dir, eot_id, load_corpus, load_tokenizer, split_corpus,
-                  token_array, train_bpe_tokenizer, val_windows)
+from data import (
+    TrainSampler,
+    builtin_pretrain_corpus,
+    cache_dir,
+    eot_id,
+    load_corpus,
+    load_tokenizer,
+    split_corpus,
+    token_array,
+    train_bpe_tokenizer,
+    val_windows,
+)
 
 real_encode = data.tokens.encode_corpus
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture
@@ -67,7 +76,6 @@ def test_interrupted_write_leaves_no_cache(corpus_tok, monkeypatch):
     monkeypatch.setattr(data.tokens, "encode_corpus", lambda *a: calls.append(1) or real_encode(*a))
     ids = token_array(corpus, tok)
     assert calls == [1] and len(ids) > len(corpus.docs)
-
 
 
 def test_checkpoint_tokenizer_bos_is_not_inserted(corpus_tok, tmp_path):

@@ -1,14 +1,14 @@
 """Adapters on disk: exact round trip, config fields, file keys, and every load error."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_lora_inject import Tiny
 from torch import nn
 
 from lora import LoRAConfig, inject_lora, load_adapter, lora_state_dict, save_adapter
-
-from test_lora_inject import Tiny
 
 
 def trained(cfg: LoRAConfig, seed: int = 0) -> tuple[nn.Module, dict]:
@@ -30,8 +30,7 @@ def fresh(base_sd: dict) -> nn.Module:
     return model
 
 
-CFG = LoRAConfig(rank=3, alpha=6.0, dropout=0.1, target_modules=["q_proj", "fc1"], use_rslora=True,
-                 init="gaussian")
+CFG = LoRAConfig(rank=3, alpha=6.0, dropout=0.1, target_modules=["q_proj", "fc1"], use_rslora=True, init="gaussian")
 
 
 def test_save_load_reproduces_outputs_exactly(tmp_path):
@@ -60,10 +59,14 @@ def test_file_keys_follow_peft(tmp_path):
     model, _ = trained(LoRAConfig(rank=2, target_modules=["q_proj"], bias="lora_only"))
     save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert keys == {f"base_model.model.layers.{i}.self_attn.q_proj.{leaf}" for i in range(2)
-                    for leaf in ("lora_A.weight", "lora_B.weight", "base_layer.bias")}
-    assert set(lora_state_dict(model)) == {f"layers.{i}.self_attn.q_proj.{leaf}" for i in range(2)
-                                           for leaf in ("lora_A", "lora_B", "bias")}
+    assert keys == {
+        f"base_model.model.layers.{i}.self_attn.q_proj.{leaf}"
+        for i in range(2)
+        for leaf in ("lora_A.weight", "lora_B.weight", "base_layer.bias")
+    }
+    assert set(lora_state_dict(model)) == {
+        f"layers.{i}.self_attn.q_proj.{leaf}" for i in range(2) for leaf in ("lora_A", "lora_B", "bias")
+    }
 
 
 def test_bias_all_round_trip(tmp_path):
@@ -102,6 +105,7 @@ def test_load_into_already_injected_model(tmp_path):
 
 # ---- bad input ------------------------------------------------------------------------------------
 
+
 def test_folder_without_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json.*adapter_model.safetensors"):
         load_adapter(Tiny(), tmp_path)
@@ -117,8 +121,11 @@ def test_shape_mismatch_names_module_and_both_shapes(tmp_path):
     save_adapter(model, tmp_path)
     bigger = Tiny()
     bigger.layers[0].fc1 = nn.Linear(8, 32)
-    with pytest.raises(ValueError, match=r"'layers.0.fc1.lora_B' has shape \(16, 3\) but module 'layers.0.fc1' "
-                                         r"needs \(32, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'layers.0.fc1.lora_B' has shape \(16, 3\) but module 'layers.0.fc1' "
+        r"needs \(32, 3\)",
+    ):
         load_adapter(bigger, tmp_path)
     assert not any("lora" in n for n, _ in bigger.named_parameters())  # checked before injecting
 
@@ -164,8 +171,9 @@ def test_corrupt_safetensors(tmp_path):
 def test_bad_config_json(tmp_path):
     model, _ = trained(CFG)
     save_adapter(model, tmp_path)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0, "lora_alpha": 8, '
-                                                  '"target_modules": ["q_proj"]}')
+    (tmp_path / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+    )
     with pytest.raises(ValueError, match="rank must be > 0"):
         load_adapter(Tiny(), tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")

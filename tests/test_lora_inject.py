@@ -1,4 +1,5 @@
 """inject_lora matching rules, freezing, merge/unmerge over a model, counting, and every config error."""
+
 import pytest
 import torch
 from torch import nn
@@ -48,8 +49,12 @@ def names_for(targets, exclude=None):
 
 def test_suffix_component_matching():
     assert names_for(["q_proj"]) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]  # never xq_proj
-    assert names_for(["self_attn.v_proj", "fc1"]) == ["layers.0.self_attn.v_proj", "layers.0.fc1",
-                                                      "layers.1.self_attn.v_proj", "layers.1.fc1"]
+    assert names_for(["self_attn.v_proj", "fc1"]) == [
+        "layers.0.self_attn.v_proj",
+        "layers.0.fc1",
+        "layers.1.self_attn.v_proj",
+        "layers.1.fc1",
+    ]
     assert names_for(["layers.1.fc2"]) == ["layers.1.fc2"]
 
 
@@ -59,8 +64,11 @@ def test_partial_component_never_matches():
 
 
 def test_regex_full_match():
-    assert names_for(r"layers\.0\..*_proj") == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
-                                               "layers.0.self_attn.xq_proj"]
+    assert names_for(r"layers\.0\..*_proj") == [
+        "layers.0.self_attn.q_proj",
+        "layers.0.self_attn.v_proj",
+        "layers.0.self_attn.xq_proj",
+    ]
     assert names_for(r".*\.fc[12]") == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2"]
 
 
@@ -68,8 +76,13 @@ def test_all_linear_skips_lm_head_and_exclude():
     names = names_for("all-linear")
     assert len(names) == 10 and "lm_head" not in names
     assert names_for("all-linear", exclude=["xq_proj", "fc2"]) == [
-        "layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj", "layers.0.fc1",
-        "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj", "layers.1.fc1"]
+        "layers.0.self_attn.q_proj",
+        "layers.0.self_attn.v_proj",
+        "layers.0.fc1",
+        "layers.1.self_attn.q_proj",
+        "layers.1.self_attn.v_proj",
+        "layers.1.fc1",
+    ]
     assert names_for(["q_proj"], exclude=r"layers\.1\..*") == ["layers.0.self_attn.q_proj"]
 
 
@@ -98,12 +111,21 @@ def test_trainable_count_is_rank_times_in_plus_out():
     assert count_parameters(model) == (sum(per_layer), total + sum(per_layer))
 
 
-@pytest.mark.parametrize("bias,expected", [
-    ("none", set()),
-    ("lora_only", {"layers.0.fc1.bias", "layers.1.fc1.bias"}),
-    ("all", {f"layers.{i}.{m}.bias" for i in range(2) for m in
-             ("self_attn.q_proj", "self_attn.v_proj", "self_attn.xq_proj", "self_attn.norm", "fc1", "fc2")}),
-])
+@pytest.mark.parametrize(
+    "bias,expected",
+    [
+        ("none", set()),
+        ("lora_only", {"layers.0.fc1.bias", "layers.1.fc1.bias"}),
+        (
+            "all",
+            {
+                f"layers.{i}.{m}.bias"
+                for i in range(2)
+                for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.xq_proj", "self_attn.norm", "fc1", "fc2")
+            },
+        ),
+    ],
+)
 def test_bias_modes(bias, expected):
     model = Tiny()
     inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"], bias=bias))
@@ -152,6 +174,7 @@ def test_merge_non_finite_rolls_back():
 
 
 # ---- bad input: one test per case ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rank", [0, -4])
 def test_rank_not_positive(rank):

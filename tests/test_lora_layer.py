@@ -1,4 +1,5 @@
 """LoRALinear and its autograd Function against float64 references on random data."""
+
 import math
 
 import pytest
@@ -70,15 +71,18 @@ def test_gradcheck_custom_function():
     def fn(x, b, a_, b_):
         return _LoRAFunction.apply(x, w, b, a_, b_, 1.7, torch.float64)
 
-    args = (torch.randn(7, D_IN, dtype=torch.float64, requires_grad=True),
-            torch.randn(D_OUT, dtype=torch.float64, requires_grad=True),
-            torch.randn(R, D_IN, dtype=torch.float64, requires_grad=True),
-            torch.randn(D_OUT, R, dtype=torch.float64, requires_grad=True))
+    args = (
+        torch.randn(7, D_IN, dtype=torch.float64, requires_grad=True),
+        torch.randn(D_OUT, dtype=torch.float64, requires_grad=True),
+        torch.randn(R, D_IN, dtype=torch.float64, requires_grad=True),
+        torch.randn(D_OUT, R, dtype=torch.float64, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(fn, args)
     # Only some inputs need grads: x frozen (first layer's input), bias absent.
     x = torch.randn(7, D_IN, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a_, b_: _LoRAFunction.apply(x, w, None, a_, b_, 0.5, torch.float64),
-                                    args[2:])
+    assert torch.autograd.gradcheck(
+        lambda a_, b_: _LoRAFunction.apply(x, w, None, a_, b_, 0.5, torch.float64), args[2:]
+    )
 
 
 def test_trainable_base_weight_falls_back_and_gets_grad():
@@ -124,7 +128,7 @@ def test_merge_in_bf16_within_bf16_rounding_of_fp32():
     layer16.merge()
     exact = layer32.weight
     # one rounding to bf16 (8 significant bits): within half an ulp, i.e. 2^-8 relative
-    assert ((layer16.weight.float() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all()
+    assert ((layer16.weight.float() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-30).all()
 
 
 def test_merge_non_finite_raises_and_leaves_weight():

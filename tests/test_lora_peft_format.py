@@ -1,4 +1,5 @@
 """Our adapter files match what peft 0.21 writes and reads, on a tiny random transformers OPT (no download)."""
+
 import json
 
 import pytest
@@ -12,15 +13,30 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_opt() -> torch.nn.Module:
     torch.manual_seed(0)  # same base weights on every call
-    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
-                                 num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
-                                 dropout=0.0, attention_dropout=0.0)
+    cfg = transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     return transformers.OPTForCausalLM(cfg).eval()
 
 
 def peft_config(cfg: LoRAConfig, **kw):
-    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, bias=cfg.bias, **kw)
+    return peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        bias=cfg.bias,
+        **kw,
+    )
 
 
 def logits(model, ids):
@@ -41,6 +57,7 @@ def ours_trained(cfg: LoRAConfig):
 @pytest.mark.parametrize("bias", ["none", "lora_only"])
 def test_same_files_keys_shapes_and_config_as_peft(tmp_path, bias):
     from safetensors.torch import load_file
+
     cfg = LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], use_rslora=True, bias=bias)
     save_adapter(ours_trained(cfg), tmp_path / "ours")
     peft.get_peft_model(tiny_opt(), peft_config(cfg)).save_pretrained(tmp_path / "peft")
@@ -50,8 +67,18 @@ def test_same_files_keys_shapes_and_config_as_peft(tmp_path, bias):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     c_ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     c_theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "init_lora_weights",
-                  "exclude_modules", "fan_in_fan_out", "task_type"):
+    for field in (
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "bias",
+        "init_lora_weights",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "task_type",
+    ):
         assert c_ours[field] == c_theirs[field], field
     assert sorted(c_ours["target_modules"]) == sorted(c_theirs["target_modules"])
 

@@ -1,4 +1,5 @@
 """GPT core: shapes, causality, length limits, generation with a KV cache, dropout, checkpointing, compile."""
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ KINDS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 
 def tiny(kind="rope", **kw) -> GPT:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16,
-               position_embedding=kind)
+    cfg = dict(
+        vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, position_embedding=kind
+    )
     cfg.update(kw)
     return GPT(GPTConfig(**cfg)).eval()
 
@@ -23,9 +25,9 @@ def test_shapes_and_causality(kind):
     assert logits.shape == (2, 16, 97) and logits.dtype == torch.float32
     for t in (0, 7, 14):
         y = x.clone()
-        y[:, t + 1:] = torch.randint(0, 97, (2, 15 - t))
+        y[:, t + 1 :] = torch.randint(0, 97, (2, 15 - t))
         torch.testing.assert_close(model(y)[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-5)
-        assert not torch.allclose(model(y)[:, t + 1:], logits[:, t + 1:])
+        assert not torch.allclose(model(y)[:, t + 1 :], logits[:, t + 1 :])
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
@@ -43,7 +45,7 @@ def test_relative_kinds_run_at_twice_the_length(kind):
     x = torch.randint(0, 97, (2, 32))
     logits = model(x)
     assert logits.shape == (2, 32, 97) and torch.isfinite(logits).all()
-    torch.testing.assert_close(model(x[:, :16]), logits[:, :16], rtol=0, atol=1e-5)   # grown tables agree
+    torch.testing.assert_close(model(x[:, :16]), logits[:, :16], rtol=0, atol=1e-5)  # grown tables agree
     assert not any("rope" in k or "alibi" in k or "sinusoidal" in k for k in model.state_dict())
 
 
@@ -62,7 +64,7 @@ def test_init_and_parameter_count():
     model = tiny("learned", n_layer=4, d_model=64, d_ff=256)
     d, f, V, P, L = 64, 256, 97, 16, 4
     per_block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d
-    assert model.num_parameters() == V * d + P * d + L * per_block + 2 * d   # tied head counted once
+    assert model.num_parameters() == V * d + P * d + L * per_block + 2 * d  # tied head counted once
     assert model.lm_head.weight is model.embed_tokens.weight
     assert abs(model.layers[0].fc1.weight.std().item() - 0.02) < 0.003
     assert abs(model.layers[0].fc2.weight.std().item() - 0.02 / (2 * L) ** 0.5) < 0.001
@@ -92,6 +94,7 @@ def test_kv_cache_greedy_equals_full_recompute(kind):
 @pytest.mark.parametrize("kind", ["learned", "rope", "alibi"])
 def test_cache_accepts_a_chunk_after_cached_tokens(kind):
     from model.attention import KVCache
+
     model = tiny(kind)
     x = torch.randint(0, 97, (2, 12))
     cache = KVCache(model.config.n_layer, 12)
@@ -108,9 +111,9 @@ def test_sampling_and_eos():
     torch.manual_seed(1)
     out = model.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=5)
     assert out.shape == (4, 9) and torch.equal(out[:, :3], prompt)
-    eos = int(model.generate(prompt, 1, temperature=0)[0, -1])         # row 0's greedy first token
+    eos = int(model.generate(prompt, 1, temperature=0)[0, -1])  # row 0's greedy first token
     out = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=eos)
-    assert torch.all(out[0, 3:] == eos)                                 # finished rows are padded with eos
+    assert torch.all(out[0, 3:] == eos)  # finished rows are padded with eos
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -129,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_no_graph_breaks_under_dynamo(kind):
     model = tiny(kind)
     x = torch.randint(0, 97, (2, 16))
-    model(x)                                   # tables already built: the common path
+    model(x)  # tables already built: the common path
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons

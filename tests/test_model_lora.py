@@ -1,4 +1,5 @@
 """The GPT with LoRA injected: target lists, cached generation, and adapter parity with PEFT on transformers' OPT."""
+
 import warnings
 
 import pytest
@@ -18,8 +19,11 @@ SEED_TARGETS = [
 
 def tiny(kind="rope") -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=32,
-                         position_embedding=kind)).eval()
+    return GPT(
+        GPTConfig(
+            vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=32, position_embedding=kind
+        )
+    ).eval()
 
 
 def train_a_few_steps(model: GPT, steps: int = 3) -> None:
@@ -60,9 +64,18 @@ def test_kv_cache_generation_with_lora(kind):
 def opt_pair(tmp_path):
     """A random tiny transformers OPT, and our GPT imported from its saved folder."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=32,
-                                 bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = transformers.OPTConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+        word_embed_proj_dim=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     hf = transformers.OPTForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "base")
@@ -85,14 +98,14 @@ def test_adapter_means_the_same_in_peft(opt_pair, tmp_path):
     mapping = {r"^layers\.": prefix + "layers."}
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        base = hf(x).logits                                  # before PEFT injects into hf in place
+        base = hf(x).logits  # before PEFT injects into hf in place
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*missing adapter keys")  # PEFT only warns on them
         peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", key_mapping=mapping).eval()
     with torch.no_grad():
         got = peft_model(x).logits
     assert (got - ours(x)).abs().max().item() <= 1e-4
-    assert (got - base).abs().max().item() > 1e-3          # the trained adapter does change the output
+    assert (got - base).abs().max().item() > 1e-3  # the trained adapter does change the output
 
 
 def test_adapter_loads_into_peft_as_saved(opt_pair, tmp_path):
@@ -112,6 +125,7 @@ def test_adapter_loads_into_peft_as_saved(opt_pair, tmp_path):
 
 def test_save_pretrained_of_an_injected_model_writes_the_base(tmp_path):
     from model import save_pretrained
+
     model = tiny("alibi")
     x = torch.randint(0, 97, (2, 12))
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """The chunked cross-entropy against F.cross_entropy in float64, and gradcheck."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def test_float32_extreme_logits_match_float64(scale):
 def test_custom_ignore_index_and_frozen_head():
     h, w, t = data(ignore=())
     t[:4] = 7
-    w = w.detach()                       # a frozen head (LoRA): no grad_weight is formed
+    w = w.detach()  # a frozen head (LoRA): no grad_weight is formed
     ref = F.cross_entropy(h @ w.t(), t, ignore_index=7)
     got = chunked_cross_entropy(h, w, t, chunk_size=6, ignore_index=7)
     torch.testing.assert_close(got, ref)
@@ -76,8 +77,11 @@ def test_no_grad_and_bf16_autocast():
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt_loss_equals_full_logits_loss(tie):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16,
-                          tie_embeddings=tie)).double()
+    model = GPT(
+        GPTConfig(
+            vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, tie_embeddings=tie
+        )
+    ).double()
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     y[0, :3] = -100
     ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten())

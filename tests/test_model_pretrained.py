@@ -1,5 +1,6 @@
 """from_pretrained against transformers' own OPT and GPT-2 (random tiny models, saved locally), and our own
 save_pretrained round trip."""
+
 import json
 
 import pytest
@@ -20,8 +21,18 @@ def randomize(module: torch.nn.Module) -> None:
 
 
 def tiny_opt(**kw):
-    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-               max_position_embeddings=40, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+        word_embed_proj_dim=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     cfg.update(kw)
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg)).eval()
     randomize(hf)
@@ -44,9 +55,16 @@ def assert_same_logits(hf, ours, T=40):
     assert ours.num_parameters() == hf.num_parameters()
 
 
-@pytest.mark.parametrize("kw", [{}, {"do_layer_norm_before": False}, {"word_embed_proj_dim": 16},
-                                {"do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu"}],
-                         ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"do_layer_norm_before": False},
+        {"word_embed_proj_dim": 16},
+        {"do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu"},
+    ],
+    ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"],
+)
 def test_opt_parity(tmp_path, kw):
     hf = tiny_opt(**kw)
     hf.save_pretrained(tmp_path)
@@ -73,7 +91,7 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     state = load_file(str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors").unlink()
     state = {k.removeprefix(prefix): v for k, v in state.items()}
-    if which == "gpt2":                                    # old GPT-2 files carry the causal mask as a tensor
+    if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor
         state["h.0.attn.bias"] = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_logits(hf, from_pretrained(tmp_path))
@@ -115,8 +133,13 @@ def test_clear_errors(tmp_path):
         from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("kw", [dict(position_embedding="rope", rotary_fraction=0.5),
-                                dict(position_embedding="alibi", tie_embeddings=False, pre_norm=False)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(position_embedding="rope", rotary_fraction=0.5),
+        dict(position_embedding="alibi", tie_embeddings=False, pre_norm=False),
+    ],
+)
 def test_save_pretrained_round_trip(tmp_path, kw):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, **kw))

@@ -1,4 +1,5 @@
 """The statistics behind "mean ± 95% CI" and "significant": checked against printed t-table values."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,19 @@ import pytest
 from experiments.stats import betainc, mean_ci, spearman, t_cdf, t_quantile, welch
 
 # Two-sided 95% critical values t(0.975, df) from a standard t-table (3 decimals).
-T_TABLE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 20: 2.086, 30: 2.042,
-               60: 2.000, 120: 1.980}
+T_TABLE_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    9: 2.262,
+    10: 2.228,
+    20: 2.086,
+    30: 2.042,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 @pytest.mark.parametrize("df,expected", sorted(T_TABLE_975.items()))
@@ -51,7 +63,7 @@ def test_welch_against_hand_computation():
     a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0, 6.5]
     d = welch(a, b)
     va, vb = (5 / 3) / 4, 3.05 / 5
-    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 4)
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 4)
     assert d.diff == pytest.approx(2.5 - 4.1)
     assert d.df == pytest.approx(df)
     assert d.half == pytest.approx(t_quantile(0.975, df) * math.sqrt(va + vb))
@@ -65,8 +77,9 @@ def test_welch_against_hand_computation():
 def test_welch_false_positive_rate_is_about_five_percent():
     """Same distribution on both sides: the 95% test should call ~5% of pairs significant."""
     rng = random.Random(0)
-    hits = sum(welch([rng.gauss(0, 1) for _ in range(3)], [rng.gauss(0, 2) for _ in range(4)]).significant
-               for _ in range(2000))
+    hits = sum(
+        welch([rng.gauss(0, 1) for _ in range(3)], [rng.gauss(0, 2) for _ in range(4)]).significant for _ in range(2000)
+    )
     assert 0.03 < hits / 2000 < 0.07
 
 

@@ -1,6 +1,7 @@
 """`python -m experiments.run --base_model FOLDER --data DIR`, as the README tells a user to run it: a random tiny
 OPT (with tokenizer.json) and GPT-2 (with vocab.json + merges.txt) saved by transformers, fine-tuned on their own
 tokenizer, and the OPT adapter loaded by PEFT onto transformers' model."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,34 @@ def setup(tmp_path_factory):
 
 
 def run(root: Path, folder: Path, out: Path, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/abl_lora_rank.yaml",
-           "--lora_rank", "4", "--base_model", str(folder), "--data", str(root / "finetune"), "--out", str(out),
-           "--no-progress", "--set", "model.max_position_embeddings=64", "--set", "train.tokens=1024",
-           "--set", "train.batch_tokens=512", "--set", "train.micro_batch_tokens=256",
-           "--set", "eval.max_tokens=512", "--set", "data.val_fraction=0.25"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "experiments/configs/abl_lora_rank.yaml",
+        "--lora_rank",
+        "4",
+        "--base_model",
+        str(folder),
+        "--data",
+        str(root / "finetune"),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "model.max_position_embeddings=64",
+        "--set",
+        "train.tokens=1024",
+        "--set",
+        "train.batch_tokens=512",
+        "--set",
+        "train.micro_batch_tokens=256",
+        "--set",
+        "eval.max_tokens=512",
+        "--set",
+        "data.val_fraction=0.25",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -55,9 +79,18 @@ def run(root: Path, folder: Path, out: Path, env: dict) -> dict:
 
 def test_own_opt_checkpoint(setup, tmp_path):
     root, tok, env = setup
-    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                                 bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     hf = transformers.OPTForCausalLM(cfg).eval()
     folder = tmp_path / "opt"
@@ -67,7 +100,7 @@ def test_own_opt_checkpoint(setup, tmp_path):
     row = run(root, folder, tmp_path / "out", env)
     n_hf = sum(p.numel() for p in hf.parameters())
     assert row["total_params"] == n_hf + row["trainable_params"]
-    assert row["trainable_params"] == 2 * 2 * 4 * (32 + 32)          # 2 layers x (q, v) x rank (in + out)
+    assert row["trainable_params"] == 2 * 2 * 4 * (32 + 32)  # 2 layers x (q, v) x rank (in + out)
     assert row["lora_rank"] == 4 and row["val_ppl"] > 1 and row["base_val_ppl"] > 1
     assert row["base_fingerprint"]
 
@@ -83,18 +116,19 @@ def test_own_opt_checkpoint(setup, tmp_path):
         tuned = peft_model(x).logits
         with peft_model.disable_adapter():
             plain = peft_model(x).logits
-    assert not torch.allclose(tuned, plain)   # training moved lora_B away from zero
+    assert not torch.allclose(tuned, plain)  # training moved lora_B away from zero
 
 
 def test_own_gpt2_checkpoint_with_vocab_and_merges(setup, tmp_path):
     root, tok, env = setup
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     folder = tmp_path / "gpt2"
     hf.save_pretrained(folder)
-    tok.model.save(str(folder))                                    # vocab.json + merges.txt, as GPT-2 ships them
+    tok.model.save(str(folder))  # vocab.json + merges.txt, as GPT-2 ships them
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOT}))
     assert not (folder / "tokenizer.json").exists()
 
@@ -106,12 +140,38 @@ def test_own_gpt2_checkpoint_with_vocab_and_merges(setup, tmp_path):
 def test_checkpoint_without_tokenizer_fails_before_any_run(setup, tmp_path):
     root, _, env = setup
     folder = tmp_path / "opt"
-    transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                       ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
-                                                       max_position_embeddings=64)).save_pretrained(folder)
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", "--lora_rank", "4", "--base_model", str(folder),
-                           "--data", str(root / "finetune"), "--out", str(tmp_path / "out"), "--no-progress"],
-                          cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--lora_rank",
+            "4",
+            "--base_model",
+            str(folder),
+            "--data",
+            str(root / "finetune"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no tokenizer.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.jsonl").exists()

@@ -2,6 +2,7 @@
 process per run, on tiny corpora (a few stdlib files) and a private cache (SLM_LORA_CACHE) so nothing is shared
 with the user's cache and nothing big is tokenized.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,36 @@ def env(tmp_path_factory):
 
 def tiny(root: Path, out: Path) -> list[str]:
     """--quick, shrunk further: a 4-step base, 2-step runs, 1k validation tokens."""
-    return ["--quick", "--no-progress", "--out", str(out), "--data", str(root / "finetune"),
-            "--set", f"pretrain.corpus={root / 'pretrain'}", "--set", "pretrain.tokens=16384",
-            "--set", "train.tokens=4096", "--set", "eval.max_tokens=1024", "--set", "data.val_fraction=0.25"]
+    return [
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--data",
+        str(root / "finetune"),
+        "--set",
+        f"pretrain.corpus={root / 'pretrain'}",
+        "--set",
+        "pretrain.tokens=16384",
+        "--set",
+        "train.tokens=4096",
+        "--set",
+        "eval.max_tokens=1024",
+        "--set",
+        "data.val_fraction=0.25",
+    ]
 
 
 def sweep(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], env=env, cwd=REPO, text=True,
-                          capture_output=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        env=env,
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def rows(out: Path) -> list[dict]:
@@ -56,19 +79,24 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
     root, e = env
     # A value that passes config validation but cannot run (no module of that name) sits between two good ones.
     cfg = tmp_path / "abl_tm.yaml"
-    cfg.write_text(textwrap.dedent("""
+    cfg.write_text(
+        textwrap.dedent("""
         ablation:
           name: tm
           key: target_modules
           values: [[q_proj, v_proj], [no_such_proj], [v_proj]]
           baseline: [q_proj, v_proj]
-    """))
+    """)
+    )
     out = tmp_path / "out"
     first = sweep(["--config", str(cfg), *tiny(root, out)], e)
     assert first.returncode == 1, first.stderr[-3000:]  # 1: a run failed (the sweep itself completed)
     got = rows(out)
-    assert [(r["value"], r["status"]) for r in got] == [("q_proj,v_proj", "ok"), ("no_such_proj", "failed"),
-                                                        ("v_proj", "ok")]
+    assert [(r["value"], r["status"]) for r in got] == [
+        ("q_proj,v_proj", "ok"),
+        ("no_such_proj", "failed"),
+        ("v_proj", "ok"),
+    ]
     bad = got[1]
     assert "matched no module" in bad["error"] and "Linear modules in the model" in bad["error"]
     for r in (got[0], got[2]):
@@ -100,11 +128,28 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
 def test_killed_sweep_resumes(env, tmp_path):
     root, e = env
     out = tmp_path / "out"
-    args = ["--config", str(REPO / "experiments/configs/abl_lora_rank.yaml"), *tiny(root, out),
-            "--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2",
-            "--set", "train.tokens=16384", "--set", "train.checkpoint_every=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], env=e, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    args = [
+        "--config",
+        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
+        *tiny(root, out),
+        "--set",
+        "ablation.values=[2, 4]",
+        "--set",
+        "ablation.baseline=2",
+        "--set",
+        "train.tokens=16384",
+        "--set",
+        "train.checkpoint_every=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        env=e,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not list(out.glob("runs/*/checkpoint.pt")):  # wait until the first run is mid-way
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
@@ -130,12 +175,28 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     """torchrun: every rank trains every value together (gloo on CPU); only rank 0 writes rows and the report."""
     root, e = env
     out = tmp_path / "out"
-    args = ["--config", str(REPO / "experiments/configs/abl_lora_rank.yaml"), *tiny(root, out),
-            "--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                "experiments.run"]
-    done = subprocess.run([*torchrun, *args], env=dict(e, OMP_NUM_THREADS="1"), cwd=REPO, text=True,
-                          capture_output=True, timeout=600)
+    args = [
+        "--config",
+        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
+        *tiny(root, out),
+        "--set",
+        "ablation.values=[2, 4]",
+        "--set",
+        "ablation.baseline=2",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "experiments.run",
+    ]
+    done = subprocess.run(
+        [*torchrun, *args], env=dict(e, OMP_NUM_THREADS="1"), cwd=REPO, text=True, capture_output=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr.replace("\r", "\n")[-8000:]
     got = rows(out)
     assert [(r["value"], r["status"], r["world_size"]) for r in got] == [(2, "ok", 2), (4, "ok", 2)]

@@ -2,6 +2,7 @@
 
 A fake runner stands in for training here (fast); tests/test_run_e2e.py runs the same paths with the real one.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,12 +23,27 @@ from experiments.sweep import plan_runs, plan_states, run_sweep, subprocess_runn
 def fake_result(cfg, **over) -> dict:
     """What train_run would say, with numbers that depend on the config (so tables are not all equal)."""
     r = cfg.lora.rank
-    res = {"status": "ok", "error": None, "val_loss": 2.0 - 0.01 * r, "val_ppl": 7.0 - 0.05 * r,
-           "base_val_ppl": 9.0, "train_tokens": cfg.train.tokens, "steps": 4, "train_time_s": 1.0 + 0.1 * r,
-           "tokens_per_s": 1000.0, "trainable_params": 1000 * r * len(cfg.lora.target_modules),
-           "total_params": 10 ** 6, "peak_rss_bytes": 2 ** 28 + r * 2 ** 20, "saved_for_backward_bytes": 2 ** 20,
-           "device": "cpu (fake)", "dtype": "float32", "torch_version": "x", "world_size": 1,
-           "corpus_fingerprint": "c", "base_fingerprint": "b"}
+    res = {
+        "status": "ok",
+        "error": None,
+        "val_loss": 2.0 - 0.01 * r,
+        "val_ppl": 7.0 - 0.05 * r,
+        "base_val_ppl": 9.0,
+        "train_tokens": cfg.train.tokens,
+        "steps": 4,
+        "train_time_s": 1.0 + 0.1 * r,
+        "tokens_per_s": 1000.0,
+        "trainable_params": 1000 * r * len(cfg.lora.target_modules),
+        "total_params": 10**6,
+        "peak_rss_bytes": 2**28 + r * 2**20,
+        "saved_for_backward_bytes": 2**20,
+        "device": "cpu (fake)",
+        "dtype": "float32",
+        "torch_version": "x",
+        "world_size": 1,
+        "corpus_fingerprint": "c",
+        "base_fingerprint": "b",
+    }
     res.update(over)
     return res
 
@@ -124,11 +140,13 @@ def test_subprocess_crash_without_result_is_a_failed_row(tmp_path, monkeypatch):
     """A training process that dies without result.json (segfault, OOM killer) costs one row, with its stderr."""
     fake = tmp_path / "fakepkg" / "experiments_crash.py"
     fake.parent.mkdir()
-    fake.write_text(textwrap.dedent("""
+    fake.write_text(
+        textwrap.dedent("""
         import os, sys
         sys.stderr.write("loading...\\nRuntimeError: something broke deep inside\\n"); sys.stderr.flush()
         os._exit(3)
-    """))
+    """)
+    )
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
     specs = rank_specs(values=[4])
     runner = subprocess_runner(progress=False, echo=False, module="experiments_crash")
@@ -146,7 +164,8 @@ def test_results_file_is_replaced_atomically(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(os, "replace", boom)   # the one atomic writer (data.cache) renames with os.replace
+
+    monkeypatch.setattr(os, "replace", boom)  # the one atomic writer (data.cache) renames with os.replace
     with pytest.raises(OSError):
         results.append_row(tmp_path, row)
     assert (tmp_path / RESULTS_JSONL).read_text() == before

@@ -1,5 +1,6 @@
 """DDP on CPU: two gloo processes under torchrun follow the same loss trajectory as one process with the same
 global batch (the micro-batches of a step are split across processes, gradients averaged)."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import make_corpora, tiny_config
 
 from experiments.base import ensure_base
 from experiments.train import train_run
-from train_helpers import make_corpora, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,10 +44,27 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "experiments.train", "--config-json", str(cfg_file), "--run-dir", str(tmp_path / "two"),
-         "--no-progress"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "experiments.train",
+            "--config-json",
+            str(cfg_file),
+            "--run-dir",
+            str(tmp_path / "two"),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["status"] == "ok", two["error"]

@@ -1,4 +1,5 @@
 """The training loop on a tiny GPT with synthetic batches: schedule, accumulation, divergence, resume, memory."""
+
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from experiments import loop, memory
 from experiments.distributed import DistInfo
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -36,18 +38,21 @@ STREAM = torch.empty(20000, dtype=torch.long)
 STREAM[0] = 5
 for _i in range(1, len(STREAM)):
     STREAM[_i] = (3 * STREAM[_i - 1] + 1) % VOCAB
-STREAM = torch.where(torch.rand(len(STREAM), generator=_g) < 0.05, torch.randint(0, VOCAB, (len(STREAM),), generator=_g),
-                     STREAM)
+STREAM = torch.where(
+    torch.rand(len(STREAM), generator=_g) < 0.05, torch.randint(0, VOCAB, (len(STREAM),), generator=_g), STREAM
+)
 
 
 def batch_fn(micro_seqs: int):
     """(step, micro) -> a fixed batch: the same (step, micro) always gives the same windows."""
+
     def get(step: int, micro: int):
         g = torch.Generator().manual_seed(10_000 * step + micro)
         starts = torch.randint(0, len(STREAM) - SEQ - 1, (micro_seqs,), generator=g)
-        x = torch.stack([STREAM[s:s + SEQ] for s in starts])
-        y = torch.stack([STREAM[s + 1:s + SEQ + 1] for s in starts])
+        x = torch.stack([STREAM[s : s + SEQ] for s in starts])
+        y = torch.stack([STREAM[s + 1 : s + SEQ + 1] for s in starts])
         return x, y
+
     return get
 
 
@@ -79,8 +84,16 @@ def test_loss_decreases_and_only_lora_trains():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     plan = loop.Plan(seq_len=SEQ, micro_seqs=8, accum=2, steps=30)
     xv, yv = batch_fn(32)(999, 0)
-    out = loop.train(model, batch_fn(8), plan, loop.Settings(lr=5e-2, log_every=5), device=CPU, dist=ONE,
-                     val=(xv, yv), progress=False)
+    out = loop.train(
+        model,
+        batch_fn(8),
+        plan,
+        loop.Settings(lr=5e-2, log_every=5),
+        device=CPU,
+        dist=ONE,
+        val=(xv, yv),
+        progress=False,
+    )
     assert out.status == "ok" and out.steps == 30 and out.train_tokens == 30 * 2 * 8 * SEQ
     first, last = out.train_curve[0][1], out.train_curve[-1][1]
     assert last < first - 0.3, (first, last)
@@ -96,15 +109,16 @@ def test_grad_accumulation_equals_one_big_batch_float64():
 
     def quarter(step, micro):  # the big batch's rows, two at a time
         x, y = big(step, 0)
-        return x[2 * micro:2 * micro + 2], y[2 * micro:2 * micro + 2]
+        return x[2 * micro : 2 * micro + 2], y[2 * micro : 2 * micro + 2]
 
     settings = loop.Settings(lr=5e-3, grad_clip=0.5, weight_decay=0.1)
     results = []
     for fn, micro_seqs, accum in ((big, 8, 1), (quarter, 2, 4)):
         model = tiny_lora_model(torch.float64)
-        out = loop.train(model, fn, loop.Plan(SEQ, micro_seqs, accum, steps=5), settings, device=CPU, dist=ONE,
-                         progress=False)
-        results.append((trainable(model), [l for _, l in out.train_curve]))
+        out = loop.train(
+            model, fn, loop.Plan(SEQ, micro_seqs, accum, steps=5), settings, device=CPU, dist=ONE, progress=False
+        )
+        results.append((trainable(model), [loss for _, loss in out.train_curve]))
     (p1, c1), (p2, c2) = results
     assert c1 == pytest.approx(c2, rel=1e-12, abs=1e-12)
     for n in p1:
@@ -123,10 +137,11 @@ def test_nan_loss_stops_the_run_as_diverged_at_its_step():
         return loss * float("nan") if calls["n"] == 1 + 7 else loss  # +1: the memory-measuring pass
 
     model.loss = poisoned
-    out = loop.train(model, batch_fn(4), loop.Plan(SEQ, 4, 2, steps=10), loop.Settings(lr=1e-3), device=CPU,
-                     dist=ONE, progress=False)
+    out = loop.train(
+        model, batch_fn(4), loop.Plan(SEQ, 4, 2, steps=10), loop.Settings(lr=1e-3), device=CPU, dist=ONE, progress=False
+    )
     assert out.status == "diverged" and out.diverged_step == 4 and out.steps == 3
-    assert all(math.isfinite(l) for _, l in out.train_curve)
+    assert all(math.isfinite(loss) for _, loss in out.train_curve)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not applied
 
 
@@ -139,8 +154,18 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
 
     def run(ckpt, resume):
         model = tiny_lora_model(lora_dropout=0.2)
-        out = loop.train(model, batch_fn(4), plan, settings, device=CPU, dist=ONE, val=(xv, yv), checkpoint=ckpt,
-                         resume=resume, progress=False)
+        out = loop.train(
+            model,
+            batch_fn(4),
+            plan,
+            settings,
+            device=CPU,
+            dist=ONE,
+            val=(xv, yv),
+            checkpoint=ckpt,
+            resume=resume,
+            progress=False,
+        )
         return model, out
 
     straight_model, straight = run(tmp_path / "a.pt", resume=False)

@@ -1,16 +1,17 @@
 """train_run end to end on toy corpora: result row, adapter, metrics, divergence, OOM, resume, W&B, the base cache."""
+
 import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import make_corpora, tiny_config
 
 from experiments import base as base_mod
 from experiments import loop
 from experiments.train import RESULT_KEYS, train_run
 from model import GPT
-from train_helpers import make_corpora, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,11 @@ def test_resume_after_interruption_matches_a_straight_run(tmp, monkeypatch):
     a = load_file(str(tmp / "runs" / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     # the metrics file reads as one uninterrupted run (throughput aside)
     def strip(recs):
         return [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in recs]
+
     assert strip(read_metrics(run_dir)) == strip(read_metrics(tmp / "runs" / "straight"))
 
 
@@ -129,8 +132,9 @@ def test_wandb_offline_run_is_written(tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp / "runs" / "wandb"
-    r = train_run(tiny_config(tmp, train={"tokens": 256 * 3}), run_dir, group="toy_ablation", run_name="toy",
-                  progress=False)
+    r = train_run(
+        tiny_config(tmp, train={"tokens": 256 * 3}), run_dir, group="toy_ablation", run_name="toy", progress=False
+    )
     assert r["status"] == "ok"
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
@@ -139,6 +143,7 @@ def test_wandb_offline_run_is_written(tmp, monkeypatch):
 
 def test_wandb_missing_warns_once_and_runs(tmp, monkeypatch, capsys):
     import builtins
+
     real_import = builtins.__import__
 
     def no_wandb(name, *a, **k):
@@ -175,12 +180,16 @@ def test_base_is_cached_and_reused(tmp, monkeypatch):
 def test_activation_checkpointing_and_bf16_autocast(tmp):
     """Checkpointing recomputes blocks in backward: same numbers, far fewer bytes saved for backward."""
     plain = train_run(tiny_config(tmp, train={"tokens": 256 * 3}), tmp / "runs" / "plain", progress=False)
-    ckpt = train_run(tiny_config(tmp, train={"tokens": 256 * 3, "activation_checkpointing": True}),
-                     tmp / "runs" / "ckpt", progress=False)
+    ckpt = train_run(
+        tiny_config(tmp, train={"tokens": 256 * 3, "activation_checkpointing": True}),
+        tmp / "runs" / "ckpt",
+        progress=False,
+    )
     assert ckpt["status"] == plain["status"] == "ok"
     assert ckpt["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
     assert ckpt["saved_for_backward_bytes"] < 0.5 * plain["saved_for_backward_bytes"]
-    bf16 = train_run(tiny_config(tmp, train={"tokens": 256 * 3, "dtype": "bfloat16"}), tmp / "runs" / "bf16",
-                     progress=False)
+    bf16 = train_run(
+        tiny_config(tmp, train={"tokens": 256 * 3, "dtype": "bfloat16"}), tmp / "runs" / "bf16", progress=False
+    )
     assert bf16["status"] == "ok" and bf16["dtype"] == "bfloat16 autocast"
     assert bf16["val_loss"] == pytest.approx(plain["val_loss"], abs=0.05)

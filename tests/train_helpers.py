@@ -1,4 +1,5 @@
 """Tiny corpora and a tiny config for the train_run / base / DDP tests (a few seconds each on 2 cores)."""
+
 from __future__ import annotations
 
 import random
@@ -31,12 +32,30 @@ def tiny_config(tmp: Path, **sections) -> Config:
         "model": {"base": "builtin", "max_position_embeddings": 32},
         "data": {"finetune": str(tmp / "ft"), "val_fraction": 0.2},
         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"tokens": 256 * 12, "batch_tokens": 256, "micro_batch_tokens": 128, "lr": 1e-2,
-                  "log_every": 1, "checkpoint_every": 0, "device": "cpu", "warmup_fraction": 0.1},
+        "train": {
+            "tokens": 256 * 12,
+            "batch_tokens": 256,
+            "micro_batch_tokens": 128,
+            "lr": 1e-2,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "device": "cpu",
+            "warmup_fraction": 0.1,
+        },
         "eval": {"max_tokens": 1024},
-        "pretrain": {"corpus": str(tmp / "pt"), "vocab_size": 320, "n_layer": 2, "n_head": 2, "d_model": 32,
-                     "d_ff": 64, "seq_len": 32, "tokens": 512 * 40, "batch_tokens": 512, "micro_batch_tokens": 512,
-                     "lr": 1e-2},
+        "pretrain": {
+            "corpus": str(tmp / "pt"),
+            "vocab_size": 320,
+            "n_layer": 2,
+            "n_head": 2,
+            "d_model": 32,
+            "d_ff": 64,
+            "seq_len": 32,
+            "tokens": 512 * 40,
+            "batch_tokens": 512,
+            "micro_batch_tokens": 512,
+            "lr": 1e-2,
+        },
     }
     for name, values in sections.items():
         data[name] = {**data[name], **values}
