@@ -7,7 +7,7 @@ take the `device` fixture run once per device: on CPU always, on CUDA when torch
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest

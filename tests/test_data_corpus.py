@@ -7,7 +7,6 @@ import pytest
 
 from data import builtin_finetune_corpus, builtin_pretrain_corpus, load_corpus, split_corpus
 
-
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
