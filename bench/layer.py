@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.cache import write_json_atomic
+from experiments.training.distributed import device_name
 from lora import LoRALinear
 
 ALPHA = 32.0
@@ -163,18 +163,6 @@ def bench_shape(n: int, d: int, rank: int, device: str, dtype: torch.dtype, warm
     }
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def profile(n: int, d: int, rank: int, device: str, dtype: torch.dtype) -> None:
     """torch.profiler tables of one step for the floor, ours and PEFT: where the time goes."""
     from torch.profiler import ProfilerActivity
@@ -231,7 +219,7 @@ def main() -> None:
     rows = []
     header = f"{'N':>6} {'d':>5} {'r':>3} | " + " ".join(f"{k:>9}" for k in ("floor", "naive", "ours", "peft"))
     print(
-        f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{device_name(torch.device(args.device))}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.dtype}; median ms (x floor) [x PEFT for ours]"
     )
     print(header)
@@ -255,7 +243,7 @@ def main() -> None:
     except ImportError:
         peft_version = None
     meta = {
-        "device": device_name(args.device),
+        "device": device_name(torch.device(args.device)),
         "device_type": args.device,
         "torch": torch.__version__,
         "peft": peft_version,
@@ -268,8 +256,7 @@ def main() -> None:
         "shapes": {"tokens": tokens, "dims": dims, "ranks": ranks},
         "results": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json_atomic(out, meta)
     print(f"wrote {out}")
 
 

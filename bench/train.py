@@ -49,27 +49,15 @@ from bench.train_steps import (
     make_batch,
     save_random_opt,
 )
-from experiments.logging_utils import write_json_atomic
-from experiments.memory import peak_rss_bytes, reset_peaks, rss_bytes
+from data.cache import write_json_atomic
+from experiments.training.distributed import device_name
+from experiments.training.memory import peak_rss_bytes, reset_peaks, rss_bytes
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
 
 
 # ---------------------------------------------------------------- environment
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, precision: str) -> dict:
     import peft
     import transformers

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from experiments.memory import count_saved_for_backward
+from experiments.training.memory import count_saved_for_backward
 
 
 def time_steps(

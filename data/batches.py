@@ -13,12 +13,11 @@ IGNORE_INDEX = -100  # targets that carry no loss (the padded tail of the last v
 class TrainSampler:
     """Random windows of seq_len + 1 tokens. No iterator state: resuming at step s is calling `batch(s, ...)`.
 
-    Global micro-batch g of step s holds the windows drawn by a generator seeded with (seed, s, g), so the batches of a
-    step do not depend on how processes share them. `micro` is this process's local micro-batch index and
-    g = micro * world_size + rank; with the defaults (rank 0, world 1) pass the global index g directly.
+    Micro-batch g of step s holds the windows drawn by a generator seeded with (seed, s, g), so the batches of a
+    step do not depend on how processes share them: under DDP each process asks for its own global indices g.
     """
 
-    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int):
         if ids.ndim != 1 or len(ids) < seq_len + 1:
             raise ValueError(
                 f"need a 1-D token array of at least seq_len + 1 = {seq_len + 1} tokens, got shape "
@@ -26,15 +25,11 @@ class TrainSampler:
             )
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}.")
         self.ids, self.seq_len, self.batch_size, self.seed = ids, seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
 
     def offsets(self, step: int, micro: int = 0) -> np.ndarray:
-        """(batch_size,) start positions of the windows of this process's micro-batch `micro` at `step`."""
-        g = micro * self.world_size + self.rank
-        rng = np.random.default_rng([self.seed, step, g])
+        """(batch_size,) start positions of the windows of global micro-batch `micro` at `step`."""
+        rng = np.random.default_rng([self.seed, step, micro])
         return rng.integers(0, len(self.ids) - self.seq_len, size=self.batch_size)  # last start: len - seq_len - 1
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

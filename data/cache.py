@@ -7,11 +7,12 @@ that dies half-way leaves only a `*.tmp` file that no reader ever opens.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ENV_VAR = "SLM_LORA_CACHE"
 
@@ -39,6 +40,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def short_hash(*parts: str) -> str:
-    """16 hex digits of sha256 over the parts (NUL-separated so ("a", "bc") != ("ab", "c"))."""
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON through `atomic_write`: readers never see half a file."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def short_hash(*parts: str | bytes) -> str:
+    """16 hex digits of sha256 over the parts, NUL-separated so ("a", "bc") != ("ab", "c"). Every content key of
+    the project (configs, studies, corpora, tokenizers, token caches, bases) is one of these."""
+    h = hashlib.sha256()
+    for i, part in enumerate(parts):
+        if i:
+            h.update(b"\0")
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:16]
+
+
+def json_hash(obj: Any) -> str:
+    """`short_hash` of a JSON-able object, independent of dict order."""
+    return short_hash(json.dumps(obj, sort_keys=True, default=str))

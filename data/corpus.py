@@ -60,10 +60,10 @@ class Corpus:
 
 def _fingerprint(docs: list[tuple[str, str]], meta: dict) -> str:
     """Content, not spelling: every name and text, plus the versions of built-in sources (not the path given)."""
-    h = hashlib.sha256(json.dumps({k: meta.get(k) for k in VERSION_KEYS}, sort_keys=True).encode())
-    for rel, text in docs:
-        h.update(rel.encode() + b"\0" + hashlib.sha1(text.encode("utf-8")).digest())
-    return h.hexdigest()[:16]
+    versions = json.dumps({k: meta.get(k) for k in VERSION_KEYS}, sort_keys=True)
+    return short_hash(
+        versions, *(rel.encode() + b"\0" + hashlib.sha1(text.encode("utf-8")).digest() for rel, text in docs)
+    )
 
 
 def _make(name: str, docs: list[tuple[str, str]], skipped: int, meta: dict) -> Corpus:

@@ -6,14 +6,13 @@ decode(encode(text)) == text. Documents are joined with an end-of-text token, fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.cache import atomic_write, cache_dir
+from data.cache import atomic_write, cache_dir, short_hash
 from data.corpus import Corpus
 
 EOT = "<|endoftext|>"
@@ -33,7 +32,7 @@ def _new_bpe() -> Tokenizer:
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
     """Hash of the tokenizer's full JSON (vocab, merges, pre-tokenizer, special tokens)."""
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    return short_hash(tok.to_str())
 
 
 def train_bpe_tokenizer(

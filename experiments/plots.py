@@ -4,17 +4,14 @@ trainable parameters over every run. matplotlib with the Agg backend (no display
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-if TYPE_CHECKING:
-    from experiments.report import Study, Value
+from experiments.studies import Study, Value  # noqa: E402
 
 LOG2_KEYS = {"lora.rank", "model.max_position_embeddings"}
 MIB = 2**20
@@ -134,8 +131,8 @@ def plot_ppl_vs_params(studies: list[Study], path: Path) -> Path:
     return path
 
 
-def plot_all(studies: list[Study], folder: Path, name: Callable[[Study], str]) -> dict[str, Path]:
+def plot_all(studies: list[Study], folder: Path) -> dict[str, Path]:
     """Write every plot into `folder`; returns {plot name: path}."""
-    out = {name(st): plot_study(st, Path(folder) / f"{name(st)}.png") for st in studies}
+    out = {st.slug: plot_study(st, Path(folder) / f"{st.slug}.png") for st in studies}
     out["ppl_vs_params"] = plot_ppl_vs_params(studies, Path(folder) / "ppl_vs_params.png")
     return out

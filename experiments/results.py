@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import subprocess
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -20,89 +19,37 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write
+from experiments.config import Config
+from experiments.training.metrics import finite_or_none
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 
-# Column order of the CSV (and of each JSON row). Memory figures are bytes; times are seconds.
-COLUMNS = [
-    "finished_at",
-    "ablation",
-    "key",
-    "value",
-    "value_index",
-    "is_baseline",
-    "seed",
-    "status",
-    "error",
-    "diverged_step",
-    "val_loss",
-    "val_ppl",
-    "best_val_loss",
-    "best_val_ppl",
-    "base_val_loss",
-    "base_val_ppl",
-    "train_tokens",
-    "eval_max_tokens",
-    "steps",
-    "train_time_s",
-    "tokens_per_s",
-    "peak_memory_bytes",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_active_bytes",
-    "peak_rss_bytes",
-    "saved_for_backward_bytes",
-    "trainable_params",
-    "total_params",
-    "lora_rank",
-    "lora_alpha",
-    "alpha_policy",
-    "target_modules",
-    "context_length",
-    "lr",
-    "config_hash",
-    "study_hash",
-    "corpus_fingerprint",
-    "base_fingerprint",
-    "device",
-    "dtype",
-    "world_size",
-    "torch_version",
-    "git_commit",
-    "run_dir",
-    "reused_from",
-]
+RESULT_FILE = "result.json"  # in a run folder: what the run reported (RESULT_KEYS), written when it ends
 
-# What train_run reports, copied into the row as is.
-RESULT_KEYS = [
-    "status",
-    "error",
-    "diverged_step",
-    "val_loss",
-    "val_ppl",
-    "best_val_loss",
-    "best_val_ppl",
-    "base_val_loss",
-    "base_val_ppl",
-    "train_tokens",
-    "steps",
-    "train_time_s",
-    "tokens_per_s",
-    "trainable_params",
-    "total_params",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_active_bytes",
-    "peak_rss_bytes",
-    "saved_for_backward_bytes",
-    "device",
-    "dtype",
-    "torch_version",
-    "world_size",
-    "corpus_fingerprint",
-    "base_fingerprint",
-]
+# What a fine-tuning run reports, copied into its row as is.
+RESULT_KEYS = tuple(
+    """
+    status error diverged_step val_loss val_ppl best_val_loss best_val_ppl base_val_loss base_val_ppl
+    train_tokens steps train_time_s tokens_per_s trainable_params total_params
+    peak_allocated_bytes peak_reserved_bytes peak_active_bytes peak_rss_bytes saved_for_backward_bytes
+    device dtype torch_version world_size corpus_fingerprint base_fingerprint
+""".split()
+)
+
+# Column order of the CSV (and of each JSON row). Memory figures are bytes; times are seconds.
+COLUMNS = tuple(
+    """
+    finished_at ablation key value value_index is_baseline seed status error diverged_step
+    val_loss val_ppl best_val_loss best_val_ppl base_val_loss base_val_ppl
+    train_tokens eval_max_tokens steps train_time_s tokens_per_s
+    peak_memory_bytes peak_allocated_bytes peak_reserved_bytes peak_active_bytes peak_rss_bytes
+    saved_for_backward_bytes trainable_params total_params
+    lora_rank lora_alpha alpha_policy target_modules context_length lr
+    config_hash study_hash corpus_fingerprint base_fingerprint device dtype world_size
+    torch_version git_commit run_dir reused_from
+""".split()
+)
 
 
 def value_label(value: Any) -> Any:
@@ -110,8 +57,8 @@ def value_label(value: Any) -> Any:
     return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def peak_memory(result: dict) -> int | None:
-    """The device's peak: allocator peak on CUDA, process peak RSS on CPU."""
+def device_peak_bytes(result: dict) -> int | None:
+    """The one peak-memory figure a row compares across runs: allocator peak on CUDA, process peak RSS on CPU."""
     dev = str(result.get("device") or "")
     if dev.startswith("cuda") and result.get("peak_allocated_bytes") is not None:
         return result["peak_allocated_bytes"]
@@ -136,10 +83,6 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def _clean(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def make_row(
     *,
     ablation: str,
@@ -148,7 +91,7 @@ def make_row(
     value_index: int | None,
     is_baseline: bool,
     seed: int,
-    cfg_dict: dict,
+    cfg: Config,
     config_hash: str,
     study_hash: str,
     result: dict,
@@ -156,8 +99,6 @@ def make_row(
     reused_from: str | None = None,
 ) -> dict:
     """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column."""
-    lora = cfg_dict["lora"]
-    alpha = 2.0 * lora["rank"] if lora["alpha_policy"] == "double_rank" else lora["alpha"]
     row: dict[str, Any] = {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ablation": ablation,
@@ -166,13 +107,13 @@ def make_row(
         "value_index": value_index,
         "is_baseline": is_baseline,
         "seed": seed,
-        "eval_max_tokens": cfg_dict["eval"]["max_tokens"],
-        "lora_rank": lora["rank"],
-        "lora_alpha": alpha,
-        "alpha_policy": lora["alpha_policy"],
-        "target_modules": value_label(lora["target_modules"]),
-        "context_length": cfg_dict["model"]["max_position_embeddings"],
-        "lr": cfg_dict["train"]["lr"],
+        "eval_max_tokens": cfg.eval.max_tokens,
+        "lora_rank": cfg.lora.rank,
+        "lora_alpha": cfg.lora.resolved_alpha(),
+        "alpha_policy": cfg.lora.alpha_policy,
+        "target_modules": value_label(cfg.lora.target_modules),
+        "context_length": cfg.model.max_position_embeddings,
+        "lr": cfg.train.lr,
         "config_hash": config_hash,
         "study_hash": study_hash,
         "git_commit": git_commit(),
@@ -180,8 +121,8 @@ def make_row(
         "reused_from": reused_from,
     }
     for k in RESULT_KEYS:
-        row[k] = _clean(result.get(k))
-    row["peak_memory_bytes"] = peak_memory(result)
+        row[k] = finite_or_none(result.get(k))
+    row["peak_memory_bytes"] = device_peak_bytes(result)
     return {c: row.get(c) for c in COLUMNS}
 
 

@@ -33,6 +33,7 @@ from experiments.config import (
     with_values,
 )
 from experiments.results import value_label
+from experiments.schema import flatten
 from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
@@ -108,16 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
 def _missing(value: str) -> bool:
     """A corpus path (file, folder or glob) that names nothing."""
     p = Path(value).expanduser()
@@ -148,7 +139,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
     items: list[tuple[str, Any, str]] = []
     if args.quick:
         quick = yaml.safe_load(QUICK_FILE.read_text(encoding="utf-8")) or {}
-        items += [(k, v, str(QUICK_FILE)) for k, v in _flatten(quick)]
+        items += [(k, v, str(QUICK_FILE)) for k, v in flatten(quick).items()]
     if args.base_model:
         items.append(("model.base", _path_flag("--base_model", args.base_model), "--base_model"))
     if args.data:
@@ -220,8 +211,8 @@ def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
     """Pretrain each built-in base and tokenize each fine-tuning corpus the pending runs need, once, here: a broken
     corpus fails the sweep early, and every run finds its data cached, so no run's memory figures include
     tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS)."""
-    from experiments.base import ensure_base
-    from experiments.train import finetune_tokens
+    from experiments.finetune import finetune_tokens
+    from experiments.pretrain import ensure_base
 
     seen = set()
     for s, st in zip(specs, states):

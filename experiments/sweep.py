@@ -1,6 +1,6 @@
 """A sweep: the runs an ablation asks for (value x seed), which of them are already done, and running the rest.
 
-Nothing here trains; a `Runner` does (a fresh `python -m experiments.train` process per run, or `train_run`
+Nothing here trains; a `Runner` does (a fresh `python -m experiments.finetune` process per run, or `train_run`
 in this process under torchrun). The sweep's own job is never to lose work:
 
 - a run's identity is its config hash, and its folder is RUN_DIR/runs/<hash>/, so a re-run finds its own files;
@@ -11,7 +11,6 @@ in this process under torchrun). The sweep's own job is never to lose work:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -25,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.config import Config, get_value, resolve_key, with_value
-from experiments.logging_utils import write_json_atomic
-from experiments.results import RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
+from data.cache import json_hash, write_json_atomic
+from experiments.config import Config, get_value, resolve_key, set_dotted, with_value
+from experiments.results import RESULT_FILE, RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
+from experiments.training.checkpoint import CHECKPOINT_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
 
 
 @dataclass
@@ -63,12 +61,8 @@ def study_hash(cfg: Config, key: str) -> str:
     d.pop("ablation")
     d["train"]["seed"] = None
     if key:
-        node = d
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = None
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        set_dotted(d, key, None)
+    return json_hash(d)
 
 
 def plan_runs(
@@ -117,7 +111,7 @@ def plan_runs(
 
 def _read_result(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))
+        return json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -134,7 +128,7 @@ def run_state(spec: RunSpec, out_dir: Path, rows: dict[tuple[str, str], dict], p
     result = _read_result(run_dir)
     if done_elsewhere or (result is not None and result.get("status") == "ok") or spec.config_hash in planned:
         return "reuse"
-    if (run_dir / CHECKPOINT).exists():
+    if (run_dir / CHECKPOINT_FILE).exists():
         return "resume"
     return "retry" if row is not None else "run"
 
@@ -166,8 +160,8 @@ def _tee(stream, sinks: list, tail: deque) -> None:
             s.flush()
 
 
-def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "experiments.train") -> Runner:
-    """Each run in a fresh `python -m experiments.train` process: its peak memory is its own, and a crash (even a
+def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "experiments.finetune") -> Runner:
+    """Each run in a fresh `python -m experiments.finetune` process: its peak memory is its own, and a crash (even a
     segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log."""
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
@@ -223,7 +217,7 @@ def inprocess_runner(progress: bool = True) -> Runner:
     """train_run in this process (torchrun: every rank runs every run together)."""
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
-        from experiments.train import train_run  # torch is imported only when something trains
+        from experiments.finetune import train_run  # torch is imported only when something trains
 
         try:
             return train_run(
@@ -246,7 +240,7 @@ def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = N
         value_index=spec.value_index,
         is_baseline=spec.is_baseline,
         seed=spec.seed,
-        cfg_dict=spec.cfg.to_dict(),
+        cfg=spec.cfg,
         config_hash=spec.config_hash,
         study_hash=spec.study_hash,
         result=result,
@@ -308,12 +302,12 @@ def run_sweep(
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
-            (run_dir / RESULT).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
-        result = runner(spec, run_dir, (run_dir / CHECKPOINT).exists())
+            (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
+        result = runner(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
         if not is_main:
             continue
         if _read_result(run_dir) is None:
-            write_json_atomic(run_dir / RESULT, result)
+            write_json_atomic(run_dir / RESULT_FILE, result)
         new_rows.append(_row(spec, out_dir, result))
         append_row(out_dir, new_rows[-1])
         say(f"    {_one_line(result)}")

@@ -26,7 +26,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def _config_of(model: nn.Module) -> LoRAConfig:
+def _injected_config(model: nn.Module) -> LoRAConfig:
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not lora_layers(model):
         raise ValueError("the model has no LoRA adapter; call inject_lora (or load_adapter) first")
@@ -36,7 +36,7 @@ def _config_of(model: nn.Module) -> LoRAConfig:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under the model's own state-dict keys (`<path>.lora_A`, `<path>.lora_B`),
     plus the biases that train under the config's bias mode. model.load_state_dict(sd, strict=False) takes it."""
-    cfg = _config_of(model)
+    cfg = _injected_config(model)
     sd = {}
     for name, layer in lora_layers(model):
         sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = layer.lora_A.detach(), layer.lora_B.detach()
@@ -71,7 +71,7 @@ def _from_file_key(key: str, hf_prefix: str) -> str:
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
     """Write path/adapter_config.json and path/adapter_model.safetensors, readable by PEFT."""
-    cfg = _config_of(model)
+    cfg = _injected_config(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lora_names = {n for n, _ in lora_layers(model)}

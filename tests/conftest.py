@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from experiments.config import Config, from_dict
 from model import GPT, GPTConfig
 
 TINY_GPT = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16)
@@ -51,3 +53,78 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: torch.cuda.is_available() is False")
     return torch.device(request.param)
+
+
+# ----------------------------------------------------------------------------- toy corpora and config for runs
+
+WORDS = ["alpha", "beta", "gamma", "delta", "value", "index", "total", "count", "items", "result"]
+
+
+def _write_corpus(root: Path, style: str, n_docs: int = 24, lines: int = 40, seed: int = 0) -> Path:
+    """Python-like documents; the "doc" style adds numpydoc-ish docstrings, so fine-tuning has something to learn."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        out = []
+        for i in range(lines):
+            a, b = rng.choice(WORDS), rng.choice(WORDS)
+            out.append(f"def {a}_{i}({b}):")
+            if style == "doc":
+                out.append(f'    """Return the {a} of {b}.\n\n    Parameters\n    ----------\n    {b} : int\n    """')
+            out.append(f"    return {b} + {rng.randint(0, 9)}\n")
+        (root / f"mod_{d}.py").write_text("\n".join(out), encoding="utf-8")
+    return root
+
+
+def _tiny_config(tmp: Path, **sections) -> Config:
+    """A full config at toy scale; `sections` deep-update it, e.g. train={"tokens": 4096}."""
+    data = {
+        "model": {"base": "builtin", "max_position_embeddings": 32},
+        "data": {"finetune": str(tmp / "ft"), "val_fraction": 0.2},
+        "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
+        "train": {
+            "tokens": 256 * 12,
+            "batch_tokens": 256,
+            "micro_batch_tokens": 128,
+            "lr": 1e-2,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "device": "cpu",
+            "warmup_fraction": 0.1,
+        },
+        "eval": {"max_tokens": 1024},
+        "pretrain": {
+            "corpus": str(tmp / "pt"),
+            "vocab_size": 320,
+            "n_layer": 2,
+            "n_head": 2,
+            "d_model": 32,
+            "d_ff": 64,
+            "seq_len": 32,
+            "tokens": 512 * 40,
+            "batch_tokens": 512,
+            "micro_batch_tokens": 512,
+            "lr": 1e-2,
+        },
+    }
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
+    return from_dict(data, source="test")
+
+
+def _toy_corpora(tmp: Path) -> None:
+    """tmp/pt (plain) and tmp/ft (with docstrings): the toy pretraining and fine-tuning corpora."""
+    _write_corpus(tmp / "pt", "plain", seed=1)
+    _write_corpus(tmp / "ft", "doc", seed=2)
+
+
+@pytest.fixture(scope="session")
+def toy_corpora() -> Callable[[Path], None]:
+    """Write the toy corpora of `tiny_config` under a folder: `toy_corpora(tmp)`."""
+    return _toy_corpora
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., Config]:
+    """A full config at toy scale over `toy_corpora(tmp)`: `tiny_config(tmp, train={"tokens": 4096})`."""
+    return _tiny_config

@@ -29,20 +29,6 @@ def test_deterministic_and_resumable():
     assert not torch.equal(a.batch(7, 1)[0], TrainSampler(IDS, 32, 4, seed=2).batch(7, 1)[0])
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ddp_ranks_partition_the_one_process_batch(world):
-    accum_local, step = 3, 11
-    one = TrainSampler(IDS, 16, 4, seed=0)
-    ranks = [TrainSampler(IDS, 16, 4, seed=0, rank=r, world_size=world) for r in range(world)]
-    single = torch.cat([one.batch(step, g)[0] for g in range(world * accum_local)])
-    per_rank = [torch.cat([s.batch(step, j)[0] for j in range(accum_local)]) for s in ranks]
-    starts = [set(p[:, 0].tolist()) for p in per_rank]
-    assert all(a.isdisjoint(b) for i, a in enumerate(starts) for b in starts[i + 1 :])
-    assert sorted(torch.cat(per_rank)[:, 0].tolist()) == sorted(single[:, 0].tolist())
-    # and micro j of rank r is exactly global micro-batch j * world + r of the single process
-    assert torch.equal(ranks[world - 1].batch(step, 2)[0], one.batch(step, 2 * world + world - 1)[0])
-
-
 def test_val_windows_predict_each_token_once_for_every_context():
     ids = IDS[:10_000]
     max_tokens = 4096

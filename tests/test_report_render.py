@@ -8,9 +8,10 @@ import re
 import struct
 
 from experiments.config import load_config
-from experiments.report import load_studies, write_report
 from experiments.report import main as report_main
+from experiments.report import write_report
 from experiments.run import DEFAULT_STUDY
+from experiments.studies import load_studies
 from experiments.sweep import plan_runs, run_sweep
 
 

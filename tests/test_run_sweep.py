@@ -83,7 +83,7 @@ def test_sweep_rows_skip_and_csv(tmp_path):
     assert len(rows) == 5 and len(runner.calls) == 5
     on_disk = read_rows(tmp_path)
     assert [r["value"] for r in on_disk] == [4, 8, 16, 32, 64]
-    assert list(on_disk[0]) == COLUMNS  # flat, every column, in order
+    assert tuple(on_disk[0]) == COLUMNS  # flat, every column, in order
     with open(tmp_path / RESULTS_CSV, newline="") as f:
         assert len(list(csv.DictReader(f))) == 5
     assert on_disk[0]["git_commit"] and on_disk[0]["peak_memory_bytes"] == on_disk[0]["peak_rss_bytes"]

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_corpora, tiny_config
 
-from experiments.base import ensure_base
-from experiments.train import train_run
+from experiments.finetune import train_run
+from experiments.pretrain import ensure_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +22,8 @@ def losses(run_dir: Path, key: str) -> list[float]:
     return [r[key] for r in recs if key in r]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
-    make_corpora(tmp_path)
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, tiny_config, toy_corpora):
+    toy_corpora(tmp_path)
     monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     # 4 micro-batches of 2 sequences per step: 2 per process, so no_sync accumulation is exercised too.
@@ -52,7 +51,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
             "--nproc_per_node",
             "2",
             "-m",
-            "experiments.train",
+            "experiments.finetune",
             "--config-json",
             str(cfg_file),
             "--run-dir",

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from experiments import loop, memory
-from experiments.distributed import DistInfo
+from experiments.training import loop, memory
+from experiments.training.distributed import DistInfo
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
 
@@ -82,7 +82,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 def test_loss_decreases_and_only_lora_trains():
     model = tiny_lora_model()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    plan = loop.Plan(seq_len=SEQ, micro_seqs=8, accum=2, steps=30)
+    plan = loop.BatchPlan(seq_len=SEQ, micro_seqs=8, accum=2, steps=30)
     xv, yv = batch_fn(32)(999, 0)
     out = loop.train(
         model,
@@ -116,7 +116,7 @@ def test_grad_accumulation_equals_one_big_batch_float64():
     for fn, micro_seqs, accum in ((big, 8, 1), (quarter, 2, 4)):
         model = tiny_lora_model(torch.float64)
         out = loop.train(
-            model, fn, loop.Plan(SEQ, micro_seqs, accum, steps=5), settings, device=CPU, dist=ONE, progress=False
+            model, fn, loop.BatchPlan(SEQ, micro_seqs, accum, steps=5), settings, device=CPU, dist=ONE, progress=False
         )
         results.append((trainable(model), [loss for _, loss in out.train_curve]))
     (p1, c1), (p2, c2) = results
@@ -138,7 +138,13 @@ def test_nan_loss_stops_the_run_as_diverged_at_its_step():
 
     model.loss = poisoned
     out = loop.train(
-        model, batch_fn(4), loop.Plan(SEQ, 4, 2, steps=10), loop.Settings(lr=1e-3), device=CPU, dist=ONE, progress=False
+        model,
+        batch_fn(4),
+        loop.BatchPlan(SEQ, 4, 2, steps=10),
+        loop.Settings(lr=1e-3),
+        device=CPU,
+        dist=ONE,
+        progress=False,
     )
     assert out.status == "diverged" and out.diverged_step == 4 and out.steps == 3
     assert all(math.isfinite(loss) for _, loss in out.train_curve)
@@ -148,7 +154,7 @@ def test_nan_loss_stops_the_run_as_diverged_at_its_step():
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     """Straight N steps == k steps, interrupt, resume to N: same adapter tensors and loss curve (with LoRA dropout,
     so the RNG state has to come back too)."""
-    plan = loop.Plan(SEQ, 4, 2, steps=8)
+    plan = loop.BatchPlan(SEQ, 4, 2, steps=8)
     settings = loop.Settings(lr=5e-3, checkpoint_every=3)
     xv, yv = batch_fn(8)(999, 0)
 
@@ -198,5 +204,5 @@ def test_saved_for_backward_counts_activations_not_parameters():
     doubled = loop.measure_saved_bytes(model, *batch_fn(8)(0, 0), CPU, None)
     assert 1.6 * saved < doubled < 2.4 * saved  # activations scale with the batch
     assert all(p.grad is None for p in model.parameters())
-    peaks = memory.peak_memory(CPU)
+    peaks = memory.memory_peaks(CPU)
     assert peaks["peak_rss_bytes"] > 10 * 2**20 and peaks["peak_allocated_bytes"] is None

@@ -6,19 +6,19 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_corpora, tiny_config
 
-from experiments import base as base_mod
-from experiments import loop
-from experiments.train import RESULT_KEYS, train_run
+from experiments import pretrain
+from experiments.finetune import train_run
+from experiments.results import RESULT_KEYS
+from experiments.training import loop
 from model import GPT
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
+def tmp(tmp_path_factory, toy_corpora):
     """Toy corpora and one cache for the module, so the toy base is pretrained once."""
     root = tmp_path_factory.mktemp("train_run")
-    make_corpora(root)
+    toy_corpora(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLM_LORA_CACHE", str(root / "cache"))
         mp.delenv("WANDB_PROJECT", raising=False)
@@ -32,7 +32,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_trains_an_adapter_and_records_everything(tmp):
+def test_run_trains_an_adapter_and_records_everything(tmp, tiny_config):
     cfg = tiny_config(tmp)
     run_dir = tmp / "runs" / "ok"
     r = train_run(cfg, run_dir, progress=False)
@@ -59,7 +59,7 @@ def test_run_trains_an_adapter_and_records_everything(tmp):
     assert not (run_dir / "checkpoint.pt").exists()
 
 
-def test_nan_loss_is_reported_as_diverged_with_its_step(tmp, monkeypatch):
+def test_nan_loss_is_reported_as_diverged_with_its_step(tmp, monkeypatch, tiny_config):
     real = GPT.loss
     calls = {"n": 0}
 
@@ -79,7 +79,7 @@ def test_nan_loss_is_reported_as_diverged_with_its_step(tmp, monkeypatch):
     assert not (tmp / "runs" / "nan" / "adapter").exists()
 
 
-def test_oom_and_errors_become_statuses(tmp, monkeypatch):
+def test_oom_and_errors_become_statuses(tmp, monkeypatch, tiny_config):
     def oom(self, *a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -94,7 +94,7 @@ def test_oom_and_errors_become_statuses(tmp, monkeypatch):
     assert json.loads((tmp / "runs" / "bad" / "result.json").read_text())["status"] == "failed"
 
 
-def test_resume_after_interruption_matches_a_straight_run(tmp, monkeypatch):
+def test_resume_after_interruption_matches_a_straight_run(tmp, monkeypatch, tiny_config):
     cfg = tiny_config(tmp, train={"checkpoint_every": 4}, lora={"dropout": 0.1}, eval={"every_steps": 4})
     straight = train_run(cfg, tmp / "runs" / "straight", progress=False)
 
@@ -126,7 +126,7 @@ def test_resume_after_interruption_matches_a_straight_run(tmp, monkeypatch):
     assert strip(read_metrics(run_dir)) == strip(read_metrics(tmp / "runs" / "straight"))
 
 
-def test_wandb_offline_run_is_written(tmp, monkeypatch):
+def test_wandb_offline_run_is_written(tmp, monkeypatch, tiny_config):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_PROJECT", "slm-lora-test")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -141,7 +141,7 @@ def test_wandb_offline_run_is_written(tmp, monkeypatch):
     assert (run_dir / "wandb_id.txt").read_text().strip() in runs[0].name
 
 
-def test_wandb_missing_warns_once_and_runs(tmp, monkeypatch, capsys):
+def test_wandb_missing_warns_once_and_runs(tmp, monkeypatch, capsys, tiny_config):
     import builtins
 
     real_import = builtins.__import__
@@ -159,9 +159,9 @@ def test_wandb_missing_warns_once_and_runs(tmp, monkeypatch, capsys):
     assert err.count("WANDB_PROJECT is set but wandb is not installed") == 1
 
 
-def test_base_is_cached_and_reused(tmp, monkeypatch):
+def test_base_is_cached_and_reused(tmp, monkeypatch, tiny_config):
     cfg = tiny_config(tmp)
-    folder = base_mod.ensure_base(cfg, progress=False)  # built by an earlier test, or now
+    folder = pretrain.ensure_base(cfg, progress=False)  # built by an earlier test, or now
     assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= {p.name for p in folder.iterdir()}
     summary = json.loads((folder / "pretrain.json").read_text())
     assert summary["val_loss"] < summary["val_loss_init"] - 1.0  # the toy base learned something
@@ -169,15 +169,15 @@ def test_base_is_cached_and_reused(tmp, monkeypatch):
     def no_pretraining(*a, **k):
         raise AssertionError("the cached base should have been reused")
 
-    monkeypatch.setattr(base_mod, "pretrain", no_pretraining)
-    assert base_mod.ensure_base(cfg, progress=False) == folder
-    assert base_mod.ensure_base(tiny_config(tmp, lora={"rank": 8}), progress=False) == folder  # not part of the key
+    monkeypatch.setattr(pretrain, "pretrain_base", no_pretraining)
+    assert pretrain.ensure_base(cfg, progress=False) == folder
+    assert pretrain.ensure_base(tiny_config(tmp, lora={"rank": 8}), progress=False) == folder  # not part of the key
     with pytest.raises(AssertionError, match="reused"):  # a different base config is a different base
-        base_mod.ensure_base(tiny_config(tmp, pretrain={"lr": 5e-3}), progress=False)
+        pretrain.ensure_base(tiny_config(tmp, pretrain={"lr": 5e-3}), progress=False)
     assert not list(folder.parent.glob("*.tmp-*"))  # the failed build left nothing behind
 
 
-def test_activation_checkpointing_and_bf16_autocast(tmp):
+def test_activation_checkpointing_and_bf16_autocast(tmp, tiny_config):
     """Checkpointing recomputes blocks in backward: same numbers, far fewer bytes saved for backward."""
     plain = train_run(tiny_config(tmp, train={"tokens": 256 * 3}), tmp / "runs" / "plain", progress=False)
     ckpt = train_run(

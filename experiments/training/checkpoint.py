@@ -13,6 +13,8 @@ from torch import nn
 
 from data.cache import atomic_write
 
+CHECKPOINT_FILE = "checkpoint.pt"  # in a run folder: present only while a run is unfinished
+
 
 def save_checkpoint(
     path: Path,

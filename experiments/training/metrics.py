@@ -1,4 +1,5 @@
-"""Where a run's numbers go: run_dir/metrics.jsonl always, Weights & Biases when WANDB_PROJECT is set.
+"""Where a run's numbers go (run_dir/metrics.jsonl always, Weights & Biases when WANDB_PROJECT is set), and the
+two conversions every number passes through: JSON-safe floats and perplexity.
 
 Only the process that owns the run directory (rank 0) makes a `MetricsLog`; the others pass `enabled=False`.
 """
@@ -13,20 +14,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from data.cache import atomic_write
+METRICS_FILE = "metrics.jsonl"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file in the same folder and a rename: readers never see half a file."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def _clean(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """JSON has no NaN/inf: a diverged loss is written as null and stays recognisable by the run's status."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss), None for a missing or non-finite loss; clamped below float overflow (exp(709) is the largest)."""
+    return None if loss is None or not math.isfinite(loss) else math.exp(min(loss, 700.0))
 
 
 class MetricsLog:
@@ -43,7 +43,7 @@ class MetricsLog:
         resume: bool = False,
     ) -> None:
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.wandb = None
         if not enabled:
             return
@@ -69,7 +69,7 @@ class MetricsLog:
         """One record with a "step" key, e.g. {"step": 10, "train_loss": 3.2, "lr": 1e-3, "tokens": 81920}."""
         if not self.enabled:
             return
-        record = {k: _clean(v) for k, v in record.items()}
+        record = {k: finite_or_none(v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -79,7 +79,7 @@ class MetricsLog:
         """The run's final numbers go to the W&B run summary; the JSONL file needs no closing."""
         if self.wandb is not None:
             for k, v in summary.items():
-                self.wandb.summary[k] = _clean(v)
+                self.wandb.summary[k] = finite_or_none(v)
             self.wandb.finish(exit_code=0 if summary.get("status") == "ok" else 1)
             self.wandb = None
 

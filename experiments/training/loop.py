@@ -21,17 +21,17 @@ from torch import nn
 from tqdm import tqdm
 
 from data import IGNORE_INDEX
-from experiments import memory
-from experiments.checkpoint import load_checkpoint, save_checkpoint
-from experiments.distributed import DistInfo, all_reduce_sum
-from experiments.logging_utils import MetricsLog
+from experiments.training import memory
+from experiments.training.checkpoint import load_checkpoint, save_checkpoint
+from experiments.training.distributed import DistInfo, all_reduce_sum
+from experiments.training.metrics import MetricsLog, perplexity
 
 # (step, global micro-batch index) -> (x, y), both (micro_seqs, seq_len) int64 token ids, y = x shifted by one.
 BatchFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """How a token budget becomes optimizer steps. Tokens per step are held fixed across an ablation; at longer
     contexts fewer sequences make up a micro-batch."""
 
@@ -49,13 +49,15 @@ class Plan:
         return self.steps * self.tokens_per_step
 
 
-def plan_batches(tokens: int, batch_tokens: int, micro_batch_tokens: int, seq_len: int, world_size: int = 1) -> Plan:
+def plan_batches(
+    tokens: int, batch_tokens: int, micro_batch_tokens: int, seq_len: int, world_size: int = 1
+) -> BatchPlan:
     micro_seqs = max(1, micro_batch_tokens // seq_len)
     accum = max(1, round(batch_tokens / (micro_seqs * seq_len)))
     if world_size > 1:  # the global micro-batches are split evenly across processes
         accum = max(world_size, round(accum / world_size) * world_size)
     steps = max(1, round(tokens / (accum * micro_seqs * seq_len)))
-    return Plan(seq_len, micro_seqs, accum, steps)
+    return BatchPlan(seq_len, micro_seqs, accum, steps)
 
 
 @dataclass
@@ -179,7 +181,7 @@ def measure_saved_bytes(
 def train(
     model: nn.Module,
     get_batch: BatchFn,
-    plan: Plan,
+    plan: BatchPlan,
     s: Settings,
     *,
     device: torch.device,
@@ -238,12 +240,7 @@ def train(
         out.val_curve.append([step, loss])
         if log is not None:
             log.log(
-                {
-                    "step": step,
-                    "tokens": step * plan.tokens_per_step,
-                    "val_loss": loss,
-                    "val_ppl": math.exp(min(loss, 50.0)),
-                }
+                {"step": step, "tokens": step * plan.tokens_per_step, "val_loss": loss, "val_ppl": perplexity(loss)}
             )
 
     if start == 0:

@@ -57,7 +57,7 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def peak_memory(device: torch.device) -> dict[str, int | None]:
+def memory_peaks(device: torch.device) -> dict[str, int | None]:
     """The run's memory peaks: allocator figures on CUDA, the process's peak RSS on CPU."""
     out: dict[str, int | None] = {
         "peak_allocated_bytes": None,

@@ -1,7 +1,7 @@
 """One LoRA fine-tuning run: a validated Config in, a trained adapter and one flat result row out.
 
-    python -m experiments.train --config-json run/config.json --run-dir run/ [--resume] [--group G] [--name N]
-    torchrun --nproc_per_node 2 -m experiments.train ...       # DDP: same global batch, same numbers
+    python -m experiments.finetune --config-json run/config.json --run-dir run/ [--resume] [--group G] [--name N]
+    torchrun --nproc_per_node 2 -m experiments.finetune ...       # DDP: same global batch, same numbers
 
 The sweep runner starts one such process per run, so a run's peak memory is its own. Whatever happens, the
 process exits 0 and run_dir/result.json says what happened: ok, diverged (with the step), oom or failed.
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
 import sys
 import traceback
 from pathlib import Path
@@ -22,59 +20,16 @@ import torch
 from torch import nn
 
 from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, token_array, val_windows
-from experiments import distributed, loop, memory
-from experiments.base import amp_dtype, base_fingerprint, ensure_base
+from data.cache import write_json_atomic
 from experiments.config import Config, from_dict
-from experiments.logging_utils import MetricsLog, write_json_atomic
+from experiments.pretrain import base_fingerprint, ensure_base
+from experiments.results import RESULT_FILE, RESULT_KEYS
+from experiments.training import distributed, loop, memory
+from experiments.training.checkpoint import CHECKPOINT_FILE
+from experiments.training.distributed import amp_dtype, device_name
+from experiments.training.metrics import MetricsLog, perplexity
 from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
 from model import from_pretrained
-
-RESULT_KEYS = (
-    "status",
-    "error",
-    "diverged_step",
-    "val_loss",
-    "val_ppl",
-    "best_val_loss",
-    "best_val_ppl",
-    "base_val_loss",
-    "base_val_ppl",
-    "train_tokens",
-    "steps",
-    "train_time_s",
-    "tokens_per_s",
-    "trainable_params",
-    "total_params",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_active_bytes",
-    "peak_rss_bytes",
-    "saved_for_backward_bytes",
-    "device",
-    "dtype",
-    "torch_version",
-    "world_size",
-    "corpus_fingerprint",
-    "base_fingerprint",
-)
-
-
-def _ppl(loss: float | None) -> float | None:
-    return None if loss is None or not math.isfinite(loss) else math.exp(min(loss, 700.0))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:
@@ -139,9 +94,9 @@ def train_run(
     except Exception as e:  # a failed run must not stop the sweep; the traceback goes to stderr
         traceback.print_exc()
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
-    result.update(memory.peak_memory(device))
+    result.update(memory.memory_peaks(device))
     if dist.is_main:
-        write_json_atomic(run_dir / "result.json", result)
+        write_json_atomic(run_dir / RESULT_FILE, result)
     if log is not None:
         log.finish(result)
     distributed.teardown(dist)
@@ -187,7 +142,7 @@ def _fine_tune(
         cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len, dist.world_size
     )
     # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
-    sampler = TrainSampler(train_ids, seq_len, plan.micro_seqs, seed=cfg.train.seed, rank=0, world_size=1)
+    sampler = TrainSampler(train_ids, seq_len, plan.micro_seqs, seed=cfg.train.seed)
     xv, yv = val_windows(val_ids, seq_len, cfg.eval.max_tokens)
 
     # 3. LoRA: injection freezes every base weight; the seed fixes A's init (same on every process).
@@ -232,7 +187,7 @@ def _fine_tune(
         device=device,
         dist=dist,
         val=(xv, yv),
-        checkpoint=run_dir / "checkpoint.pt",
+        checkpoint=run_dir / CHECKPOINT_FILE,
         resume=resume,
         log=log,
         progress=progress,
@@ -242,7 +197,7 @@ def _fine_tune(
     # 5. The adapter and the numbers.
     if dist.is_main and out.status == "ok":
         save_adapter(model, run_dir / "adapter")
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     base_loss = out.val_curve[0][1] if out.val_curve and out.val_curve[0][0] == 0 else None
     tuned = [loss for step, loss in out.val_curve if step > 0]
     final = tuned[-1] if out.status == "ok" and tuned else None
@@ -252,11 +207,11 @@ def _fine_tune(
         "error": None,
         "diverged_step": out.diverged_step,
         "val_loss": final,
-        "val_ppl": _ppl(final),
+        "val_ppl": perplexity(final),
         "best_val_loss": best,
-        "best_val_ppl": _ppl(best),
+        "best_val_ppl": perplexity(best),
         "base_val_loss": base_loss,
-        "base_val_ppl": _ppl(base_loss),
+        "base_val_ppl": perplexity(base_loss),
         "train_tokens": out.train_tokens,
         "steps": out.steps,
         "train_time_s": out.train_time_s,
@@ -270,7 +225,7 @@ def _fine_tune(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-json", required=True, type=Path, help="a run's full config (Config.to_dict() as JSON)")
     ap.add_argument("--run-dir", required=True, type=Path, help="where metrics, adapter and result.json go")
     ap.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.pt if there is one")

@@ -18,8 +18,6 @@ those lengths adapts to both. Each run records the base's own validation perplex
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -28,40 +26,31 @@ from pathlib import Path
 import torch
 
 from data import TrainSampler, cache_dir, load_corpus, split_corpus, token_array, train_bpe_tokenizer, val_windows
+from data.cache import json_hash, short_hash, write_json_atomic
 from data.tokenizer import tokenizer_files
-from experiments import loop
 from experiments.config import Config
-from experiments.distributed import DistInfo, resolve_device
-from experiments.logging_utils import MetricsLog, write_json_atomic
+from experiments.training import loop
+from experiments.training.distributed import DistInfo, amp_dtype, resolve_device
+from experiments.training.metrics import MetricsLog
 from model import GPT, GPTConfig, save_pretrained
 
 PRETRAIN_VAL_FRACTION = 0.05  # documents held out to report the base's own validation loss
 PRETRAIN_EVAL_TOKENS = 32768
 
 
-def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.dtype`: auto is bfloat16 on CUDA and plain float32 on CPU, the reference
-    precision; whether bf16 pays on a CPU depends on its bf16 units (see README), so there it is opt-in."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return None if name == "float32" else getattr(torch, name)
-
-
 def base_key(cfg: Config, corpus_fingerprint: str) -> str:
     """The built-in base's identity: its `pretrain:` section and the corpus it learns from."""
-    blob = json.dumps({"pretrain": cfg.to_dict()["pretrain"], "corpus": corpus_fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_hash({"pretrain": cfg.to_dict()["pretrain"], "corpus": corpus_fingerprint})
 
 
 def base_fingerprint(folder: Path) -> str:
     """Identity of a base folder: its config, tokenizer and the size of its weights (hashing gigabytes of an
     imported checkpoint on every run would cost more than it protects)."""
-    h = hashlib.sha256()
-    for f in [folder / "config.json", *tokenizer_files(folder)]:
-        h.update(f.read_bytes() if f.is_file() else b"-")
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+    files = [f.read_bytes() if f.is_file() else b"-" for f in [folder / "config.json", *tokenizer_files(folder)]]
+    weights = [
+        f"{f.name}:{f.stat().st_size}" for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    ]
+    return short_hash(*files, *weights)
 
 
 def ensure_base(cfg: Config, progress: bool = True) -> Path:
@@ -79,7 +68,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        pretrain(cfg, corpus, tmp, progress=progress)
+        pretrain_base(cfg, corpus, tmp, progress=progress)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same base first; theirs is as good as ours
@@ -90,7 +79,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> Path:
     return folder
 
 
-def pretrain(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
+def pretrain_base(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
     """Train the built-in base from scratch and write it (model, tokenizer, pretrain.json) into out_dir."""
     p = cfg.pretrain
     device = resolve_device(cfg.train.device)
@@ -125,7 +114,7 @@ def pretrain(cfg: Config, corpus, out_dir: Path, progress: bool = True) -> dict:
         compile=cfg.train.compile,
         log_every=max(1, plan.steps // 50),
     )
-    sampler = TrainSampler(train_ids, p.seq_len, plan.micro_seqs, seed=p.seed, rank=0, world_size=1)
+    sampler = TrainSampler(train_ids, p.seq_len, plan.micro_seqs, seed=p.seed)
     xv, yv = val_windows(val_ids, p.seq_len, PRETRAIN_EVAL_TOKENS)
     log = MetricsLog(out_dir, config=cfg.to_dict()["pretrain"])
     t0 = time.perf_counter()

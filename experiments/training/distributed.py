@@ -7,7 +7,9 @@ one process and every function here is a no-op, so the loop reads the same eithe
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,29 @@ def resolve_device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(kind)
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `dtype` setting: auto is bfloat16 on CUDA and plain float32 on CPU, the reference
+    precision; whether bf16 pays on a CPU depends on its bf16 units (see README), so there it is opt-in."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if name == "float32" else getattr(torch, name)
+
+
+def device_name(device: torch.device) -> str:
+    """What results and benchmarks record as the device: the GPU's name, or the CPU model and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def setup(device_kind: str) -> DistInfo:

@@ -1,0 +1,132 @@
+"""A results folder read as studies: the latest row per run, grouped by ablation and shared config (one table
+each), and per swept value its runs over seeds with their summaries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.results import latest, read_rows
+from experiments.schema import flatten
+from experiments.stats import Summary, mean_ci
+
+LEVEL = 0.95
+SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
+
+
+@dataclass
+class Value:
+    """One swept value of a study: its runs (one per seed, latest row each) and their summaries."""
+
+    value: Any
+    index: int | None
+    is_baseline: bool
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "ok"]
+
+    def metric(self, name: str) -> list[float]:
+        return [float(r[name]) for r in self.ok if r.get(name) is not None]
+
+    def summary(self, name: str) -> Summary | None:
+        xs = self.metric(name)
+        return mean_ci(xs, LEVEL) if xs else None
+
+    def mean(self, name: str) -> float | None:
+        s = self.summary(name)
+        return s.mean if s else None
+
+    @property
+    def label(self) -> str:
+        return "(no ablation)" if self.value is None else str(self.value)
+
+    @property
+    def short(self) -> str:
+        """Short label for plots and prose: "q,v,fc1,fc2" for module lists."""
+        if isinstance(self.value, str) and "," in self.value or self.value in SHORT:
+            return ",".join(SHORT.get(m, m) for m in str(self.value).split(","))
+        return self.label
+
+
+@dataclass
+class Study:
+    """The rows of one ablation under one shared config (same study hash): what one table shows."""
+
+    ablation: str
+    key: str
+    study_hash: str
+    values: list[Value]
+    differs: str = ""  # when an ablation has several studies: the settings that set this one apart
+
+    @property
+    def baseline(self) -> Value | None:
+        return next((v for v in self.values if v.is_baseline), None)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [r for v in self.values for r in v.rows]
+
+    @property
+    def slug(self) -> str:
+        """File-name stem of this study's plot: the ablation, plus the study hash when it has several studies."""
+        return self.ablation + (f"_{self.study_hash[:8]}" if self.differs else "")
+
+    @property
+    def numeric(self) -> bool:
+        return all(isinstance(v.value, (int, float)) and not isinstance(v.value, bool) for v in self.values)
+
+
+def run_config(out_dir: Path, row: dict) -> dict:
+    """The config a row's run was trained with (its run folder's config.json), {} if it is gone."""
+    try:
+        return json.loads((out_dir / row["run_dir"] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return {}
+
+
+def load_studies(out_dir: Path) -> list[Study]:
+    """The latest row per (ablation, config hash), grouped into studies, in the order they first appear."""
+    out_dir = Path(out_dir)
+    rows = list(latest(read_rows(out_dir)).values())
+    studies: dict[tuple[str, str], Study] = {}
+    for r in rows:
+        st = studies.setdefault((r["ablation"], r["study_hash"]), Study(r["ablation"], r["key"], r["study_hash"], []))
+        v = next((v for v in st.values if v.value == r["value"]), None)
+        if v is None:
+            v = Value(r["value"], r.get("value_index"), bool(r.get("is_baseline")))
+            st.values.append(v)
+        v.rows.append(r)
+    for st in studies.values():
+        for v in st.values:
+            v.rows.sort(key=lambda r: r["seed"])
+        if st.numeric:
+            st.values.sort(key=lambda v: v.value)
+        else:
+            st.values.sort(key=lambda v: (v.index is None, v.index if v.index is not None else 0, v.label))
+    _mark_differences(out_dir, list(studies.values()))
+    return list(studies.values())
+
+
+def _mark_differences(out_dir: Path, studies: list[Study]) -> None:
+    """An ablation run under two different configs gets two tables; say what differs between them."""
+    by_name: dict[str, list[Study]] = {}
+    for st in studies:
+        by_name.setdefault(st.ablation, []).append(st)
+    for group in by_name.values():
+        if len(group) < 2:
+            continue
+        flats = [flatten(run_config(out_dir, st.rows[0])) for st in group]
+        for st, flat in zip(group, flats):
+            skip = {st.key, "train.seed"}
+            keys = sorted(
+                k
+                for k in set().union(*flats)
+                if k not in skip
+                and k.split(".")[0] != "ablation"
+                and len({json.dumps(f.get(k), default=str) for f in flats}) > 1
+            )
+            st.differs = ", ".join(f"{k}={flat.get(k)}" for k in keys) or "(configs not found)"
