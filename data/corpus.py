@@ -286,22 +286,12 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
         train = [d for d in docs if d[0] not in val_names]
         val = [d for d in docs if d[0] in val_names]
     tag = f"{val_fraction!r}"
-    return (
-        Corpus(
-            f"{corpus.name}-train",
-            train,
-            short_hash(corpus.fingerprint, "train", tag),
-            corpus.skipped,
-            dict(corpus.meta, split="train", val_fraction=val_fraction),
-        ),
-        Corpus(
-            f"{corpus.name}-val",
-            val,
-            short_hash(corpus.fingerprint, "val", tag),
-            corpus.skipped,
-            dict(corpus.meta, split="val", val_fraction=val_fraction),
-        ),
-    )
+
+    def part(split: str, docs: list[tuple[str, str]]) -> Corpus:
+        meta = dict(corpus.meta, split=split, val_fraction=val_fraction)
+        return Corpus(f"{corpus.name}-{split}", docs, short_hash(corpus.fingerprint, split, tag), corpus.skipped, meta)
+
+    return part("train", train), part("val", val)
 
 
 def _split_lines(doc: tuple[str, str], val_fraction: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -11,6 +11,7 @@ in this process under torchrun). The sweep's own job is never to lose work:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -233,20 +234,9 @@ def inprocess_runner(progress: bool = True) -> Runner:
 
 
 def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None) -> dict:
-    return make_row(
-        ablation=spec.ablation,
-        key=spec.key,
-        value=spec.value,
-        value_index=spec.value_index,
-        is_baseline=spec.is_baseline,
-        seed=spec.seed,
-        cfg=spec.cfg,
-        config_hash=spec.config_hash,
-        study_hash=spec.study_hash,
-        result=result,
-        run_dir=str(spec.run_dir(out_dir).relative_to(out_dir)),
-        reused_from=reused_from,
-    )
+    who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # ablation, value, seed, hashes, cfg
+    run_dir = str(spec.run_dir(out_dir).relative_to(out_dir))
+    return make_row(**who, result=result, run_dir=run_dir, reused_from=reused_from)
 
 
 def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from torch import nn
@@ -109,15 +110,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         )
         setattr(parent, child, layer)
     if previous is not None:  # record exactly what is wrapped now, so the saved config re-matches it
-        cfg = LoRAConfig(
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            init=cfg.init,
-            bias=cfg.bias,
-            target_modules=sorted(n for n, _ in lora_layers(model)),
-        )
+        cfg = dataclasses.replace(cfg, target_modules=sorted(n for n, _ in lora_layers(model)), exclude_modules=None)
     model.lora_config = cfg
     _freeze(model, cfg.bias)
     return names
