@@ -1,5 +1,6 @@
-"""Load checkpoints from a local folder as transformers writes it (config.json + safetensors / bin), mapping
-OPT and GPT-2 onto our GPT, and save / load our own base model ("slm-gpt"). Nothing is downloaded."""
+"""Load checkpoints from a folder as transformers writes it (config.json + safetensors / bin), or by Hugging Face
+model name through the Hugging Face cache (model.hub), mapping OPT and GPT-2 onto our GPT; save / load our own base
+model ("slm-gpt")."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .gpt import GPT
+from .hub import resolve_checkpoint
 
 SUPPORTED_MODEL_TYPES = ("opt", "gpt2", "slm-gpt")
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT from a local checkpoint folder of model_type opt, gpt2 or slm-gpt. The returned model is in eval
-    mode; `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none;
+def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT from a checkpoint folder of model_type opt, gpt2 or slm-gpt, or from a Hugging Face model name
+    (`facebook/opt-125m`, see model.hub.resolve_checkpoint). The returned model is in eval mode;
+    `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none;
     `model.hf_module_prefix` is "model.decoder." for OPT (our `layers.0.fc1` is transformers'
     `model.decoder.layers.0.fc1`), "" otherwise."""
-    folder = Path(path)
+    folder = resolve_checkpoint(name_or_path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")

@@ -1,0 +1,174 @@
+"""Model names through the Hugging Face cache: a tiny random OPT and GPT-2 saved by transformers (with tokenizer
+files) are put into a private cache in the layout huggingface_hub writes, and resolved by name with HF_HUB_OFFLINE=1.
+No test touches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from data.tokenizer import EOT
+from model import CheckpointNotFoundError, from_pretrained, resolve_checkpoint
+
+transformers = pytest.importorskip("transformers")
+hub = pytest.importorskip("huggingface_hub")
+
+VOCAB = 300
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Callable[[str, Path], Path]:
+    """An empty offline Hugging Face cache under HF_HOME=tmp, and `put(repo_id, folder)`, which stores a folder's
+    files as that repo the way huggingface_hub does (blobs/<sha256>, snapshots/<commit>/ of relative symlinks,
+    refs/main) and returns the snapshot folder. The variables are set for subprocesses; huggingface_hub reads them
+    at import, so its constants are patched for this process too."""
+    home = tmp_path / "hf_home"
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id: str, folder: Path) -> Path:
+        repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (repo / "blobs").mkdir()
+        for f in sorted(folder.iterdir()):
+            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    return put
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A byte-level BPE (any text encodes to ids < VOCAB), trained in milliseconds."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["def resolve(name):\n    return cache[name]\n" * 20], trainer=trainer)
+    return tok
+
+
+def tiny_checkpoint(kind: str, folder: Path) -> torch.nn.Module:
+    """A random tiny OPT (tokenizer.json + tokenizer_config.json) or GPT-2 (vocab.json + merges.txt), as the Hub
+    serves them; returns transformers' model."""
+    torch.manual_seed(0)
+    if kind == "opt":
+        cfg = transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
+        hf = transformers.OPTForCausalLM(cfg).eval()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), eos_token=EOT).save_pretrained(folder)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        hf = transformers.GPT2LMHeadModel(cfg).eval()
+        folder.mkdir(parents=True, exist_ok=True)
+        tiny_tokenizer().model.save(str(folder))
+        (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOT}))
+    with torch.no_grad():  # random biases and LayerNorms too: a mapping mistake cannot hide behind zeros
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+def test_name_resolves_offline_to_the_snapshot_transformers_loads(hf_cache, tmp_path, kind):
+    name = f"tiny-org/tiny-{kind}"
+    hf = tiny_checkpoint(kind, tmp_path / "saved")
+    snapshot = hf_cache(name, tmp_path / "saved")
+    cached = hub.scan_cache_dir(hub.constants.HF_HUB_CACHE).repos  # huggingface_hub itself reads the layout
+    assert [(r.repo_id, r.nb_files) for r in cached] == [(name, len(list(snapshot.iterdir())))]
+
+    assert resolve_checkpoint(name) == snapshot
+    ours = from_pretrained(name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(name).eval()  # the same name, the same cache
+    x = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(theirs(x).logits, hf(x).logits, rtol=0, atol=0)
+    tokenizer_file = snapshot / "tokenizer.json"
+    assert ours.tokenizer_path == (str(tokenizer_file) if tokenizer_file.exists() else None)
+
+
+def test_bin_only_snapshot(hf_cache, tmp_path):
+    """Older repos (facebook/opt-125m) hold pytorch_model.bin and no safetensors."""
+    hf = tiny_checkpoint("opt", tmp_path / "saved")
+    (tmp_path / "saved" / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "saved" / "pytorch_model.bin")
+    snapshot = hf_cache("tiny-org/tiny-opt", tmp_path / "saved")
+    assert resolve_checkpoint("tiny-org/tiny-opt") == snapshot
+    x = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained("tiny-org/tiny-opt")(x), hf(x).logits, rtol=0, atol=1e-4)
+
+
+def test_local_folder_wins_over_a_name_and_the_hub_is_not_asked(hf_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_checkpoint("opt", Path("tiny-org/tiny-opt"))  # a folder that is also shaped like a name; the cache is empty
+    assert resolve_checkpoint("tiny-org/tiny-opt") == Path("tiny-org/tiny-opt")
+    assert resolve_checkpoint(tmp_path / "tiny-org" / "tiny-opt") == tmp_path / "tiny-org" / "tiny-opt"
+    assert from_pretrained("tiny-org/tiny-opt").config.n_layer == 2
+
+
+def test_name_missing_from_the_offline_cache_says_where_it_looked_and_how_to_download(hf_cache, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    hf_cache("tiny-org/other", tmp_path / "other")  # the cache exists and holds another repo
+    with pytest.raises(CheckpointNotFoundError) as err:
+        from_pretrained("facebook/opt-125m")
+    msg = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert "facebook/opt-125m is not a local folder" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert str(tmp_path / "hf_home" / "hub") in msg
+    assert "`hf download facebook/opt-125m`" in msg
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hf_cache, tmp_path, monkeypatch):
+    """Offline mode off, but the Hub does not answer (a closed local port stands in for it): a cached name still
+    resolves, and a name that is not cached is the clear error, with the reason."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    tiny_checkpoint("opt", tmp_path / "saved")
+    snapshot = hf_cache("tiny-org/tiny-opt", tmp_path / "saved")
+    assert resolve_checkpoint("tiny-org/tiny-opt") == snapshot
+    with pytest.raises(CheckpointNotFoundError, match=r"the Hub could not be reached \(ConnectError") as err:
+        resolve_checkpoint("tiny-org/missing")
+    assert str(tmp_path / "hf_home" / "hub") in str(err.value) and "`hf download tiny-org/missing`" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["no/such/folder", "opt-125m", "bad name/with space", "config.json"])
+def test_neither_a_folder_nor_a_name(hf_cache, tmp_path, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+    Path("config.json").write_text("{}")  # an existing file is not a checkpoint folder either
+    with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hugging Face model name") as err:
+        resolve_checkpoint(text)
+    assert not isinstance(err.value, CheckpointNotFoundError) and repr(text) in str(err.value)
