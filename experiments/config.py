@@ -27,6 +27,7 @@ from experiments.schema import (
     unknown_key,
     where,
 )
+from model import resolve_checkpoint
 from model.config import POSITION_EMBEDDINGS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -60,7 +61,7 @@ class PretrainConfig:
 class ModelConfig:
     """The model LoRA adapts, and the context length of fine-tuning and evaluation."""
 
-    base: str = "builtin"  # "builtin" or a local OPT / GPT-2 checkpoint folder
+    base: str = "builtin"  # "builtin", an OPT / GPT-2 checkpoint folder, or a Hugging Face name (facebook/opt-125m)
     max_position_embeddings: int = field(default=512, metadata=in_range(8, 1 << 20))
     dropout: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
 
@@ -179,11 +180,6 @@ def _check_semantics(cfg: Config, source: str) -> None:
         )
     if p.micro_batch_tokens > p.batch_tokens:
         raise ConfigError(f"{where(source, 'pretrain.micro_batch_tokens')} must not exceed pretrain.batch_tokens.")
-    if cfg.model.base != "builtin" and not Path(cfg.model.base).is_dir():
-        raise ConfigError(
-            f"{where(source, 'model.base')}: {cfg.model.base!r} is not a folder. Give 'builtin' "
-            "or a local OPT / GPT-2 checkpoint folder (config.json + model.safetensors)."
-        )
     if cfg.ablation is not None:
         a = cfg.ablation
         if not a.key or not a.values:
@@ -195,6 +191,18 @@ def _check_semantics(cfg: Config, source: str) -> None:
             )
         for v in a.values:  # every swept value must itself be a valid config
             with_value(cfg, a.key, v, source=f"{source} (ablation value {v!r})")
+
+
+def _resolve_base(cfg: Config, source: str) -> Config:
+    """`cfg` with model.base as the folder every run loads: a Hugging Face model name is resolved now (the Hugging
+    Face cache, or a download when online), before any work, and every run and process then uses that folder."""
+    if cfg.model.base == "builtin":
+        return cfg
+    try:
+        folder = resolve_checkpoint(cfg.model.base)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where(source, 'model.base')}: {e}") from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base=str(folder)))
 
 
 def resolve_key(key: str, source: str = "command line") -> str:
@@ -219,7 +227,7 @@ def resolve_key(key: str, source: str = "command line") -> str:
 
 def from_dict(data: dict, source: str = "config") -> Config:
     """Build and fully validate a Config from a plain dict (YAML, JSON, or a run's saved config)."""
-    cfg = build(Config, data, source, "")
+    cfg = _resolve_base(build(Config, data, source, ""), source)
     _check_semantics(cfg, source)
     return cfg
 
@@ -237,7 +245,7 @@ def with_value(cfg: Config, key: str, value: Any, source: str = "command line") 
     data = cfg.to_dict()
     set_dotted(data, resolve_key(key, source), value)
     ablation = data.pop("ablation")
-    new = build(Config, data, source, "")
+    new = _resolve_base(build(Config, data, source, ""), source)
     new.ablation = cfg.ablation if ablation is None else build(AblationConfig, ablation, source, "ablation.")
     _check_semantics(dataclasses.replace(new, ablation=None), source)
     return new

@@ -35,6 +35,7 @@ from experiments.config import (
 from experiments.results import value_label
 from experiments.schema import flatten
 from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
+from model import resolve_checkpoint
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
 # The default study, in the order the seed README recommends reading it.
@@ -86,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--base_model",
         "--base-model",
-        metavar="PATH",
-        help="a local OPT / GPT-2 checkpoint folder to adapt (sets model.base)",
+        metavar="PATH_OR_NAME",
+        help="an OPT / GPT-2 checkpoint folder, or a Hugging Face model name (facebook/opt-125m) found in the HF cache "
+        "or downloaded when online, to adapt (sets model.base)",
     )
     ap.add_argument(
         "--data", metavar="PATH", help="your fine-tuning text: a file, glob, folder or .jsonl (sets data.finetune)"
@@ -123,6 +125,15 @@ def _path_flag(flag: str, value: str) -> str:
     return str(p.resolve()) if p.exists() else str(Path.cwd() / p)
 
 
+def _base_flag(value: str) -> str:
+    """--base_model: a checkpoint folder, or a Hugging Face model name resolved now to its folder in the Hugging Face
+    cache (downloaded first when online); absolute, since runs may start in another folder."""
+    try:
+        return str(resolve_checkpoint(value).resolve())
+    except FileNotFoundError as e:
+        raise ConfigError(f"--base_model {value}: {e}") from None
+
+
 def _check_corpora(specs: list[RunSpec]) -> None:
     """Corpus paths set in a YAML or by --set must exist too, or every run would fail on the same error."""
     for s in specs:
@@ -141,7 +152,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
         quick = yaml.safe_load(QUICK_FILE.read_text(encoding="utf-8")) or {}
         items += [(k, v, str(QUICK_FILE)) for k, v in flatten(quick).items()]
     if args.base_model:
-        items.append(("model.base", _path_flag("--base_model", args.base_model), "--base_model"))
+        items.append(("model.base", _base_flag(args.base_model), "--base_model"))
     if args.data:
         items.append(("data.finetune", _path_flag("--data", args.data), "--data"))
     for text in args.overrides:

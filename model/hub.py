@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
-from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError, validate_repo_id
+from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, validate_repo_id
 
 # What from_pretrained and load_tokenizer read, nothing else: repos also hold TF / Flax / ONNX copies of the weights.
 _CONFIG_AND_TOKENIZER = [
@@ -32,31 +32,34 @@ class CheckpointNotFoundError(FileNotFoundError):
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """The checkpoint folder for an existing local folder (returned as is) or a Hugging Face model name `org/name`
     (its snapshot folder in the Hugging Face cache, downloaded first when offline mode is off and the Hub is
-    reachable). Raises CheckpointNotFoundError for a name that is not cached and cannot be downloaded, naming the
-    cache searched and the download command; a plain FileNotFoundError for text that is neither a folder nor
-    shaped like `org/name` (a mistyped path: the Hub is not asked)."""
+    reachable). Raises CheckpointNotFoundError for a name that is not cached and cannot be downloaded (naming the
+    cache searched and the download command) or that the Hub does not know; a plain FileNotFoundError for text
+    that is neither a folder nor shaped like `org/name` (a mistyped path: the Hub is not asked)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if path.exists() or not _is_model_name(name):
         raise FileNotFoundError(
-            f"{name!r} is not a folder, nor a Hugging Face model name like facebook/opt-125m. "
+            f"{name!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m. "
             "Give the folder of an OPT / GPT-2 checkpoint (config.json + weights) or an org/name from the Hub."
         )
     try:
         for patterns in _WEIGHTS:
             folder = Path(
                 snapshot_download(
-                    name,
-                    allow_patterns=_CONFIG_AND_TOKENIZER + patterns,
-                    local_files_only=constants.HF_HUB_OFFLINE,
+                    name, allow_patterns=_CONFIG_AND_TOKENIZER + patterns, local_files_only=constants.HF_HUB_OFFLINE
                 )
             )
             if any(any(folder.glob(p)) for p in patterns):
                 break
     except LocalEntryNotFoundError as err:
         raise CheckpointNotFoundError(_not_found(name, err)) from err
+    except RepositoryNotFoundError as err:  # the Hub answered: a mistyped folder or model name, or a gated model
+        raise CheckpointNotFoundError(
+            f"{name} is not a local folder, and the Hugging Face Hub has no model of that name (a private or gated "
+            "one needs `hf auth login` first)."
+        ) from err
     return folder  # a snapshot without weights: from_pretrained names the files it looked for
 
 

@@ -43,7 +43,7 @@ def write(tmp_path, text, name="abl.yaml"):
         (["--set", "train=3"], ["is a section"]),
         (["--seeds", "0"], ["--seeds 0", "at least 1"]),
         (["--data", "/no/such/corpus.txt"], ["--data /no/such/corpus.txt", "no such file"]),
-        (["--base_model", "/no/such/opt"], ["--base_model /no/such/opt", "no such file"]),
+        (["--base_model", "/no/such/opt"], ["--base_model /no/such/opt", "no such folder, nor a Hugging Face model"]),
         (["--data", "/no/such/*.txt"], ["--data /no/such/*.txt", "glob matches nothing"]),
         (["--set", "data.finetune=/no/such/dir"], ["'data.finetune': '/no/such/dir' is no file, folder"]),
         (["--set", "pretrain.corpus=/no/such/dir"], ["'pretrain.corpus'", "Give 'builtin'"]),

@@ -1,6 +1,6 @@
 """Model names through the Hugging Face cache: a tiny random OPT and GPT-2 saved by transformers (with tokenizer
-files) are put into a private cache in the layout huggingface_hub writes, and resolved by name with HF_HUB_OFFLINE=1.
-No test touches the network."""
+files) are put into a private cache in the layout huggingface_hub writes, resolved by name with HF_HUB_OFFLINE=1,
+loaded, and swept by `python -m experiments.run --base_model org/name`. No test touches the network."""
 
 from __future__ import annotations
 
@@ -9,19 +9,28 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+import model.hub
 from data.tokenizer import EOT
+from experiments.config import ConfigError, load_config, with_value, with_values
+from experiments.run import main as run_main
 from model import CheckpointNotFoundError, from_pretrained, resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
 hub = pytest.importorskip("huggingface_hub")
 
+REPO = Path(__file__).resolve().parent.parent
 VOCAB = 300
 
 
@@ -165,10 +174,130 @@ def test_unreachable_hub_falls_back_to_the_cache(hf_cache, tmp_path, monkeypatch
     assert str(tmp_path / "hf_home" / "hub") in str(err.value) and "`hf download tiny-org/missing`" in str(err.value)
 
 
+# Files of two repos on the Hub (abridged): weights in several formats, docs, and what from_pretrained reads.
+HUB_FILES = {
+    "facebook/opt-125m": ".gitattributes README.md config.json generation_config.json flax_model.msgpack tf_model.h5 "
+    "pytorch_model.bin merges.txt vocab.json special_tokens_map.json tokenizer_config.json",
+    "openai-community/gpt2": "README.md 64.tflite config.json flax_model.msgpack model.safetensors onnx/config.json "
+    "onnx/decoder_model.onnx pytorch_model.bin rust_model.ot tf_model.h5 merges.txt vocab.json tokenizer.json "
+    "tokenizer_config.json",
+}
+
+
+@pytest.mark.parametrize(
+    "name, wanted",
+    [
+        ("facebook/opt-125m", "config.json pytorch_model.bin merges.txt vocab.json special_tokens_map.json"),
+        ("openai-community/gpt2", "config.json model.safetensors merges.txt vocab.json tokenizer.json"),
+    ],
+)
+def test_a_download_fetches_only_what_from_pretrained_reads(tmp_path, monkeypatch, name, wanted):
+    """Online, snapshot_download gets allow_patterns; huggingface_hub's own filter applies them to the repo's files
+    here: safetensors when the repo has them, else .bin, never TF / Flax / ONNX copies or subfolders."""
+    fetched: list[str] = []
+
+    def download(repo_id: str, allow_patterns: list[str], local_files_only: bool) -> str:
+        assert not local_files_only
+        files = list(hub.utils.filter_repo_objects(HUB_FILES[repo_id].split(), allow_patterns=allow_patterns))
+        for f in files:
+            (tmp_path / f).touch()
+        fetched.extend(files)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model.hub, "snapshot_download", download)
+    assert resolve_checkpoint(name) == tmp_path
+    assert set(fetched) == {*wanted.split(), "tokenizer_config.json"}
+
+
+class NoSuchRepo(BaseHTTPRequestHandler):
+    """The Hub's answer to a repo it does not have (or that is private and the request is not logged in)."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> Iterator[None]:
+    """Offline mode off, and the Hub endpoint a local server that knows no repo."""
+    server = HTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_name_the_hub_does_not_know(hf_cache, fake_hub):
+    with pytest.raises(CheckpointNotFoundError, match="tiny-org/typo is not a local folder, and the Hugging Face Hub"):
+        resolve_checkpoint("tiny-org/typo")
+
+
 @pytest.mark.parametrize("text", ["no/such/folder", "opt-125m", "bad name/with space", "config.json"])
 def test_neither_a_folder_nor_a_name(hf_cache, tmp_path, monkeypatch, text):
     monkeypatch.chdir(tmp_path)
     Path("config.json").write_text("{}")  # an existing file is not a checkpoint folder either
-    with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hugging Face model name") as err:
+    with pytest.raises(FileNotFoundError, match="no such folder, nor a Hugging Face model name") as err:
         resolve_checkpoint(text)
     assert not isinstance(err.value, CheckpointNotFoundError) and repr(text) in str(err.value)
+
+
+def test_config_resolves_a_name_in_model_base_once_to_its_snapshot(hf_cache, tmp_path):
+    """A YAML, --set or swept model.base name becomes the snapshot folder when the config is built, before any work."""
+    tiny_checkpoint("opt", tmp_path / "saved")
+    snapshot = hf_cache("tiny-org/tiny-opt", tmp_path / "saved")
+    cfg = with_values(load_config(), [("model.base", "tiny-org/tiny-opt", "--set model.base=tiny-org/tiny-opt")])
+    assert cfg.model.base == str(snapshot)
+    assert with_value(load_config(), "model.base", "tiny-org/tiny-opt").model.base == str(snapshot)
+    with pytest.raises(
+        ConfigError, match=r"^ablation value 'tiny-org/gone': 'model.base': tiny-org/gone is not a local"
+    ):
+        with_value(load_config(), "model.base", "tiny-org/gone", source="ablation value 'tiny-org/gone'")
+
+
+def sweep(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`python -m experiments.run` in a subprocess with this test's environment (HF_HOME, HF_HUB_OFFLINE=1, the
+    private SLM_LORA_CACHE): huggingface_hub reads the variables at import, as it does for a user."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("WANDB_PROJECT", None)
+    cmd = [sys.executable, "-m", "experiments.run", *args, "--out", str(out), "--no-progress"]
+    return subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+
+
+def test_quick_sweep_by_name_from_the_offline_cache(hf_cache, isolated_cache, tmp_path):
+    tiny_checkpoint("opt", tmp_path / "saved")
+    snapshot = hf_cache("tiny-org/tiny-opt", tmp_path / "saved")
+    data = tmp_path / "finetune"
+    data.mkdir()
+    stdlib = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 20_000)
+    for f in stdlib[:8]:
+        shutil.copy(f, data / f.name)
+    out = tmp_path / "out"
+    settings = ["model.max_position_embeddings=64", "train.tokens=1024", "train.batch_tokens=512"]
+    settings += ["train.micro_batch_tokens=256", "eval.max_tokens=512", "data.val_fraction=0.25"]
+    done = sweep(
+        ["--quick", "--config", "experiments/configs/abl_lora_rank.yaml", "--lora_rank", "4", "--data", str(data)]
+        + ["--base_model", "tiny-org/tiny-opt", *(a for s in settings for a in ("--set", s))],
+        out,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["lora_rank"]) for r in rows] == [("ok", 4)]
+    run_config = json.loads((out / rows[0]["run_dir"] / "config.json").read_text())
+    assert run_config["model"]["base"] == str(snapshot)  # the run used the folder the name resolved to
+    assert rows[0]["val_ppl"] > 1 and rows[0]["trainable_params"] == 2 * 2 * 4 * (32 + 32)
+
+
+def test_sweep_by_a_name_missing_from_the_offline_cache_stops_before_any_work(hf_cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(["--quick", "--lora_rank", "4", "--base_model", "facebook/opt-125m", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: --base_model facebook/opt-125m: facebook/opt-125m is not a local folder")
+    assert str(tmp_path / "hf_home" / "hub") in err and "`hf download facebook/opt-125m`" in err
+    assert not out.exists()
