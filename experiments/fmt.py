@@ -26,11 +26,12 @@ def integer(x: float | None) -> str:
 
 
 def diff_text(d: Difference, base: float, digits: int = 3) -> str:
+    """ "+3.302 ± 0.660 (+1.40%), significant, paired": the difference, its CI, relative size, verdict and test."""
     rel = f" ({d.diff / base:+.2%})" if base else ""
     if d.significant is None:
         return f"{d.diff:+.{digits}f}{rel}, 1 seed"
     verdict = "significant" if d.significant else "within noise"
-    return f"{d.diff:+.{digits}f} ± {d.half:.{digits}f}{rel}, {verdict}"
+    return f"{d.diff:+.{digits}f} ± {d.half:.{digits}f}{rel}, {verdict}, {d.test}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:

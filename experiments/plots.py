@@ -1,5 +1,6 @@
-"""Plots of a report: per study, val ppl / train time / memory against the swept value; and val ppl against
-trainable parameters over every run. matplotlib with the Agg backend (no display needed)."""
+"""Plots of a report. Per study: val ppl / train time / memory against the swept value; val ppl against trainable
+parameters and against train time with the Pareto front and the recommended value; target against source ppl
+(learning against forgetting). Over every run: val ppl against trainable parameters. matplotlib, Agg backend."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.recommend import METRIC, front, recommend  # noqa: E402
 from experiments.studies import Study, Value  # noqa: E402
 
 LOG2_KEYS = {"lora.rank", "model.max_position_embeddings"}
@@ -43,12 +45,24 @@ def _panel(
             ax.plot([xx], [s.mean / scale], "o", ms=12, mfc="none", mec="black", zorder=5)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _half(v: Value, metric: str) -> float:
+    s = v.summary(metric)
+    return 0.0 if s is None or s.half is None else s.half
+
+
 def plot_study(st: Study, path: Path) -> Path:
     """Four panels against the swept value: val ppl, train time, peak memory, activations saved for backward."""
     xs, labels, log2 = _x(st)
     fig, grid = plt.subplots(2, 2, figsize=(11, 7.5))
     axes = grid.ravel()
-    seeds = max((len(v.rows) for v in st.values), default=1)
     panels = [
         ("val_ppl", 1.0, "tab:blue", "validation perplexity"),
         ("train_time_s", 1.0, "tab:orange", "train time (s)"),
@@ -68,13 +82,8 @@ def plot_study(st: Study, path: Path) -> Path:
         ax.grid(alpha=0.3)
     failed = [v.short for v in st.values if not v.ok]
     note = f"; no finished run: {', '.join(failed)}" if failed else ""
-    bars = "error bars: 95% CI over seeds" if seeds >= 2 else "1 seed per value (no error bars)"
-    fig.suptitle(f"{st.ablation}: {bars}; ringed = baseline{note}", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.suptitle(f"{st.ablation}: ringed = baseline{note}\n{_bars(st)}", fontsize=11)
+    return _save(fig, path)
 
 
 def plot_ppl_vs_params(studies: list[Study], path: Path) -> Path:
@@ -124,15 +133,142 @@ def plot_ppl_vs_params(studies: list[Study], path: Path) -> Path:
     ax.set_title("Val perplexity vs trainable parameters, every run (mean over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _tradeoff_panel(ax, st: Study, cost: str, rec: Value | None, xlabel: str) -> None:
+    """One cost axis: every value (ppl CI bars; light cost CI bars where the cost varies over seeds), the Pareto
+    front as a line through its values, the recommended value starred."""
+    vs = [v for v in st.values if v.mean(METRIC) is not None and v.mean(cost) is not None]
+    ax.set_xlabel(xlabel)
+    if len(vs) > 1 and len({v.mean(cost) for v in vs}) == 1:  # e.g. context length: every value has the same
+        ax.text(0.5, 0.5, f"every value has the same {xlabel}:\n{vs[0].mean(cost):,.0f}", ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    line = front(st, cost)
+    if line:
+        ax.plot(
+            [v.mean(cost) for v in line],
+            [v.mean(METRIC) for v in line],
+            "-",
+            lw=2.5,
+            color="tab:green",
+            alpha=0.5,
+            zorder=1,
+            label="Pareto front (no value beats these on both axes)",
+        )
+    for i, v in enumerate(vs):
+        x, y = v.mean(cost), v.mean(METRIC)
+        on = any(v is w for w in line)
+        color = "tab:blue" if on else "tab:gray"
+        if _half(v, cost):
+            ax.errorbar([x], [y], xerr=[_half(v, cost)], fmt="none", capsize=2, color=color, alpha=0.3)
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=[_half(v, METRIC)] if _half(v, METRIC) else None,
+            fmt="o",
+            capsize=3,
+            ms=6,
+            color=color,
+            mfc=color if on else "white",
+        )
+        if v.is_baseline:
+            ax.plot([x], [y], "o", ms=13, mfc="none", mec="black", zorder=5)
+        ax.annotate(st.named(v), (x, y), textcoords="offset points", xytext=(7, 5 if i % 2 else -11), fontsize=8)
+    if rec is not None and any(rec is v for v in vs):
+        ax.plot(
+            [rec.mean(cost)],
+            [rec.mean(METRIC)],
+            "*",
+            ms=18,
+            color="gold",
+            mec="black",
+            zorder=6,
+            label=f"recommended: {st.named(rec)}",
+        )
+    xs = [v.mean(cost) for v in vs]
+    if cost == "trainable_params" and xs and max(xs) >= 4 * min(xs):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel + " (log)")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def _bars(st: Study) -> str:
+    """What the error bars of a study's plot are, and why they overlap more than the paired test says."""
+    if max((len(v.ok) for v in st.values), default=0) < 2:
+        return "1 seed per value (no error bars)"
+    return "bars: 95% CI of each mean over seeds; the table's paired Δ removes the shift a seed gives every value"
+
+
+def plot_tradeoff(st: Study, path: Path) -> Path:
+    """Val ppl against trainable parameters and against train time, Pareto front drawn, recommended value starred
+    (experiments.recommend)."""
+    rec = recommend(st)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    _tradeoff_panel(axes[0], st, "trainable_params", rec and rec.value, "trainable parameters")
+    _tradeoff_panel(axes[1], st, "train_time_s", rec and rec.value, "train time (s)")
+    note = "; recommendation provisional (1 seed)" if rec and rec.provisional else ""
+    fig.suptitle(
+        f"{st.ablation}: perplexity against cost; ringed = baseline; hollow = off the Pareto front{note}\n{_bars(st)}",
+        fontsize=11,
+    )
+    return _save(fig, path)
+
+
+def plot_forgetting(st: Study, path: Path) -> Path | None:
+    """Target val ppl against source ppl, one point per value with 95% CI bars both ways, and an arrow from the
+    base model (before fine-tuning) to each: down is learning, right is forgetting. None without a source set."""
+    vs = [v for v in st.values if v.mean(METRIC) is not None and v.mean("source_val_ppl") is not None]
+    if not vs:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bases = set()
+    for i, v in enumerate(vs):
+        c = colors[i % len(colors)]
+        x, y = v.mean("source_val_ppl"), v.mean(METRIC)
+        xerr, yerr = _half(v, "source_val_ppl"), _half(v, METRIC)
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[xerr] if xerr else None,
+            yerr=[yerr] if yerr else None,
+            fmt="o",
+            capsize=3,
+            color=c,
+            label=st.named(v) + (" (baseline)" if v.is_baseline else ""),
+        )
+        bx, by = v.mean("base_source_val_ppl"), v.mean("base_val_ppl")
+        if bx is not None and by is not None:
+            ax.annotate("", (x, y), (bx, by), arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.4, "lw": 1})
+            bases.add((round(bx, 6), round(by, 6)))
+    for bx, by in bases:
+        ax.plot([bx], [by], "kx", ms=9)
+    if bases:
+        ax.plot([], [], "kx", label="base model, before fine-tuning")
+    ax.set_xlabel("source ppl: held-out base-domain text (right = more forgetting)")
+    ax.set_ylabel("target validation ppl (down = more learning)")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{st.ablation}: learning against forgetting\n{_bars(st)}", fontsize=10)
+    return _save(fig, path)
 
 
 def plot_all(studies: list[Study], folder: Path) -> dict[str, Path]:
-    """Write every plot into `folder`; returns {plot name: path}."""
-    out = {st.slug: plot_study(st, Path(folder) / f"{st.slug}.png") for st in studies}
-    out["ppl_vs_params"] = plot_ppl_vs_params(studies, Path(folder) / "ppl_vs_params.png")
+    """Write every plot into `folder`; returns {plot name: path} (no forgetting plot for a study without a
+    source set)."""
+    folder = Path(folder)
+    out = {}
+    for st in studies:
+        out[st.slug] = plot_study(st, folder / f"{st.slug}.png")
+        out[f"{st.slug}_tradeoff"] = plot_tradeoff(st, folder / f"{st.slug}_tradeoff.png")
+        forgetting = plot_forgetting(st, folder / f"{st.slug}_forgetting.png")
+        if forgetting is not None:
+            out[f"{st.slug}_forgetting"] = forgetting
+    out["ppl_vs_params"] = plot_ppl_vs_params(studies, folder / "ppl_vs_params.png")
     return out

@@ -1,9 +1,11 @@
 """The report of a results folder: `python -m experiments.report RUN_DIR` -> RUN_DIR/report.md + plots/*.png.
 
-One table per study (an ablation's values under one shared config), the alpha policy and token budget, and an
-"expected vs observed" section that tests the seed README's expected findings against the measured numbers.
-Differences from the baseline use Welch's t-test over seeds: "significant" means the 95% CI of the difference
-of means excludes zero (p < 0.05); with one seed per value a difference is reported without a verdict on noise.
+It opens with the answers (a recommended value per study, experiments.recommend), then one table per study (an
+ablation's values under one shared config) with the alpha policy and token budget, its plots, and an "expected vs
+observed" section that tests the seed README's and the literature's findings against the measured numbers.
+Differences from the baseline are paired over seeds (same data order and LoRA init): "significant" means the 95%
+CI of the mean per-seed difference excludes zero; Welch's unpaired test where the seeds do not pair, and with one
+seed per value a difference is reported without a verdict on noise.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from experiments.expectations import expectations
+from experiments.expectations import Check, expectations
 from experiments.fmt import ci, diff_text, integer, md_table, mib, num
+from experiments.recommend import RULE, recommend
 from experiments.results import RESULTS_JSONL
-from experiments.stats import welch
 from experiments.studies import LEVEL, Study, Value, load_studies
 
 
@@ -25,49 +27,56 @@ def _status(v: Value) -> str:
     return ", ".join(f"{s} {n}/{len(v.rows)}" if len(v.rows) > 1 else s for s, n in sorted(c.items()))
 
 
+def _delta(v: Value, base: Value | None, metric: str) -> str:
+    """The Δ-vs-baseline cell: paired (or Welch) difference with its CI, "baseline", or "—"."""
+    if v is base:
+        return "baseline" if v.metric(metric) else "—"
+    d = v.vs(base, metric) if base is not None else None
+    return "—" if d is None else diff_text(d, base.mean(metric))
+
+
+def _source(v: Value) -> str:
+    """Source-set ppl after fine-tuning with its CI, and the mean forgetting (after / before - 1)."""
+    forgetting = v.mean("forgetting")
+    return ci(v.summary("source_val_ppl")) + ("" if forgetting is None else f" ({forgetting:+.2%})")
+
+
 def studymd_table(st: Study) -> str:
-    """value | val ppl (mean ± 95% CI) | Δ vs baseline | train time | tokens/s | peak memory | saved for backward |
-    trainable params | status"""
+    """value | val ppl (mean ± 95% CI) | Δ vs baseline | source ppl (forgetting) | Δ source | train time | tokens/s |
+    peak memory | saved for backward | trainable params | status"""
     base = st.baseline
-    out = []
-    for v in st.values:
-        ppl = v.summary("val_ppl")
-        if v is base:
-            delta = "baseline"
-        elif base is None or ppl is None or not base.metric("val_ppl"):
-            delta = "—"
-        else:
-            delta = diff_text(welch(v.metric("val_ppl"), base.metric("val_ppl"), LEVEL), base.mean("val_ppl"))
-        name = f"**{v.label}**" if v is base else v.label
-        out.append(
-            [
-                name,
-                ci(ppl),
-                delta,
-                f"{len(v.ok)}/{len(v.rows)}",
-                ci(v.summary("train_time_s"), 1),
-                integer(v.mean("tokens_per_s")),
-                mib(v.mean("peak_memory_bytes")),
-                mib(v.mean("saved_for_backward_bytes")),
-                integer(v.mean("trainable_params")),
-                _status(v),
-            ]
-        )
-    return md_table(
+    out = [
         [
-            "value",
-            f"val ppl (± {LEVEL:.0%} CI)",
-            "Δ ppl vs baseline",
-            "seeds ok",
-            "train time (s)",
-            "tokens/s",
-            "peak memory",
-            "saved for backward",
-            "trainable params",
-            "status",
-        ],
-        out,
-    )
+            f"**{v.label}**" if v is base else v.label,
+            ci(v.summary("val_ppl")),
+            _delta(v, base, "val_ppl"),
+            _source(v),
+            _delta(v, base, "source_val_ppl"),
+            f"{len(v.ok)}/{len(v.rows)}",
+            ci(v.summary("train_time_s"), 1),
+            integer(v.mean("tokens_per_s")),
+            mib(v.mean("peak_memory_bytes")),
+            mib(v.mean("saved_for_backward_bytes")),
+            integer(v.mean("trainable_params")),
+            _status(v),
+        ]
+        for v in st.values
+    ]
+    header = [
+        "value",
+        f"val ppl (± {LEVEL:.0%} CI)",
+        "Δ ppl vs baseline",
+        "source ppl (forgetting)",
+        "Δ source ppl vs baseline",
+        "seeds ok",
+        "train time (s)",
+        "tokens/s",
+        "peak memory",
+        "saved for backward",
+        "trainable params",
+        "status",
+    ]
+    return md_table(header, out)
 
 
 def _alpha_text(rows: list[dict]) -> str:
@@ -126,41 +135,70 @@ def study_header(st: Study) -> str:
     return "\n".join(lines)
 
 
+def _title(st: Study) -> str:
+    return st.ablation + (f" (study {st.study_hash[:8]})" if st.differs else "")
+
+
+def answers(studies: list[Study]) -> list[str]:
+    """One line per study: its recommended value and the evidence (experiments.recommend)."""
+    lines = []
+    for st in studies:
+        rec = recommend(st)
+        caveats = "".join(f"; **caution**: {c.caveat}" for c in expectations(st) if c.caveat)
+        lines.append(f"- **{_title(st)}** (`{st.key}`): {rec.evidence if rec else 'no finished run'}{caveats}")
+    return lines
+
+
+def _verdict_counts(checks: list[Check]) -> str:
+    counts = Counter(c.verdict for c in checks)
+    return ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _image(plots: dict[str, Path], name: str, alt: str, out_dir: Path | None) -> list[str]:
+    if name not in plots:
+        return []
+    rel = plots[name].relative_to(out_dir) if out_dir else plots[name]
+    return [f"![{alt}]({rel.as_posix()})", ""]
+
+
 def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: Path | None = None) -> str:
     plots = plots or {}
-    parts = [
-        "# LoRA ablation report",
-        "",
+    parts = ["# LoRA ablation report", "", "## Answers", "", RULE, "", *answers(studies), ""]
+    parts += [
         f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {sum(len(s.rows) for s in studies)} runs "
         f"(latest row per run in {RESULTS_JSONL}). Val ppl is the final validation perplexity, mean ± "
-        f"{LEVEL:.0%} t-interval over seeds. Δ vs baseline: Welch's t-test; *significant* = the {LEVEL:.0%} CI of "
-        "the difference excludes 0. Peak memory: CUDA allocator peak on GPU, process peak RSS on CPU; "
-        "saved for backward: activation bytes one micro-batch keeps for backward (the same on any device).",
+        f"{LEVEL:.0%} t-interval over seeds. Δ vs baseline: runs at the same seed share the data order and the "
+        f"LoRA initialisation, so Δ is the mean of the per-seed differences with a {LEVEL:.0%} t-interval on them "
+        "(*paired*); *Welch* marks a value whose seeds do not pair with the baseline's (unpaired test); "
+        f"*significant* = the {LEVEL:.0%} CI of the difference excludes 0. Source ppl: perplexity on held-out text "
+        "of the base model's own domain after fine-tuning, and in brackets the forgetting (source ppl after / "
+        "before fine-tuning − 1). Peak memory: CUDA allocator peak on GPU, process peak RSS on CPU; saved for "
+        "backward: activation bytes one micro-batch keeps for backward (the same on any device).",
         "",
     ]
     for st in studies:
-        title = st.ablation + (f" (study {st.study_hash[:8]})" if st.differs else "")
+        title = _title(st)
         parts += [f"## {title}", "", study_header(st), "", studymd_table(st), ""]
-        name = st.slug
-        if name in plots:
-            rel = plots[name].relative_to(out_dir) if out_dir else plots[name]
-            parts += [f"![{title}]({rel.as_posix()})", ""]
+        if st.source_note:
+            parts += [f"Source ppl columns are empty: {st.source_note}.", ""]
+        parts += _image(plots, st.slug, title, out_dir)
+        parts += _image(plots, f"{st.slug}_tradeoff", f"{title}: perplexity against cost", out_dir)
+        parts += _image(plots, f"{st.slug}_forgetting", f"{title}: learning against forgetting", out_dir)
         checks = expectations(st)
         if checks:
-            held = sum(c.verdict.startswith("held") for c in checks)
             single = (
                 " (with one seed per value: direction only, no test against noise)"
-                if any(c.verdict == "held (1 seed)" for c in checks)
+                if any(c.verdict.endswith("(1 seed)") for c in checks)
                 else ""
             )
             parts += [
                 "### Expected vs observed",
                 "",
-                f"{held} of {len(checks)} expectations from the seed README held on these runs{single}. "
-                "Verdicts are computed from the table above: *held* = the expected direction, beyond noise "
-                "(Welch, 95%) when there are seeds; *within noise* = the expected direction, but not "
+                f"Of {len(checks)} expectations (the seed README's and the literature's): {_verdict_counts(checks)}"
+                f"{single}. Verdicts are computed from the table above: *held* = the expected direction, beyond "
+                "noise (paired t-test, 95%) when there are seeds; *within noise* = the expected direction, but not "
                 'significant; *did not hold* = the opposite direction ("within noise" added when the seeds cannot '
-                "tell it from no difference).",
+                "tell it from no difference); *partly held* = the readings the row gives disagree.",
                 "",
                 md_table(
                     ["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.verdict}**"] for c in checks]
@@ -168,24 +206,25 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
                 "",
             ]
     if "ppl_vs_params" in plots:
-        rel = plots["ppl_vs_params"].relative_to(out_dir) if out_dir else plots["ppl_vs_params"]
-        parts += [
-            "## Perplexity against trainable parameters (all runs)",
-            "",
-            f"![ppl vs params]({rel.as_posix()})",
-            "",
-        ]
+        parts += ["## Perplexity against trainable parameters (all runs)", ""]
+        parts += _image(plots, "ppl_vs_params", "ppl vs params", out_dir)
     return "\n".join(parts)
 
 
 def terminal_summary(studies: list[Study]) -> str:
-    """The tables and verdicts for the terminal at the end of a sweep."""
+    """The tables, the recommended value and the verdicts for the terminal at the end of a sweep."""
     parts = []
     for st in studies:
         parts += [f"== {st.ablation} ({st.key}{'; ' + st.differs if st.differs else ''})", studymd_table(st)]
+        rec = recommend(st)
+        if rec is not None:
+            parts.append(f"  recommended: {rec.evidence}")
+            parts += [f"  caution: {c.caveat}" for c in expectations(st) if c.caveat]
         for c in expectations(st):
             parts.append(f"  [{c.verdict}] {c.expected}")
         parts.append("")
+    if any(recommend(st) for st in studies):
+        parts += [f"Rule: {RULE}", ""]
     return "\n".join(parts)
 
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from experiments.results import latest, read_rows
 from experiments.schema import flatten
-from experiments.stats import Summary, mean_ci
+from experiments.stats import Difference, Summary, compare, mean_ci
 
 LEVEL = 0.95
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
+NOUN = {"lora.rank": "rank", "model.max_position_embeddings": "context"}  # how prose names a value of these keys
 
 
 @dataclass
@@ -31,6 +32,15 @@ class Value:
 
     def metric(self, name: str) -> list[float]:
         return [float(r[name]) for r in self.ok if r.get(name) is not None]
+
+    def by_seed(self, name: str) -> dict[int, float]:
+        """seed -> that metric, over the finished runs that have it: what a paired comparison pairs on."""
+        return {r["seed"]: float(r[name]) for r in self.ok if r.get(name) is not None}
+
+    def vs(self, other: Value, name: str) -> Difference | None:
+        """This value's metric minus `other`'s: paired over seeds where they pair, Welch where not."""
+        a, b = self.by_seed(name), other.by_seed(name)
+        return compare(a, b, LEVEL) if a and b else None
 
     def summary(self, name: str) -> Summary | None:
         xs = self.metric(name)
@@ -78,6 +88,28 @@ class Study:
     @property
     def numeric(self) -> bool:
         return all(isinstance(v.value, (int, float)) and not isinstance(v.value, bool) for v in self.values)
+
+    def named(self, v: Value) -> str:
+        """A value as prose names it: "rank 8", "context 1024", "q,v,fc1,fc2"."""
+        return f"{NOUN[self.key]} {v.short}" if self.key in NOUN else v.short
+
+    @property
+    def source_note(self) -> str | None:
+        """Why this study's source-set (forgetting) columns are empty; None when a finished run measured one."""
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        if any(r.get("source_val_ppl") is not None for r in ok):
+            return None
+        if not ok:
+            return "no finished run"
+        if all("source_val_ppl" not in r for r in ok):
+            return (
+                "these rows were written before runs measured a source set (they have no source columns); "
+                "rerun the study to measure forgetting"
+            )
+        return (
+            "no source set: the base is a user's checkpoint and the config has no `eval.source_data` "
+            "(set it to the base's own kind of text, as --data accepts, to measure forgetting)"
+        )
 
 
 def run_config(out_dir: Path, row: dict) -> dict:
