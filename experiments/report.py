@@ -212,18 +212,17 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
 
 
 def terminal_summary(studies: list[Study]) -> str:
-    """The tables, the recommended value and the verdicts for the terminal at the end of a sweep."""
+    """The tables, the recommended value (with the rule) and the verdicts for the terminal at the end of a sweep."""
     parts = []
     for st in studies:
         parts += [f"== {st.ablation} ({st.key}{'; ' + st.differs if st.differs else ''})", studymd_table(st)]
-        rec = recommend(st)
+        rec, checks = recommend(st), expectations(st)
         if rec is not None:
             parts.append(f"  recommended: {rec.evidence}")
-            parts += [f"  caution: {c.caveat}" for c in expectations(st) if c.caveat]
-        for c in expectations(st):
-            parts.append(f"  [{c.verdict}] {c.expected}")
+            parts += [f"  caution: {c.caveat}" for c in checks if c.caveat]
+        parts += [f"  [{c.verdict}] {c.expected}" for c in checks]
         parts.append("")
-    if any(recommend(st) for st in studies):
+    if studies:
         parts += [f"Rule: {RULE}", ""]
     return "\n".join(parts)
 

@@ -71,7 +71,8 @@ def test_rank_report_held(tmp_path):
     assert verdicts["Higher rank costs more training time"] == "held"
     assert verdicts["Higher rank costs more memory (peak)"] == "held"
     assert "no gain beyond rank 16" in text
-    for name in ("lora_rank.png", "ppl_vs_params.png"):
+    assert "## Answers" in text and "- **lora_rank** (`lora.rank`): rank 16: the best perplexity" in text
+    for name in ("lora_rank.png", "lora_rank_tradeoff.png", "ppl_vs_params.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] > 500
     assert "![lora_rank](plots/lora_rank.png)" in text
@@ -141,6 +142,7 @@ def test_single_seed_and_two_studies_of_one_ablation(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[held (1 seed)] Longer context is slower" in out
     assert "[held (1 seed)] Longer context uses more memory (peak)" in out
+    assert "recommended: context 2048: the best perplexity (8.0" in out and "provisional: one seed per value" in out
     text = (tmp_path / "report.md").read_text()
     assert "1 seed" in text and "± " not in text.split("## context_length")[1].split("###")[0].split("|---|")[1]
     assert text.count("## context_length (study ") == 2

@@ -1,4 +1,5 @@
-"""The statistics behind "mean ± 95% CI" and "significant": checked against printed t-table values."""
+"""The statistics behind "mean ± 95% CI", "significant" and "paired / Welch": checked against hand computations
+with printed t-table values, and against the property that matters (the paired test sees through a seed shift)."""
 
 from __future__ import annotations
 
@@ -6,80 +7,80 @@ import math
 import random
 
 import pytest
+from scipy.stats import t as student_t
 
-from experiments.stats import betainc, mean_ci, spearman, t_cdf, t_quantile, welch
+from experiments.stats import PAIRED, WELCH, compare, mean_ci, paired, spearman, welch
 
-# Two-sided 95% critical values t(0.975, df) from a standard t-table (3 decimals).
-T_TABLE_975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    9: 2.262,
-    10: 2.228,
-    20: 2.086,
-    30: 2.042,
-    60: 2.000,
-    120: 1.980,
-}
+T975 = {2: 4.302653, 4: 2.776445}  # two-sided 95% critical values t(0.975, df), standard t-table
 
 
-@pytest.mark.parametrize("df,expected", sorted(T_TABLE_975.items()))
-def test_t_quantile_matches_t_table(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
-
-
-def test_t_quantile_other_levels_symmetry_and_normal_limit():
-    assert t_quantile(0.95, 5) == pytest.approx(2.015, abs=5e-4)
-    assert t_quantile(0.995, 3) == pytest.approx(5.841, abs=5e-4)
-    assert t_quantile(0.90, 1) == pytest.approx(3.078, abs=5e-4)
-    assert t_quantile(0.025, 4) == pytest.approx(-t_quantile(0.975, 4))
-    assert t_quantile(0.975, 1e7) == pytest.approx(1.95996, abs=1e-4)  # -> the normal quantile
-    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9)
-    # Fractional df (Welch) lies between its integer neighbours.
-    assert t_quantile(0.975, 4) > t_quantile(0.975, 4.5) > t_quantile(0.975, 5)
-
-
-def test_t_cdf_closed_forms():
-    # df = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; df = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
-    for t in (-3.0, -0.4, 0.0, 0.7, 5.0):
-        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
-        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-    assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # I_x(2,3) = 6x^2 - 8x^3 + 3x^4
-    with pytest.raises(ValueError):
-        t_quantile(1.0, 3)
-
-
-def test_mean_ci():
+def test_mean_ci_against_t_table():
     s = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert s.mean == 3.0 and s.sd == pytest.approx(math.sqrt(2.5))
-    assert s.half == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert s.half == pytest.approx(T975[4] * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
     one = mean_ci([4.2])
     assert one.n == 1 and one.half is None and one.sd is None
+    with pytest.raises(ValueError, match="at least one"):
+        mean_ci([])
 
 
-def test_welch_against_hand_computation():
-    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0, 6.5]
-    d = welch(a, b)
+def test_paired_interval_by_hand():
+    # Per-seed differences 1.0, 1.5, 1.5: mean 4/3, sd sqrt(1/12), se = sd/sqrt(3) = 1/6, t = 8 on 2 df.
+    a, b = [10.0, 12.0, 11.5], [9.0, 10.5, 10.0]
+    d = paired(a, b)
+    assert d.test == PAIRED and d.n == 3 and d.df == 2
+    assert d.diff == pytest.approx(4 / 3)
+    assert d.half == pytest.approx(T975[2] / 6, rel=1e-6)
+    # df = 2 has a closed-form CDF: F(t) = 1/2 + t / (2 sqrt(2 + t^2)); two-sided p = 2 (1 - F(8)).
+    assert d.p == pytest.approx(2 * (0.5 - 8 / (2 * math.sqrt(66))), rel=1e-9)
+    assert d.significant is True
+
+
+def test_pairing_sees_through_a_shared_seed_shift():
+    # Seeds move both values by up to ±10; b is 1 lower at every seed. Welch sees the spread, the paired test
+    # sees the constant-ish difference.
+    shift = [-10.0, 0.0, 10.0]
+    a = [100.0 + s + e for s, e in zip(shift, (0.1, -0.1, 0.0))]
+    b = [99.0 + s for s in shift]
+    assert paired(a, b).significant is True
+    assert welch(a, b).significant is False
+    assert compare(dict(enumerate(a)), dict(enumerate(b))).test == PAIRED
+
+
+def test_a_missing_seed_falls_back_to_welch_and_says_so():
+    a = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    b = {0: 2.0, 1: 3.0, 2: 4.0, 3: 5.0, 4: 6.5}  # seed 4 has no partner in a
+    d = compare(a, b)
+    assert d.test == WELCH
+    # Welch by hand: se^2 = s_a^2/n_a + s_b^2/n_b, df by Welch-Satterthwaite.
     va, vb = (5 / 3) / 4, 3.05 / 5
     df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 4)
     assert d.diff == pytest.approx(2.5 - 4.1)
     assert d.df == pytest.approx(df)
-    assert d.half == pytest.approx(t_quantile(0.975, df) * math.sqrt(va + vb))
-    assert d.p == pytest.approx(2 * (1 - t_cdf(abs(d.diff) / math.sqrt(va + vb), df)))
+    assert d.half == pytest.approx(student_t.ppf(0.975, df) * math.sqrt(va + vb))
     assert d.significant is False and d.p > 0.05
-    far = welch([10.0, 10.1, 9.9], [12.0, 12.2, 11.9])
-    assert far.significant is True and far.p < 0.01
-    assert welch([1.0], [2.0, 3.0]).significant is None  # one seed: not testable
 
 
-def test_welch_false_positive_rate_is_about_five_percent():
-    """Same distribution on both sides: the 95% test should call ~5% of pairs significant."""
+def test_one_seed_is_not_testable_and_no_spread_is_exact():
+    one = compare({0: 1.0}, {0: 2.0})
+    assert one.significant is None and one.test is None and one.half is None and one.diff == -1.0
+    assert compare({0: 1.0}, {0: 2.0, 1: 3.0}).significant is None
+    same = paired([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # every seed differs by exactly 2
+    assert same.half == 0.0 and same.significant is True and same.p == 0.0
+    assert paired([1.0, 2.0], [1.0, 2.0]).significant is False
+    with pytest.raises(ValueError, match="as many values"):
+        paired([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one seed"):
+        compare({}, {0: 1.0})
+
+
+def test_paired_false_positive_rate_is_about_five_percent():
+    """Same distribution for both values, a large seed shift shared by both: ~5% of pairs called significant."""
     rng = random.Random(0)
-    hits = sum(
-        welch([rng.gauss(0, 1) for _ in range(3)], [rng.gauss(0, 2) for _ in range(4)]).significant for _ in range(2000)
-    )
+    hits = 0
+    for _ in range(2000):
+        shift = [rng.gauss(0, 5) for _ in range(3)]
+        hits += paired([s + rng.gauss(0, 1) for s in shift], [s + rng.gauss(0, 1) for s in shift]).significant
     assert 0.03 < hits / 2000 < 0.07
 
 
@@ -87,3 +88,4 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 3, 1]) == pytest.approx(-0.9486833)
     assert spearman([1, 2], [5, 5]) is None
+    assert spearman([1], [2]) is None
