@@ -41,7 +41,7 @@ def _source(v: Value) -> str:
     return ci(v.summary("source_val_ppl")) + ("" if forgetting is None else f" ({forgetting:+.2%})")
 
 
-def studymd_table(st: Study) -> str:
+def study_table(st: Study) -> str:
     """value | val ppl (mean ± 95% CI) | Δ vs baseline | source ppl (forgetting) | Δ source | train time | tokens/s |
     peak memory | saved for backward | trainable params | status"""
     base = st.baseline
@@ -178,7 +178,7 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
     ]
     for st in studies:
         title = _title(st)
-        parts += [f"## {title}", "", study_header(st), "", studymd_table(st), ""]
+        parts += [f"## {title}", "", study_header(st), "", study_table(st), ""]
         if st.source_note:
             parts += [f"Source ppl columns are empty: {st.source_note}.", ""]
         parts += _image(plots, st.slug, title, out_dir)
@@ -215,7 +215,7 @@ def terminal_summary(studies: list[Study]) -> str:
     """The tables, the recommended value (with the rule) and the verdicts for the terminal at the end of a sweep."""
     parts = []
     for st in studies:
-        parts += [f"== {st.ablation} ({st.key}{'; ' + st.differs if st.differs else ''})", studymd_table(st)]
+        parts += [f"== {st.ablation} ({st.key}{'; ' + st.differs if st.differs else ''})", study_table(st)]
         rec, checks = recommend(st), expectations(st)
         if rec is not None:
             parts.append(f"  recommended: {rec.evidence}")
