@@ -73,6 +73,9 @@ class DataConfig:
     finetune: str = "builtin"
     text_field: str = "text"
     val_fraction: float = field(default=0.1, metadata=in_range(0, 1, lo_open=True, hi_open=True))
+    # Documents held out to choose the learning rate, disjoint from training and validation; 0: none. A sweep
+    # with `ablation.lr_grid` sets it from `ablation.tune_fraction`; validation documents never change.
+    tune_fraction: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
 
 
 @dataclass
@@ -128,6 +131,9 @@ class AblationConfig:
     key: str = ""
     values: list[Any] = field(default_factory=list)
     baseline: Any = None
+    # Every value trains at every learning rate here; each value's lr is chosen by its loss on a tune split.
+    lr_grid: list[float] = field(default_factory=list, metadata=in_range(0, None, lo_open=True))
+    tune_fraction: float = field(default=0.1, metadata=in_range(0, 1, lo_open=True, hi_open=True))
 
 
 @dataclass
@@ -168,6 +174,10 @@ def _check_semantics(cfg: Config, source: str) -> None:
     for t in targets:
         if not isinstance(t, str) or not t:
             raise ConfigError(f"{where(source, 'lora.target_modules')} entries must be module names, got {t!r}.")
+    if cfg.data.val_fraction + cfg.data.tune_fraction >= 1.0:
+        raise ConfigError(
+            f"{where(source, 'data.tune_fraction')} + data.val_fraction must stay below 1 (training needs documents)."
+        )
     if cfg.train.micro_batch_tokens > cfg.train.batch_tokens:
         raise ConfigError(
             f"{where(source, 'train.micro_batch_tokens')} ({cfg.train.micro_batch_tokens}) "
@@ -189,6 +199,12 @@ def _check_semantics(cfg: Config, source: str) -> None:
             raise ConfigError(
                 f"{where(source, 'ablation.baseline')} {a.baseline!r} is not one of the ablation values {a.values}."
             )
+        if a.lr_grid and (len(a.lr_grid) < 2 or len(set(a.lr_grid)) != len(a.lr_grid)):
+            raise ConfigError(
+                f"{where(source, 'ablation.lr_grid')} needs at least two distinct learning rates, got {a.lr_grid}."
+            )
+        if a.lr_grid and resolve_key(a.key) == "train.lr":
+            raise ConfigError(f"{where(source, 'ablation.lr_grid')}: this ablation already sweeps train.lr.")
         for v in a.values:  # every swept value must itself be a valid config
             with_value(cfg, a.key, v, source=f"{source} (ablation value {v!r})")
 

@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat each value with seeds train.seed + 0..N-1 (N >= 2 gives confidence intervals)",
     )
     ap.add_argument(
+        "--lr-grid",
+        "--lr_grid",
+        dest="lr_grid",
+        metavar="LR,LR,...",
+        help="train every value at each learning rate and report each value at the lr its tune split prefers "
+        "(sets ablation.lr_grid)",
+    )
+    ap.add_argument(
         "--base_model",
         "--base-model",
         metavar="PATH_OR_NAME",
@@ -160,6 +168,8 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
         if not eq or not key.strip():
             raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4.")
         items.append((key.strip(), parse_value(value), f"--set {text}"))
+    if args.lr_grid:
+        items.append(("ablation.lr_grid", args.lr_grid, f"--lr-grid {args.lr_grid}"))
     for alias in ABLATION_ALIASES:
         if getattr(args, alias) is not None:
             items.append((alias, parse_value(getattr(args, alias)), f"--{alias} {getattr(args, alias)}"))
@@ -195,19 +205,10 @@ def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
 
 
 def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
-    rows = [("ablation", "key", "value", "seed", "config hash", "state", "run dir")]
+    rows = [("ablation", "key", "value", "lr", "seed", "config hash", "state", "run dir")]
     for s, st in zip(specs, states):
-        rows.append(
-            (
-                s.ablation,
-                s.key or "-",
-                str(value_label(s.value)),
-                str(s.seed),
-                s.config_hash,
-                st,
-                str(s.run_dir(out_dir)),
-            )
-        )
+        value, lr = str(value_label(s.value)), f"{s.cfg.train.lr:g}"
+        rows.append((s.ablation, s.key or "-", value, lr, str(s.seed), s.config_hash, st, str(s.run_dir(out_dir))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

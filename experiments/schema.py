@@ -72,6 +72,9 @@ def check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where(source, key)} must be a list, got {value!r}.")
+        (item,) = typing.get_args(tp) or (Any,)
+        if item in (int, float, str):  # typed items are each checked, with the field's range or choices
+            return [check_value(source, f"{key}[{i}]", v, item, meta) for i, v in enumerate(value)]
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where(source, key)} must be one of {list(meta['choices'])}, got {value!r}.")
     if "range" in meta:

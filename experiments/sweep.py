@@ -12,6 +12,7 @@ in this process under torchrun). The sweep's own job is never to lose work:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import json_hash, write_json_atomic
-from experiments.config import Config, get_value, resolve_key, set_dotted, with_value
+from experiments.config import Config, get_value, resolve_key, set_dotted, with_value, with_values
 from experiments.results import RESULT_FILE, RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
 from experiments.training.checkpoint import CHECKPOINT_FILE
 
@@ -49,18 +50,26 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.ablation}={value_label(self.value)}-seed{self.seed}"
+        lr = f"-lr{self.cfg.train.lr:g}" if has_lr_grid(self.cfg) else ""
+        return f"{self.ablation}={value_label(self.value)}{lr}-seed{self.seed}"
 
     def run_dir(self, out_dir: Path) -> Path:
         return Path(out_dir) / "runs" / self.config_hash
 
 
+def has_lr_grid(cfg: Config) -> bool:
+    """A run of an lr grid holds out a tune split (its config's data.tune_fraction > 0) to choose its lr by."""
+    return cfg.data.tune_fraction > 0
+
+
 def study_hash(cfg: Config, key: str) -> str:
-    """What the runs of one study share: the config with the swept key and the seed blanked out. Rows with the
-    same ablation and study hash belong in one table."""
+    """What the runs of one study share: the config with the swept key and the seed (and, in an lr grid, the
+    learning rate) blanked out. Rows with the same ablation and study hash belong in one table."""
     d = cfg.to_dict()
     d.pop("ablation")
     d["train"]["seed"] = None
+    if has_lr_grid(cfg):
+        d["train"]["lr"] = None
     if key:
         set_dotted(d, key, None)
     return json_hash(d)
@@ -69,7 +78,8 @@ def study_hash(cfg: Config, key: str) -> str:
 def plan_runs(
     cfg: Config, *, name: str, values: Sequence[Any] | None = None, seeds: int = 1, source: str = "command line"
 ) -> list[RunSpec]:
-    """The runs of one ablation config: every value (or just `values`), each at seeds train.seed + i.
+    """The runs of one ablation config: every value (or just `values`), each at seeds train.seed + i, and with an
+    `ablation.lr_grid` at every learning rate of the grid (with a tune split of `ablation.tune_fraction`).
 
     Seed-major order (all values at the first seed, then the next seed), so a sweep stopped early still has one
     point per value. Values outside the ablation's list are allowed; each is validated like a config file.
@@ -81,6 +91,9 @@ def plan_runs(
     listed = list(a.values) if a is not None else [None]
     chosen = list(values) if values is not None else listed
     baseline = (a.baseline if a.baseline is not None else listed[0]) if a is not None else None
+    if a is not None and a.lr_grid:
+        cfg = with_value(cfg, "data.tune_fraction", a.tune_fraction, source=source)
+    lrs = list(a.lr_grid) if a is not None and a.lr_grid else [cfg.train.lr]
     per_value = []
     for v in chosen:
         vcfg = with_value(cfg, key, v, source=source) if key else cfg
@@ -88,22 +101,21 @@ def plan_runs(
         idx = next((i for i, lv in enumerate(listed) if lv == norm), None)
         per_value.append((vcfg, norm, idx, norm == baseline))
     specs = []
-    for i in range(seeds):
-        for vcfg, norm, idx, is_base in per_value:
-            scfg = with_value(vcfg, "train.seed", vcfg.train.seed + i, source=source)
-            specs.append(
-                RunSpec(
-                    ablation=a.name if a is not None and a.name else name,
-                    key=key,
-                    value=norm,
-                    value_index=idx,
-                    is_baseline=is_base,
-                    seed=scfg.train.seed,
-                    cfg=scfg,
-                    config_hash=scfg.hash(),
-                    study_hash=study_hash(scfg, key),
-                )
+    for i, lr, (vcfg, norm, idx, is_base) in itertools.product(range(seeds), lrs, per_value):
+        scfg = with_values(vcfg, [("train.seed", vcfg.train.seed + i, source), ("train.lr", lr, source)])
+        specs.append(
+            RunSpec(
+                ablation=a.name if a is not None and a.name else name,
+                key=key,
+                value=norm,
+                value_index=idx,
+                is_baseline=is_base,
+                seed=scfg.train.seed,
+                cfg=scfg,
+                config_hash=scfg.hash(),
+                study_hash=study_hash(scfg, key),
             )
+        )
     return specs
 
 
