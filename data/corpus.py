@@ -10,6 +10,7 @@ ones), so any edited file gives a new fingerprint and thus new tokenizer and tok
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import json
@@ -292,6 +293,15 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
         return Corpus(f"{corpus.name}-{split}", docs, short_hash(corpus.fingerprint, split, tag), corpus.skipped, meta)
 
     return part("train", train), part("val", val)
+
+
+def split_tune(train: Corpus, val_fraction: float, tune_fraction: float) -> tuple[Corpus, Corpus]:
+    """(train, tune) from the training part of `split_corpus(corpus, val_fraction)`: the tune documents are those
+    whose hash fraction lies in [val_fraction, val_fraction + tune_fraction), so they are disjoint from both the
+    training documents left and the validation documents, which do not change."""
+    rest, tune = split_corpus(train, val_fraction + tune_fraction)
+    name = tune.name.removesuffix("-train-val") + "-tune"
+    return rest, dataclasses.replace(tune, name=name, meta=dict(tune.meta, split="tune"))
 
 
 def _split_lines(doc: tuple[str, str], val_fraction: float) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
