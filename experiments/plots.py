@@ -259,6 +259,37 @@ def plot_forgetting(st: Study, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_lr(st: Study, path: Path) -> Path:
+    """Validation perplexity against the learning rate, one line per value (mean over seeds, 95% CI), the chosen
+    lr of each value marked: whether the choice is clear or the grid too narrow."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for v in st.values:
+        lrs = sorted(v.grid)
+        summaries = [Value(v.value, v.index, v.is_baseline, v.grid[lr]).summary("val_ppl") for lr in lrs]
+        pts = [(lr, s) for lr, s in zip(lrs, summaries) if s is not None]
+        if not pts:
+            continue
+        line = ax.errorbar(
+            [lr for lr, _ in pts],
+            [s.mean for _, s in pts],
+            yerr=[s.half or 0.0 for _, s in pts],
+            fmt="-o",
+            capsize=3,
+            ms=4,
+            label=st.named(v),
+        )
+        chosen = next((s for lr, s in pts if lr == v.chosen_lr), None)
+        if chosen is not None:
+            ax.plot([v.chosen_lr], [chosen.mean], "*", ms=14, color=line[0].get_color(), mec="black", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"{st.ablation}: star = the lr the tune split chose (validation not used)\n{_bars(st)}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_all(studies: list[Study], folder: Path) -> dict[str, Path]:
     """Write every plot into `folder`; returns {plot name: path} (no forgetting plot for a study without a
     source set)."""
@@ -270,5 +301,7 @@ def plot_all(studies: list[Study], folder: Path) -> dict[str, Path]:
         forgetting = plot_forgetting(st, folder / f"{st.slug}_forgetting.png")
         if forgetting is not None:
             out[f"{st.slug}_forgetting"] = forgetting
+        if st.lr_grid:
+            out[f"{st.slug}_lr"] = plot_lr(st, folder / f"{st.slug}_lr.png")
     out["ppl_vs_params"] = plot_ppl_vs_params(studies, folder / "ppl_vs_params.png")
     return out

@@ -76,7 +76,29 @@ def study_table(st: Study) -> str:
         "trainable params",
         "status",
     ]
+    if st.lr_grid:  # each value is reported at the learning rate its tune split chose
+        header.insert(1, "chosen lr")
+        for row, v in zip(out, st.values):
+            row.insert(1, "—" if v.chosen_lr is None else f"{v.chosen_lr:g}")
     return md_table(header, out)
+
+
+def lr_grid_note(st: Study) -> list[str]:
+    """How the learning rates were chosen, and a warning when a choice sits at an edge of the grid."""
+    if not st.lr_grid:
+        return []
+    lines = [
+        f"Learning-rate grid {', '.join(f'{lr:g}' for lr in st.lr_grid)}: every value trained at each; the table "
+        "shows each value at the lr with the lowest mean loss on a tune split (documents held out from both "
+        "training and validation), so the validation numbers played no part in the choice."
+    ]
+    edge = st.lr_at_edge()
+    if edge:
+        lines.append(
+            f"The chosen lr of {', '.join(st.named(v) for v in edge)} is at an edge of the grid: the best lr may lie "
+            "outside it; widen the grid to be sure."
+        )
+    return [" ".join(lines), ""]
 
 
 def _alpha_text(rows: list[dict]) -> str:
@@ -136,7 +158,11 @@ def study_header(st: Study) -> str:
 
 
 def _title(st: Study) -> str:
-    return st.ablation + (f" (study {st.study_hash[:8]})" if st.differs else "")
+    """The ablation, and its alpha policy (a rank sweep means different things under each); the study hash when
+    the ablation has several studies."""
+    policies = sorted({str(r.get("alpha_policy")) for r in st.rows if r.get("alpha_policy")})
+    policy = f", alpha policy {'/'.join(policies)}" if policies else ""
+    return st.ablation + policy + (f" (study {st.study_hash[:8]})" if st.differs else "")
 
 
 def answers(studies: list[Study]) -> list[str]:
@@ -178,12 +204,13 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
     ]
     for st in studies:
         title = _title(st)
-        parts += [f"## {title}", "", study_header(st), "", study_table(st), ""]
+        parts += [f"## {title}", "", study_header(st), "", study_table(st), "", *lr_grid_note(st)]
         if st.source_note:
             parts += [f"Source ppl columns are empty: {st.source_note}.", ""]
         parts += _image(plots, st.slug, title, out_dir)
         parts += _image(plots, f"{st.slug}_tradeoff", f"{title}: perplexity against cost", out_dir)
         parts += _image(plots, f"{st.slug}_forgetting", f"{title}: learning against forgetting", out_dir)
+        parts += _image(plots, f"{st.slug}_lr", f"{title}: validation perplexity against learning rate", out_dir)
         checks = expectations(st)
         if checks:
             single = (

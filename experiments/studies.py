@@ -24,7 +24,29 @@ class Value:
     value: Any
     index: int | None
     is_baseline: bool
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # in an lr grid: the runs at the chosen learning rate
+    grid: dict[float, list[dict]] = field(default_factory=dict)  # lr -> runs, when the study has an lr grid
+    chosen_lr: float | None = None
+
+    def tune_loss(self, lr: float) -> float | None:
+        """Mean tune-split loss over the finished seeds at `lr`: what the learning rate is chosen by."""
+        xs = [
+            float(r["tune_loss"])
+            for r in self.grid.get(lr, [])
+            if r["status"] == "ok" and r.get("tune_loss") is not None
+        ]
+        return sum(xs) / len(xs) if xs else None
+
+    @property
+    def all_rows(self) -> list[dict]:
+        """Every run of this value: at every learning rate of a grid, else just `rows`."""
+        return [r for runs in self.grid.values() for r in runs] if self.grid else self.rows
+
+    def choose_lr(self) -> None:
+        """Keep the runs at the lr with the lowest mean tune loss (never the validation split, which is reported)."""
+        scored = {lr: loss for lr in self.grid if (loss := self.tune_loss(lr)) is not None}
+        self.chosen_lr = min(scored, key=scored.get) if scored else None
+        self.rows = self.grid.get(self.chosen_lr, [])
 
     @property
     def ok(self) -> list[dict]:
@@ -78,12 +100,22 @@ class Study:
 
     @property
     def rows(self) -> list[dict]:
-        return [r for v in self.values for r in v.rows]
+        return [r for v in self.values for r in v.all_rows]
 
     @property
     def slug(self) -> str:
         """File-name stem of this study's plot: the ablation, plus the study hash when it has several studies."""
         return self.ablation + (f"_{self.study_hash[:8]}" if self.differs else "")
+
+    @property
+    def lr_grid(self) -> list[float]:
+        """The learning rates every value trained at ([] without a grid)."""
+        return sorted({lr for v in self.values for lr in v.grid})
+
+    def lr_at_edge(self) -> list[Value]:
+        """Values whose chosen lr is the grid's smallest or largest: the best lr may lie outside the grid."""
+        grid = self.lr_grid
+        return [v for v in self.values if grid and v.chosen_lr in (grid[0], grid[-1])]
 
     @property
     def numeric(self) -> bool:
@@ -135,6 +167,10 @@ def load_studies(out_dir: Path) -> list[Study]:
     for st in studies.values():
         for v in st.values:
             v.rows.sort(key=lambda r: r["seed"])
+            if len({r.get("lr") for r in v.rows}) > 1:  # an lr grid: report each value at its chosen lr
+                for r in v.rows:
+                    v.grid.setdefault(r["lr"], []).append(r)
+                v.choose_lr()
         if st.numeric:
             st.values.sort(key=lambda v: v.value)
         else:
