@@ -262,7 +262,7 @@ def plot_forgetting(st: Study, path: Path) -> Path | None:
 def plot_lr(st: Study, path: Path) -> Path:
     """Validation perplexity against the learning rate, one line per value (mean over seeds, 95% CI), the chosen
     lr of each value marked: whether the choice is clear or the grid too narrow."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for v in st.values:
         lrs = sorted(v.grid)
         summaries = [Value(v.value, v.index, v.is_baseline, v.grid[lr]).summary("val_ppl") for lr in lrs]
@@ -282,9 +282,11 @@ def plot_lr(st: Study, path: Path) -> Path:
         if chosen is not None:
             ax.plot([v.chosen_lr], [chosen.mean], "*", ms=14, color=line[0].get_color(), mec="black", zorder=5)
     ax.set_xscale("log")
+    ax.set_xticks(st.lr_grid, [f"{lr:g}" for lr in st.lr_grid])
+    ax.minorticks_off()
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"{st.ablation}: star = the lr the tune split chose (validation not used)\n{_bars(st)}", fontsize=10)
+    ax.set_title(f"{st.ablation}: star = the lr the tune split chose (validation not used)\n{_bars(st)}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
