@@ -248,7 +248,7 @@ def _run_phase(
     if out.status != "ok":
         raise PretrainDiverged(
             f"pretraining the built-in base diverged (non-finite loss) at step {out.diverged_step} of {ph.name} "
-            f"({ph.seq_len}-token sequences); lower {ph.lr_key} (now {ph.lr})."
+            f"({ph.seq_len}-token sequences); lower {ph.lr_key} (now {ph.lr:g})."
         )
     summary = {
         "seq_len": ph.seq_len,
