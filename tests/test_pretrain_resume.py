@@ -1,7 +1,8 @@
 """Pretraining the built-in base loses nothing: an interrupted build resumes to the weights of an uninterrupted one,
 a second process waits for the first, and a diverged build is one clean message naming the learning rate."""
 
-import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -69,15 +70,18 @@ def test_a_second_process_waits_for_the_first(toy, isolated_cache, tiny_config, 
     folder.parent.mkdir(parents=True)
     other = FileLock(f"{folder}.lock")  # as another process building the same base holds it
     other.acquire()
-    built: list = []
-    waiter = threading.Thread(target=lambda: built.append(pretrain.ensure_base(cfg, progress=False)))
-    waiter.start()
-    waiter.join(timeout=5)
-    assert waiter.is_alive() and not folder.exists()  # waiting, not training the same base twice
-    other.release()
-    waiter.join(timeout=120)
-    assert built == [folder] and (folder / "model.safetensors").is_file()
-    assert "waiting for another process" in capsys.readouterr().err
+    with ThreadPoolExecutor(1) as pool:
+        built = pool.submit(pretrain.ensure_base, cfg, progress=False)
+        try:
+            err, deadline = "", time.monotonic() + 300
+            while "waiting for another process" not in err and time.monotonic() < deadline:
+                time.sleep(0.05)
+                err += capsys.readouterr().err
+            assert "waiting for another process" in err  # it found the lock taken and said so
+            assert not built.done() and not folder.exists()  # waiting, not training the same base twice
+        finally:
+            other.release()
+        assert built.result(timeout=600) == folder and (folder / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("key", ["pretrain.lr", "pretrain.long_lr"])
