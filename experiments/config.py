@@ -8,6 +8,7 @@ raises `ConfigError` naming the file, the dotted key and what is allowed — bef
 from __future__ import annotations
 
 import dataclasses
+import glob
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,11 @@ class PretrainConfig:
     batch_tokens: int = field(default=8192, metadata=in_range(1))
     micro_batch_tokens: int = field(default=8192, metadata=in_range(1))
     lr: float = field(default=3e-3, metadata=in_range(0, None, lo_open=True))
+    # Length schedule: after `tokens` at seq_len, `long_tokens` more at long_seq_len with a fresh warmup and decay
+    # from long_lr, so the base has seen every context the study uses (0: one phase). See experiments/pretrain.py.
+    long_seq_len: int = field(default=2048, metadata=in_range(8, 65536))
+    long_tokens: int = field(default=819_200, metadata=in_range(0))
+    long_lr: float = field(default=2e-3, metadata=in_range(0, None, lo_open=True))
     weight_decay: float = field(default=0.1, metadata=in_range(0))
     seed: int = field(default=1234, metadata=in_range(0))
 
@@ -121,6 +127,10 @@ class EvalConfig:
 
     max_tokens: int = field(default=65536, metadata=in_range(1))
     every_steps: int = field(default=0, metadata=in_range(0))  # 0: evaluate only at the end
+    # Forgetting: text of the base's own (source) domain, evaluated before and after fine-tuning. Unset: the built-in
+    # base's held-out pretraining documents; a user's base then has none (its source columns stay empty).
+    source_data: str | None = None  # a file, glob, folder or .jsonl, as --data accepts
+    source_max_tokens: int = field(default=32768, metadata=in_range(1))
 
 
 @dataclass
@@ -190,6 +200,23 @@ def _check_semantics(cfg: Config, source: str) -> None:
         )
     if p.micro_batch_tokens > p.batch_tokens:
         raise ConfigError(f"{where(source, 'pretrain.micro_batch_tokens')} must not exceed pretrain.batch_tokens.")
+    if p.long_tokens and p.long_seq_len <= p.seq_len:
+        raise ConfigError(
+            f"{where(source, 'pretrain.long_seq_len')} ({p.long_seq_len}) must exceed pretrain.seq_len ({p.seq_len}): "
+            "the second phase trains on longer sequences. Raise it, or set pretrain.long_tokens: 0 for one phase."
+        )
+    longest = max(p.seq_len, p.long_seq_len if p.long_tokens else 0)
+    if longest > p.micro_batch_tokens:
+        raise ConfigError(
+            f"{where(source, 'pretrain.micro_batch_tokens')} ({p.micro_batch_tokens}) is shorter than one "
+            f"{longest}-token pretraining sequence; raise it (and pretrain.batch_tokens) to at least {longest}."
+        )
+    if cfg.eval.source_data is not None and _names_nothing(cfg.eval.source_data):
+        raise ConfigError(
+            f"{where(source, 'eval.source_data')}: {cfg.eval.source_data!r} is no file, folder or matching glob. "
+            "Give text of the base model's own domain (.txt/.md/.py files, a folder, a glob, or a .jsonl), or leave "
+            "it unset: the built-in base then uses its held-out pretraining documents."
+        )
     if cfg.ablation is not None:
         a = cfg.ablation
         if not a.key or not a.values:
@@ -219,6 +246,12 @@ def _resolve_base(cfg: Config, source: str) -> Config:
     except FileNotFoundError as e:
         raise ConfigError(f"{where(source, 'model.base')}: {e}") from None
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base=str(folder)))
+
+
+def _names_nothing(spec: str) -> bool:
+    """A corpus path (file, folder or glob) that names nothing."""
+    p = Path(spec).expanduser()
+    return not p.exists() and not (glob.has_magic(spec) and glob.glob(str(p), recursive=True))
 
 
 def resolve_key(key: str, source: str = "command line") -> str:

@@ -14,6 +14,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, token_array, val_windows
 from data.cache import write_json_atomic
 from experiments.config import Config, from_dict
-from experiments.pretrain import base_fingerprint, ensure_base
+from experiments.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base
 from experiments.results import RESULT_FILE, RESULT_KEYS
 from experiments.training import distributed, loop, memory
 from experiments.training.checkpoint import CHECKPOINT_FILE
@@ -103,16 +104,33 @@ def train_run(
     return result
 
 
-def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) -> tuple[Corpus, np.ndarray, np.ndarray]:
-    """The fine-tuning corpus and its (train, validation) token arrays under the base's tokenizer, from the token
-    cache (tokenized on first use). The sweep calls this once before its runs, so no run's peak memory carries
-    the tokenizer's working set."""
+class RunTokens(NamedTuple):
+    """A run's token arrays, all under the base's tokenizer."""
+
+    corpus: Corpus  # the fine-tuning corpus
+    train: np.ndarray
+    val: np.ndarray
+    source: np.ndarray | None  # the source set of forgetting; None: the run has none
+
+
+def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) -> RunTokens:
+    """The fine-tuning corpus, its (train, validation) token arrays and the source set, from the token cache
+    (tokenized on first use). The sweep calls this once before its runs, so no run's peak memory carries the
+    tokenizer's working set.
+
+    The source set is eval.source_data if given, else the base folder's own held-out pretraining tokens
+    (SOURCE_VAL_FILE, which the built-in base carries), else None."""
     tok = load_tokenizer(base_dir)
     corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
     train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
     train_ids = token_array(train_docs, tok, "finetune train", progress)
     val_ids = token_array(val_docs, tok, "finetune val", progress)
-    return corpus, train_ids, val_ids
+    source = None
+    if cfg.eval.source_data is not None:
+        source = token_array(load_corpus(cfg.eval.source_data, cfg.data.text_field), tok, "source", progress)
+    elif (Path(base_dir) / SOURCE_VAL_FILE).is_file():
+        source = np.load(Path(base_dir) / SOURCE_VAL_FILE, mmap_mode="r")
+    return RunTokens(corpus, train_ids, val_ids, source)
 
 
 def _fine_tune(
@@ -137,13 +155,15 @@ def _fine_tune(
     _check_context(model, seq_len, str(base_dir))
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
-    corpus, train_ids, val_ids = finetune_tokens(cfg, base_dir, progress)
+    corpus, train_ids, val_ids, source_ids = finetune_tokens(cfg, base_dir, progress)
     plan = loop.plan_batches(
         cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len, dist.world_size
     )
     # Every process draws from the same global stream; the loop hands each its share of micro-batch indices.
     sampler = TrainSampler(train_ids, seq_len, plan.micro_seqs, seed=cfg.train.seed)
     xv, yv = val_windows(val_ids, seq_len, cfg.eval.max_tokens)
+    # The source set: the same tokens for every run of a study (eval.source_max_tokens), at this run's context.
+    source = val_windows(source_ids, seq_len, cfg.eval.source_max_tokens) if source_ids is not None else None
 
     # 3. LoRA: injection freezes every base weight; the seed fixes A's init (same on every process).
     _set_dropout(model, cfg.model.dropout)
@@ -163,6 +183,13 @@ def _fine_tune(
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     model.to(device).train()
     trainable, total = count_parameters(model)
+
+    def source_loss() -> float | None:
+        if source is None:
+            return None
+        return loop.evaluate(model, source[0], source[1], plan.micro_seqs, device, dtype, dist)
+
+    base_source_loss = source_loss()  # LoRA's B is zero: this is the base model
 
     # 4. Train. Peaks count from here: the model and data are resident, the rest is the run's own.
     memory.reset_peaks(device)
@@ -202,6 +229,8 @@ def _fine_tune(
     tuned = [loss for step, loss in out.val_curve if step > 0]
     final = tuned[-1] if out.status == "ok" and tuned else None
     best = min(tuned) if tuned else None
+    source_final = source_loss() if out.status == "ok" else None
+    base_source_ppl, source_ppl = perplexity(base_source_loss), perplexity(source_final)
     return {
         "status": out.status,
         "error": None,
@@ -212,6 +241,12 @@ def _fine_tune(
         "best_val_ppl": perplexity(best),
         "base_val_loss": base_loss,
         "base_val_ppl": perplexity(base_loss),
+        "source_val_loss": source_final,
+        "source_val_ppl": source_ppl,
+        "base_source_val_ppl": base_source_ppl,
+        "forgetting": (
+            source_ppl / base_source_ppl - 1 if source_ppl is not None and base_source_ppl is not None else None
+        ),
         "train_tokens": out.train_tokens,
         "steps": out.steps,
         "train_time_s": out.train_time_s,

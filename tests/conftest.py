@@ -105,6 +105,9 @@ def _tiny_config(tmp: Path, **sections) -> Config:
             "batch_tokens": 512,
             "micro_batch_tokens": 512,
             "lr": 1e-2,
+            "long_seq_len": 64,  # phase 2 of the length schedule: a few steps at twice the length
+            "long_tokens": 512 * 4,
+            "long_lr": 5e-3,
         },
     }
     for name, values in sections.items():
