@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, token_array, val_windows
+from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, split_tune, token_array, val_windows
 from data.cache import write_json_atomic
 from experiments.config import Config, from_dict
 from experiments.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base
@@ -111,6 +111,7 @@ class RunTokens(NamedTuple):
     train: np.ndarray
     val: np.ndarray
     source: np.ndarray | None  # the source set of forgetting; None: the run has none
+    tune: np.ndarray | None  # the tune split an lr grid chooses by (data.tune_fraction > 0); None otherwise
 
 
 def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) -> RunTokens:
@@ -123,6 +124,10 @@ def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) ->
     tok = load_tokenizer(base_dir)
     corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
     train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
+    tune = None
+    if cfg.data.tune_fraction > 0:  # held out of training only: validation stays what it is without a grid
+        train_docs, tune_docs = split_tune(train_docs, cfg.data.val_fraction, cfg.data.tune_fraction)
+        tune = token_array(tune_docs, tok, "finetune tune", progress)
     train_ids = token_array(train_docs, tok, "finetune train", progress)
     val_ids = token_array(val_docs, tok, "finetune val", progress)
     source = None
@@ -130,7 +135,7 @@ def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) ->
         source = token_array(load_corpus(cfg.eval.source_data, cfg.data.text_field), tok, "source", progress)
     elif (Path(base_dir) / SOURCE_VAL_FILE).is_file():
         source = np.load(Path(base_dir) / SOURCE_VAL_FILE, mmap_mode="r")
-    return RunTokens(corpus, train_ids, val_ids, source)
+    return RunTokens(corpus, train_ids, val_ids, source, tune)
 
 
 def _fine_tune(
@@ -155,7 +160,7 @@ def _fine_tune(
     _check_context(model, seq_len, str(base_dir))
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
-    corpus, train_ids, val_ids, source_ids = finetune_tokens(cfg, base_dir, progress)
+    corpus, train_ids, val_ids, source_ids, tune_ids = finetune_tokens(cfg, base_dir, progress)
     plan = loop.plan_batches(
         cfg.train.tokens, cfg.train.batch_tokens, cfg.train.micro_batch_tokens, seq_len, dist.world_size
     )
@@ -230,6 +235,10 @@ def _fine_tune(
     final = tuned[-1] if out.status == "ok" and tuned else None
     best = min(tuned) if tuned else None
     source_final = source_loss() if out.status == "ok" else None
+    tune_loss = None
+    if tune_ids is not None and out.status == "ok":  # what an lr grid chooses by; validation is never looked at
+        xt, yt = val_windows(tune_ids, seq_len, cfg.eval.max_tokens)
+        tune_loss = loop.evaluate(model, xt, yt, plan.micro_seqs, device, dtype, dist)
     base_source_ppl, source_ppl = perplexity(base_source_loss), perplexity(source_final)
     return {
         "status": out.status,
@@ -244,6 +253,7 @@ def _fine_tune(
         "source_val_loss": source_final,
         "source_val_ppl": source_ppl,
         "base_source_val_ppl": base_source_ppl,
+        "tune_loss": tune_loss,
         "forgetting": (
             source_ppl / base_source_ppl - 1 if source_ppl is not None and base_source_ppl is not None else None
         ),

@@ -31,7 +31,7 @@ RESULT_FILE = "result.json"  # in a run folder: what the run reported (RESULT_KE
 RESULT_KEYS = tuple(
     """
     status error diverged_step val_loss val_ppl best_val_loss best_val_ppl base_val_loss base_val_ppl
-    source_val_loss source_val_ppl base_source_val_ppl forgetting
+    source_val_loss source_val_ppl base_source_val_ppl forgetting tune_loss
     train_tokens steps train_time_s tokens_per_s trainable_params total_params
     peak_allocated_bytes peak_reserved_bytes peak_active_bytes peak_rss_bytes saved_for_backward_bytes
     device dtype torch_version world_size corpus_fingerprint base_fingerprint
@@ -45,7 +45,7 @@ COLUMNS = tuple(
     """
     finished_at ablation key value value_index is_baseline seed status error diverged_step
     val_loss val_ppl best_val_loss best_val_ppl base_val_loss base_val_ppl
-    source_val_loss source_val_ppl base_source_val_ppl forgetting
+    source_val_loss source_val_ppl base_source_val_ppl forgetting tune_loss
     train_tokens eval_max_tokens steps train_time_s tokens_per_s
     peak_memory_bytes peak_allocated_bytes peak_reserved_bytes peak_active_bytes peak_rss_bytes
     saved_for_backward_bytes trainable_params total_params

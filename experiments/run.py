@@ -230,17 +230,9 @@ def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
     for s, st in zip(specs, states):
         if st in ("done", "reuse"):
             continue
-        d = s.cfg.data
-        key = repr(
-            (
-                s.cfg.to_dict()["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base,
-                s.cfg.train.device,
-                s.cfg.train.dtype,
-                d.finetune,
-                d.text_field,
-                d.val_fraction,
-            )
-        )
+        c = s.cfg.to_dict()  # what the base and the token arrays (train, val, tune, source) depend on
+        base = c["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base
+        key = repr((base, c["train"]["device"], c["train"]["dtype"], c["data"], c["eval"]["source_data"]))
         if key not in seen:
             seen.add(key)
             finetune_tokens(s.cfg, ensure_base(s.cfg, progress=progress), progress)
