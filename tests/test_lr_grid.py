@@ -4,6 +4,12 @@ lr by its tune loss (never by the reported validation loss), and alpha policies 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +19,8 @@ from experiments.report import write_report
 from experiments.studies import load_studies
 from experiments.sweep import plan_runs
 
-RANK = "experiments/configs/abl_lora_rank.yaml"
+REPO = Path(__file__).resolve().parent.parent
+RANK = str(REPO / "experiments/configs/abl_lora_rank.yaml")
 
 
 def grid_config(grid="3e-3,1e-2", values=(4, 16)):
@@ -143,3 +150,35 @@ def test_rslora_from_the_command_line_is_its_own_study():
     base = plan_runs(load_config(RANK), name="lora_rank")
     rs = plan_runs(with_values(load_config(RANK), [("lora.alpha_policy", "rslora", "--set")]), name="lora_rank")
     assert {s.study_hash for s in base}.isdisjoint({s.study_hash for s in rs})
+
+
+@pytest.mark.slow
+def test_quick_grid_end_to_end_resumes_after_a_kill(tmp_path, toy_corpora):
+    """2 values x 2 learning rates through the real CLI; Ctrl-C inside the grid, then the same command finishes it
+    without training any finished (value, lr) again."""
+    toy_corpora(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, SLM_LORA_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    env.pop("WANDB_PROJECT", None)
+    args = [sys.executable, "-m", "experiments.run", "--config", RANK, "--quick", "--no-progress", "--out", str(out)]
+    args += ["--data", str(tmp_path / "ft"), "--set", f"pretrain.corpus={tmp_path / 'pt'}", "--lr-grid", "3e-3,3e-2"]
+    args += ["--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2", "--set", "train.checkpoint_every=1"]
+    args += ["--set", "data.val_fraction=0.2", "--set", "eval.max_tokens=1024", "--set", "eval.source_max_tokens=1024"]
+    proc = subprocess.Popen(args, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not (out / "results.jsonl").exists():  # one (value, lr) finished: stop inside the grid
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    first = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert 1 <= len(first) < 4
+
+    done = subprocess.run(args, env=env, cwd=REPO, text=True, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["value"], r["lr"]) for r in rows) == [(2, 0.003), (2, 0.03), (4, 0.003), (4, 0.03)]
+    assert all(r["status"] == "ok" and r["tune_loss"] > 0 for r in rows)  # no (value, lr) trained twice
+    assert len({r["val_loss"] for r in rows}) == 4 and len({r["study_hash"] for r in rows}) == 1
+    report = (out / "report.md").read_text()
+    assert "| chosen lr |" in report and (out / "plots" / "lora_rank_lr.png").exists()

@@ -161,7 +161,7 @@ def test_killed_sweep_resumes(env, tmp_path):
     assert rows(out) == []
 
     plan = sweep([*args, "--dry-run"], e)
-    states = [ln.split()[5] for ln in plan.stdout.splitlines() if ln.startswith("lora_rank ")]
+    states = [ln.split()[6] for ln in plan.stdout.splitlines() if ln.startswith("lora_rank ")]  # after the lr column
     assert states == ["resume", "run"]
 
     done = sweep(args, e)
