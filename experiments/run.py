@@ -307,9 +307,27 @@ def _exit_code(specs: list[RunSpec], rows: list[dict], out_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
     out_dir = args.out or Path("runs/quick" if args.quick else "runs/default")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return _sweep(args, out_dir, is_main)
+    except KeyboardInterrupt:  # one line, wherever it lands; a training process's own output stays in its train.log
+        if is_main:
+            print(
+                f"\ninterrupted: finished runs are in {out_dir / RESULTS_JSONL}; re-run the same command to resume.",
+                file=sys.stderr,
+            )
+        return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(_disk_full(e, out_dir), file=sys.stderr)
+        return 1
+
+
+def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
+    """Check everything (exit 2), then prepare the data, run the sweep and write the report; the exit code."""
     try:
         specs = resolve_runs(args)
         states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
@@ -327,45 +345,29 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print_plan(specs, states, out_dir)
         return 0
-    signal.signal(signal.SIGTERM, _sigterm)
     progress = not args.no_progress
-    try:
-        if world > 1:
-            states = _join_torchrun(specs, states)
-            rows = run_sweep(
-                specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states, share=_from_rank0
-            )
-            import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        states = _join_torchrun(specs, states)
+        rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states, share=_from_rank0)
+        import torch.distributed as dist
 
-            dist.barrier()  # no rank tears the group down while another is still in its last collective
-            dist.destroy_process_group()
-        else:
-            try:
-                _prepare(specs, states, progress)
-            except (OSError, ValueError) as e:  # unreadable data, or text shorter than a context window
-                if isinstance(e, OSError) and e.errno in DISK_FULL:
-                    raise
-                print(f"error: {e}", file=sys.stderr)  # nothing has run yet
-                return 2
-            rows = run_sweep(specs, out_dir, subprocess_runner(progress))
-        if not is_main:
-            return 0
-        from experiments.report import write_report
+        dist.barrier()  # no rank tears the group down while another is still in its last collective
+        dist.destroy_process_group()
+    else:
+        try:
+            _prepare(specs, states, progress)
+        except (OSError, ValueError) as e:  # unreadable data, or text shorter than a context window
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise
+            print(f"error: {e}", file=sys.stderr)  # nothing has run yet
+            return 2
+        rows = run_sweep(specs, out_dir, subprocess_runner(progress))
+    if not is_main:
+        return 0
+    from experiments.report import write_report
 
-        print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}))
-        return _exit_code(specs, rows, out_dir)
-    except KeyboardInterrupt:
-        if is_main:
-            print(
-                f"\ninterrupted: finished runs are in {out_dir / RESULTS_JSONL}; re-run the same command to resume.",
-                file=sys.stderr,
-            )
-        return 130
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        print(_disk_full(e, out_dir), file=sys.stderr)
-        return 1
+    print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}))
+    return _exit_code(specs, rows, out_dir)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_learned_positions_shorter_than_the_context(tmp_path, capsys, isolated_c
     assert "model.max_position_embeddings=512 is longer than" in err and needle in err and fix in err
 
 
+@pytest.mark.filterwarnings("ignore:corpus .* has one document")  # on purpose: its lines are split
 @pytest.mark.parametrize("split", ["training", "validation"])
 def test_text_shorter_than_one_context_window(tmp_path, capsys, isolated_cache, tiny_checkpoint, split):
     """Needs tokens: checked once the text is tokenized, still before any run starts or any row is written."""
