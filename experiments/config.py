@@ -194,21 +194,14 @@ def _check_semantics(cfg: Config, source: str) -> None:
         )
     p = cfg.pretrain
     # A step holds whole sequences: one longer than the step's budget would silently grow the step to its length.
-    for key, seq, budget, tokens in (
-        (
-            "model.max_position_embeddings",
-            cfg.model.max_position_embeddings,
-            "train.batch_tokens",
-            cfg.train.batch_tokens,
-        ),
-        ("pretrain.seq_len", p.seq_len, "pretrain.batch_tokens", p.batch_tokens),
-    ):
-        if seq > tokens:
-            raise ConfigError(
-                f"{where(source, key)} ({seq}) is longer than {budget} ({tokens}): an optimizer step holds whole "
-                f"sequences, so every step would train {seq} tokens instead of {tokens}. Use a context of at most "
-                f"{tokens} tokens, or raise {budget} (the same for every value of an ablation)."
-            )
+    seq, budget = cfg.model.max_position_embeddings, cfg.train.batch_tokens
+    if seq > budget:
+        raise ConfigError(
+            f"{where(source, 'model.max_position_embeddings')} ({seq}) is longer than train.batch_tokens ({budget}): "
+            f"an optimizer step holds whole sequences, so every step would train {seq} tokens instead of {budget}. "
+            f"Use a context of at most {budget} tokens, or raise train.batch_tokens (the same for every value of an "
+            "ablation)."
+        )
     if p.d_model % p.n_head:
         raise ConfigError(
             f"{where(source, 'pretrain.d_model')} ({p.d_model}) must be divisible by pretrain.n_head ({p.n_head})."

@@ -1,10 +1,10 @@
-"""File locks: one writer of a results file at a time, and one owner of a run folder at a time.
+"""One owner of a run folder at a time, and training processes that end with the sweep that started them.
 
-Both are `fcntl.flock` locks on a small file that stays in place (deleting a lock file lets two processes lock
-two different files of the same name). The kernel drops a flock when the last descriptor of the open file is
-closed, so a process that dies, SIGKILL included, never leaves a stale lock behind. fcntl rather than the
-`filelock` package: a run lock must be shared between a sweep and its training process, which needs flock's
-shared mode and the lock's own descriptor, both of which `filelock` hides. POSIX only (Linux, macOS).
+The run lock is an `fcntl.flock` on a small file that stays in the run folder (deleting a lock file lets two
+processes lock two different files of the same name). The kernel drops a flock when the last descriptor of the
+open file is closed, so a process that dies, SIGKILL included, never leaves a stale lock behind. fcntl rather
+than the `filelock` package (which guards the results file and pretraining): the lock is shared between a sweep
+and its training process, which needs flock's shared mode on descriptors of our own. POSIX only (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -13,22 +13,9 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 RUN_LOCK = "owner.lock"  # in a run folder: locked by every process working on the run; holds the owner's pid
-
-
-@contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) for the `with` block, waiting for it if needed."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 class RunLock:

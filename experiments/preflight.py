@@ -21,6 +21,7 @@ import torch
 from data import load_tokenizer
 from data.tokenizer import tokenizer_files
 from experiments.config import Config
+from experiments.pretrain import phases
 from experiments.results import value_label
 from experiments.schema import ConfigError
 from experiments.sweep import RunSpec
@@ -75,9 +76,11 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def base_config(cfg: Config) -> tuple[GPTConfig, str]:
-    """The base model's GPTConfig and a label for messages: the built-in base's from the `pretrain:` section (as
-    experiments.pretrain builds it), a checkpoint's from its config.json (as model.from_pretrained maps it).
-    A checkpoint folder must also hold weights and a readable tokenizer; neither is loaded beyond that."""
+    """The base model's GPTConfig and a label for messages: the built-in base's from the `pretrain:` section, as
+    experiments.pretrain builds it (its position table ends at the longest pretraining phase; vocab_size is the
+    asked size, which only the tokenizer can lower), a checkpoint's from its config.json, as
+    model.from_pretrained maps it. A checkpoint folder must also hold weights and a readable tokenizer; neither
+    is loaded beyond that."""
     if cfg.model.base == "builtin":
         p = cfg.pretrain
         gcfg = GPTConfig(
@@ -86,7 +89,7 @@ def base_config(cfg: Config) -> tuple[GPTConfig, str]:
             n_head=p.n_head,
             d_model=p.d_model,
             d_ff=p.d_ff,
-            max_position_embeddings=p.seq_len,
+            max_position_embeddings=max(phase.seq_len for phase in phases(p)),
             position_embedding=p.position_embedding,
         )
         return gcfg, "the built-in base (pretrain: section)"

@@ -20,9 +20,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from data.cache import atomic_write
 from experiments.config import Config
-from experiments.locks import exclusive
 from experiments.training.metrics import finite_or_none
 
 RESULTS_JSONL = "results.jsonl"
@@ -193,7 +194,7 @@ def append_row(out_dir: Path, row: dict) -> None:
     then regenerate the CSV."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(out_dir / RESULTS_LOCK):
+    with FileLock(out_dir / RESULTS_LOCK):
         rows = read_rows(out_dir) + [row]
         jsonl = "".join(json.dumps(r, default=str) + "\n" for r in rows)
         atomic_write(out_dir / RESULTS_JSONL, lambda f: f.write(jsonl.encode("utf-8")))
