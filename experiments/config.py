@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from data.cache import json_hash
 from experiments.schema import (
     ConfigError,
@@ -28,6 +26,7 @@ from experiments.schema import (
     unknown_key,
     where,
 )
+from experiments.yamlfile import load_yaml, read_yaml
 from model import resolve_checkpoint
 from model.config import POSITION_EMBEDDINGS
 
@@ -194,6 +193,15 @@ def _check_semantics(cfg: Config, source: str) -> None:
             f"must not exceed train.batch_tokens ({cfg.train.batch_tokens})."
         )
     p = cfg.pretrain
+    # A step holds whole sequences: one longer than the step's budget would silently grow the step to its length.
+    seq, budget = cfg.model.max_position_embeddings, cfg.train.batch_tokens
+    if seq > budget:
+        raise ConfigError(
+            f"{where(source, 'model.max_position_embeddings')} ({seq}) is longer than train.batch_tokens ({budget}): "
+            f"an optimizer step holds whole sequences, so every step would train {seq} tokens instead of {budget}. "
+            f"Use a context of at most {budget} tokens, or raise train.batch_tokens (the same for every value of an "
+            "ablation)."
+        )
     if p.d_model % p.n_head:
         raise ConfigError(
             f"{where(source, 'pretrain.d_model')} ({p.d_model}) must be divisible by pretrain.n_head ({p.n_head})."
@@ -284,8 +292,8 @@ def from_dict(data: dict, source: str = "config") -> Config:
 def parse_value(text: str) -> Any:
     """A command-line value, read as YAML so `3e-4`, `true`, `[q_proj, v_proj]` mean what they look like."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, "command line")
+    except ConfigError:
         return text
 
 
@@ -339,12 +347,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file. The built-in ones are in {CONFIG_DIR}.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{path} is empty (or only comments). A config sets what differs from {DEFAULTS_FILE.name}: an "
+            "'ablation:' block (name, key, values) to sweep, or sections such as 'train:'. To run the defaults as "
+            "one run, write {} in it."
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}.")
     return data

@@ -3,8 +3,10 @@
     python -m experiments.finetune --config-json run/config.json --run-dir run/ [--resume] [--group G] [--name N]
     torchrun --nproc_per_node 2 -m experiments.finetune ...       # DDP: same global batch, same numbers
 
-The sweep runner starts one such process per run, so a run's peak memory is its own. Whatever happens, the
-process exits 0 and run_dir/result.json says what happened: ok, diverged (with the step), oom or failed.
+The sweep runner starts one such process per run, so a run's peak memory is its own. Once training starts,
+whatever happens, the process exits 0 and run_dir/result.json says what happened: ok, diverged (with the step),
+oom or failed. Before that: exit 2 for a missing or invalid --config-json, 1 when another process holds the run
+folder (experiments.locks.RunLock), 130 on Ctrl-C (quietly: the sweep says it in one line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import nn
 
 from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, split_tune, token_array, val_windows
 from data.cache import write_json_atomic
-from experiments.config import Config, from_dict
+from experiments.config import Config, ConfigError, from_dict
+from experiments.locks import RunLock, exit_with_parent
 from experiments.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base
 from experiments.results import RESULT_FILE, RESULT_KEYS
 from experiments.training import distributed, loop, memory
@@ -269,6 +272,17 @@ def _fine_tune(
     }
 
 
+def _read_config(path: Path) -> Config:
+    """A run's config.json; every way it can be wrong is a ConfigError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config-json {path}: no such file.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config-json {path}: cannot be read as JSON ({e}).") from None
+    return from_dict(data, source=str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-json", required=True, type=Path, help="a run's full config (Config.to_dict() as JSON)")
@@ -277,12 +291,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", default=None, help="W&B group (the ablation's name)")
     ap.add_argument("--name", default=None, help="run name (W&B and the progress bar)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    cfg = from_dict(json.loads(args.config_json.read_text(encoding="utf-8")), source=str(args.config_json))
-    result = train_run(
-        cfg, args.run_dir, resume=args.resume, group=args.group, run_name=args.name, progress=not args.no_progress
+    ap.add_argument(
+        "--parent-pid", type=int, default=None, help="the sweep that started this run: end when it ends, share its lock"
     )
-    print(json.dumps({k: result[k] for k in ("status", "val_ppl", "base_val_ppl", "tokens_per_s")}), file=sys.stderr)
+    args = ap.parse_args(argv)
+    try:
+        if args.parent_pid is not None:
+            exit_with_parent(args.parent_pid)
+        cfg = _read_config(args.config_json)
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(args.run_dir)
+        if not (lock.join() if args.parent_pid is not None else lock.claim()):
+            print(f"error: {args.run_dir} is being trained by another process (pid {lock.owner()}).", file=sys.stderr)
+            return 1
+        result = train_run(
+            cfg, args.run_dir, resume=args.resume, group=args.group, run_name=args.name, progress=not args.no_progress
+        )
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    summary = {k: result[k] for k in ("status", "val_ppl", "base_val_ppl", "tokens_per_s")}
+    print(json.dumps(summary), file=sys.stderr)
     return 0
 
 

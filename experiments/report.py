@@ -18,7 +18,7 @@ from pathlib import Path
 from experiments.expectations import Check, expectations
 from experiments.fmt import ci, diff_text, integer, md_table, mib, num
 from experiments.recommend import RULE, recommend
-from experiments.results import RESULTS_JSONL
+from experiments.results import RESULTS_JSONL, ResultsFileError
 from experiments.studies import LEVEL, Study, Value, load_studies
 
 
@@ -284,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    print(write_report(args.run_dir, plots=not args.no_plots))
+    try:
+        print(write_report(args.run_dir, plots=not args.no_plots))
+    except ResultsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,7 +1,9 @@
 """The results file of a sweep: one flat row per finished run, in RUN_DIR/results.jsonl (+ a CSV copy).
 
 Rows are only ever appended, and every write replaces the whole file atomically (temp file + os.replace), so a
-sweep killed at any moment leaves either the old file or the new one, never half a row. A run that is re-run
+sweep killed at any moment leaves either the old file or the new one, never half a row. Appends hold an exclusive
+lock (results.jsonl.lock, next to the file) around their read-modify-write, so processes finishing runs at the
+same time never drop each other's rows; readers need no lock. A run that is re-run
 appends a new row; readers take the latest row per (ablation, config hash). Load in one line with
 `pandas.read_json("RUN_DIR/results.jsonl", lines=True)` or `pandas.read_csv("RUN_DIR/results.csv")`.
 """
@@ -18,12 +20,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from data.cache import atomic_write
 from experiments.config import Config
 from experiments.training.metrics import finite_or_none
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
+
+RESULTS_LOCK = "results.jsonl.lock"
 
 RESULT_FILE = "result.json"  # in a run folder: what the run reported (RESULT_KEYS), written when it ends
 
@@ -130,19 +136,40 @@ def make_row(
     return {c: row.get(c) for c in COLUMNS}
 
 
+# What every row has; a line without them was not written by a sweep.
+ROW_IDENTITY = ("ablation", "key", "value", "seed", "status", "config_hash", "study_hash")
+
+
+class ResultsFileError(ValueError):
+    """results.jsonl holds a line that is not a row; the message names the line and the way out."""
+
+
 def read_rows(out_dir: Path) -> list[dict]:
-    """Every row ever written, oldest first ([] if there is no results file yet)."""
+    """Every row ever written, oldest first ([] if there is no results file yet). A line that is not JSON, or not
+    a row, raises ResultsFileError naming it; the file is left as it is."""
     path = Path(out_dir) / RESULTS_JSONL
     if not path.exists():
         return []
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON row ({e}); fix or delete that line.") from None
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad_line(path, n, f"is not JSON ({e})") from None
+        missing = [k for k in ROW_IDENTITY if k not in row] if isinstance(row, dict) else list(ROW_IDENTITY)
+        if missing:
+            raise _bad_line(path, n, f"is not a result row (it lacks {', '.join(missing)})")
+        rows.append(row)
     return rows
+
+
+def _bad_line(path: Path, n: int, why: str) -> ResultsFileError:
+    return ResultsFileError(
+        f"{path}, line {n} {why}. The file was left as it is: delete or fix that line (rows are one JSON object "
+        "per line), or move the file aside to start a new results file, then run the command again."
+    )
 
 
 def latest(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
@@ -163,10 +190,12 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def append_row(out_dir: Path, row: dict) -> None:
-    """Append `row`: rewrite results.jsonl with all rows to a temp file and rename it, then regenerate the CSV."""
+    """Append `row`: under the results lock, rewrite results.jsonl with all rows to a temp file and rename it,
+    then regenerate the CSV."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(out_dir) + [row]
-    jsonl = "".join(json.dumps(r, default=str) + "\n" for r in rows)
-    atomic_write(out_dir / RESULTS_JSONL, lambda f: f.write(jsonl.encode("utf-8")))
-    atomic_write(out_dir / RESULTS_CSV, lambda f: f.write(to_csv(rows).encode("utf-8")))
+    with FileLock(out_dir / RESULTS_LOCK):
+        rows = read_rows(out_dir) + [row]
+        jsonl = "".join(json.dumps(r, default=str) + "\n" for r in rows)
+        atomic_write(out_dir / RESULTS_JSONL, lambda f: f.write(jsonl.encode("utf-8")))
+        atomic_write(out_dir / RESULTS_CSV, lambda f: f.write(to_csv(rows).encode("utf-8")))

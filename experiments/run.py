@@ -6,22 +6,25 @@
     python -m experiments.run --quick                                             # smoke run, ~2 min on CPU
     torchrun --nproc_per_node 2 -m experiments.run --config ...                   # each run data-parallel
 
-Everything the command line says is validated before any data or model work. Results go to OUT/results.jsonl
-(one row per finished run); re-running the same command skips what is done and resumes what was interrupted;
-at the end the report (OUT/report.md + plots) is written and its tables printed.
+Everything the command line says is validated before any data or model work (experiments.preflight). Results go
+to OUT/results.jsonl (one row per finished run); re-running the same command skips what is done and resumes what
+was interrupted; at the end the report (OUT/report.md + plots) is written and its tables printed.
+
+Exit codes: 0 every run ok; 1 a run ended failed, diverged or oom (the others still ran), or the disk filled up;
+2 a mistake found before any work; 3 runs skipped because another process is training them; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import glob as globlib
 import os
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from experiments.config import (
     ABLATION_ALIASES,
@@ -32,12 +35,15 @@ from experiments.config import (
     resolve_key,
     with_values,
 )
-from experiments.results import value_label
+from experiments.preflight import preflight
+from experiments.results import RESULTS_JSONL, ResultsFileError, value_label
 from experiments.schema import flatten
 from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
+from experiments.yamlfile import read_yaml
 from model import resolve_checkpoint
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # The default study, in the order the seed README recommends reading it.
 DEFAULT_STUDY = [
     CONFIG_DIR / "abl_lora_rank.yaml",
@@ -157,7 +163,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
     """Every setting the command line makes, in the order they apply: quick.yaml, paths, --set, value flags."""
     items: list[tuple[str, Any, str]] = []
     if args.quick:
-        quick = yaml.safe_load(QUICK_FILE.read_text(encoding="utf-8")) or {}
+        quick = read_yaml(QUICK_FILE) or {}
         items += [(k, v, str(QUICK_FILE)) for k, v in flatten(quick).items()]
     if args.base_model:
         items.append(("model.base", _base_flag(args.base_model), "--base_model"))
@@ -222,23 +228,35 @@ def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
 def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
     """Pretrain each built-in base and tokenize each fine-tuning corpus the pending runs need, once, here: a broken
     corpus fails the sweep early, and every run finds its data cached, so no run's memory figures include
-    tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS)."""
+    tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS). Then check that
+    each run's text holds a context window, before any run starts."""
     from experiments.finetune import finetune_tokens
+    from experiments.preflight import check_text
     from experiments.pretrain import ensure_base
 
-    seen = set()
+    sizes: dict[str, tuple[int, int]] = {}
     for s, st in zip(specs, states):
         if st in ("done", "reuse"):
             continue
         c = s.cfg.to_dict()  # what the base and the token arrays (train, val, tune, source) depend on
         base = c["pretrain"] if s.cfg.model.base == "builtin" else s.cfg.model.base
         key = repr((base, c["train"]["device"], c["train"]["dtype"], c["data"], c["eval"]["source_data"]))
-        if key not in seen:
-            seen.add(key)
-            finetune_tokens(s.cfg, ensure_base(s.cfg, progress=progress), progress)
+        if key not in sizes:
+            tokens = finetune_tokens(s.cfg, ensure_base(s.cfg, progress=progress), progress)
+            sizes[key] = (len(tokens.train), len(tokens.val))
+        check_text(s, *sizes[key])
 
 
-def _join_torchrun(specs: list[RunSpec], states: list[str] | None) -> list[str]:
+def _from_rank0(value: Any) -> Any:
+    """Under torchrun: rank 0's value, on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _join_torchrun(specs: list[RunSpec], states: list[str]) -> list[str]:
     """Under torchrun: one process group for the whole sweep (train_run joins it instead of making its own per run;
     re-creating groups back to back can deadlock), and rank 0's view of what is done, so every rank agrees."""
     import torch
@@ -249,64 +267,107 @@ def _join_torchrun(specs: list[RunSpec], states: list[str] | None) -> list[str]:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
-    box = [states]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return _from_rank0(states)
 
 
 def _sigterm(signum, frame):  # a killed sweep stops its child run too, and leaves a resumable state
     raise KeyboardInterrupt
 
 
+def _disk_full(e: OSError, out_dir: Path) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return (
+        f"stopped: no space left on device{where}. The rows of finished runs are in {out_dir / RESULTS_JSONL}; a "
+        "run whose row could not be written keeps its result.json and gets its row on the next run. Free some "
+        "space, then run the same command again to continue."
+    )
+
+
+def _exit_code(specs: list[RunSpec], rows: list[dict], out_dir: Path) -> int:
+    """1 if a run of this sweep did not end ok, 3 if runs are left to another process, else 0; says which."""
+    bad = Counter(r["status"] for r in rows if r["status"] != "ok")
+    if bad:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(bad.items()))
+        print(
+            f"{sum(bad.values())} run(s) did not end ok ({counts}); errors are in the report and in each run's "
+            "train.log. Run the same command again to retry them.",
+            file=sys.stderr,
+        )
+        return 1
+    left = sum(st != "done" for st in plan_states(specs, out_dir))
+    if left:
+        print(
+            f"{left} run(s) not done: another process is training them. Run this command again once it has "
+            "finished to record them here.",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
     out_dir = args.out or Path("runs/quick" if args.quick else "runs/default")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return _sweep(args, out_dir, is_main)
+    except KeyboardInterrupt:  # one line, wherever it lands; a training process's own output stays in its train.log
+        if is_main:
+            print(
+                f"\ninterrupted: finished runs are in {out_dir / RESULTS_JSONL}; re-run the same command to resume.",
+                file=sys.stderr,
+            )
+        return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(_disk_full(e, out_dir), file=sys.stderr)
+        return 1
+
+
+def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
+    """Check everything (exit 2), then prepare the data, run the sweep and write the report; the exit code."""
     try:
         specs = resolve_runs(args)
+        states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
+        notes = preflight(specs, out_dir)
+    except ResultsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    states = plan_states(specs, out_dir) if is_main else None
+    if is_main:
+        for note in notes:
+            print(f"note: {note}")
     if args.dry_run:
         if is_main:
             print_plan(specs, states, out_dir)
         return 0
-    signal.signal(signal.SIGTERM, _sigterm)
     progress = not args.no_progress
-    try:
-        if world > 1:
-            states = _join_torchrun(specs, states)
-            rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states)
-            import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        states = _join_torchrun(specs, states)
+        rows = run_sweep(specs, out_dir, inprocess_runner(progress), is_main=is_main, states=states, share=_from_rank0)
+        import torch.distributed as dist
 
-            dist.barrier()  # no rank tears the group down while another is still in its last collective
-            dist.destroy_process_group()
-        else:
-            try:
-                _prepare(specs, states, progress)
-            except (OSError, ValueError) as e:  # unreadable data or checkpoint: a user error, nothing has run yet
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            rows = run_sweep(specs, out_dir, subprocess_runner(progress))
-    except KeyboardInterrupt:
-        if is_main:
-            print(
-                f"\ninterrupted: finished runs are in {out_dir / 'results.jsonl'}; re-run the same command to resume.",
-                file=sys.stderr,
-            )
-        return 130
+        dist.barrier()  # no rank tears the group down while another is still in its last collective
+        dist.destroy_process_group()
+    else:
+        try:
+            _prepare(specs, states, progress)
+        except (OSError, ValueError) as e:  # unreadable data, or text shorter than a context window
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise
+            print(f"error: {e}", file=sys.stderr)  # nothing has run yet
+            return 2
+        rows = run_sweep(specs, out_dir, subprocess_runner(progress))
     if not is_main:
         return 0
     from experiments.report import write_report
 
-    text = write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs})
-    print(text)
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} run(s) failed; errors are in the report and in each run's train.log.", file=sys.stderr)
-    return 1 if failed else 0
+    print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}))
+    return _exit_code(specs, rows, out_dir)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ in this process under torchrun). The sweep's own job is never to lose work:
 - a run's identity is its config hash, and its folder is RUN_DIR/runs/<hash>/, so a re-run finds its own files;
 - a run with an `ok` row for this ablation is skipped; one whose identical config already finished `ok` (the
   three ablations share their baseline) is copied, not re-run;
-- a run killed mid-way resumes from run_dir/checkpoint.pt; a run that fails is recorded and the sweep goes on.
+- a run killed mid-way resumes from run_dir/checkpoint.pt; a run that fails is recorded and the sweep goes on;
+- a run folder has one owner at a time (experiments.locks.RunLock): a run another process is training is skipped
+  with a message naming its pid, and a run that process finished meanwhile is not trained again;
+- a full disk stops the sweep once what can be recorded is (the run's result.json, or its row).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -28,6 +32,7 @@ from typing import Any
 
 from data.cache import json_hash, write_json_atomic
 from experiments.config import Config, get_value, resolve_key, set_dotted, with_value, with_values
+from experiments.locks import RunLock
 from experiments.results import RESULT_FILE, RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
 from experiments.training.checkpoint import CHECKPOINT_FILE
 
@@ -164,18 +169,22 @@ def _failed(error: str) -> dict:
     return {**dict.fromkeys(RESULT_KEYS), "status": "failed", "error": error}
 
 
-def _tee(stream, sinks: list, tail: deque) -> None:
-    """Copy a child's stderr to the terminal and its log as it comes (progress bars included); keep the tail."""
+def _tee(stream, log, terminal, tail: deque, muted: threading.Event) -> None:
+    """Copy a child's stderr to its log, and to the terminal until `muted` (set on Ctrl-C, so the child's last
+    words stay in its train.log), as it comes (progress bars included); keep the tail."""
     for chunk in iter(lambda: os.read(stream.fileno(), 8192), b""):
         tail.append(chunk)
-        for s in sinks:
-            s.write(chunk)
-            s.flush()
+        log.write(chunk)
+        log.flush()
+        if terminal is not None and not muted.is_set():
+            terminal.write(chunk)
+            terminal.flush()
 
 
 def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "experiments.finetune") -> Runner:
     """Each run in a fresh `python -m experiments.finetune` process: its peak memory is its own, and a crash (even a
-    segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log."""
+    segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log. The
+    child is given this process's pid and ends itself when this process dies (experiments.locks.exit_with_parent)."""
 
     def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
         cmd = [
@@ -190,20 +199,24 @@ def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "e
             spec.ablation,
             "--name",
             spec.name,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         cmd += ["--resume"] if resume else []
         cmd += [] if progress else ["--no-progress"]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         tail: deque = deque(maxlen=64)
+        muted = threading.Event()
         with open(run_dir / "train.log", "ab") as log:
             proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
-            sinks = [log] + ([sys.stderr.buffer] if echo and hasattr(sys.stderr, "buffer") else [])
-            reader = threading.Thread(target=_tee, args=(proc.stderr, sinks, tail), daemon=True)
+            terminal = sys.stderr.buffer if echo and hasattr(sys.stderr, "buffer") else None
+            reader = threading.Thread(target=_tee, args=(proc.stderr, log, terminal, tail, muted), daemon=True)
             reader.start()
             try:
                 rc = proc.wait()
             except BaseException:  # Ctrl-C / SIGTERM: stop the child too (it may not share our terminal)
+                muted.set()
                 proc.send_signal(signal.SIGINT)
                 try:
                     proc.wait(timeout=30)
@@ -263,6 +276,24 @@ def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
     return _failed("the identical config this run was to reuse left no result"), ""
 
 
+def _claim(spec: RunSpec, out_dir: Path, lock: RunLock) -> str:
+    """Take the run's folder, then look again at what is done: "busy <pid>" (another process holds the run),
+    "done" / "reuse" (another process finished it since the plan was made), or "train"."""
+    if not lock.claim():
+        return f"busy {lock.owner()}"
+    row = latest(read_rows(out_dir)).get((spec.ablation, spec.config_hash))
+    if row is not None and row["status"] == "ok":
+        return "done"
+    result = _read_result(spec.run_dir(out_dir))
+    return "reuse" if result is not None and result.get("status") == "ok" else "train"
+
+
+def _stop_if_disk_full(result: dict, run_dir: Path) -> None:
+    """A run that failed on a full disk stops the sweep: every later run would fail the same way."""
+    if f"[Errno {errno.ENOSPC}]" in str(result.get("error") or ""):
+        raise OSError(errno.ENOSPC, "No space left on device (the training process ran out)", str(run_dir))
+
+
 def run_sweep(
     specs: Sequence[RunSpec],
     out_dir: Path,
@@ -271,18 +302,20 @@ def run_sweep(
     is_main: bool = True,
     states: Sequence[str] | None = None,
     say: Callable[[str], None] = print,
+    share: Callable[[Any], Any] = lambda decision: decision,
 ) -> list[dict]:
     """Run every spec not done yet, in order; append a row per finished run (rank 0 only). Returns the new rows.
 
     Under torchrun every rank calls this with the same specs and the same `states` (rank 0's plan_states, sent to
-    all), so all take the same decisions.
+    all), so all take the same decisions; `share` sends rank 0's decision about each run to every rank.
     """
     out_dir = Path(out_dir)
     states = list(states) if states is not None else plan_states(specs, out_dir)
     todo = sum(s != "done" for s in states)
     if is_main:
         say(f"{len(specs)} runs, {len(specs) - todo} already done, {todo} to go; results in {out_dir}")
-    new_rows = []
+    new_rows: list[dict] = []
+    busy: set[str] = set()  # config hashes another process is training
     k = 0
     for spec, state in zip(specs, states):
         if state == "done":
@@ -294,26 +327,54 @@ def run_sweep(
                 f"[{k}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
                 f"({state}, {run_dir.relative_to(out_dir)})"
             )
-        if state == "reuse":
+        if state == "reuse" and spec.config_hash not in busy:
             if is_main:
-                result, source = _reused_result(spec, out_dir)
-                new_rows.append(_row(spec, out_dir, result, reused_from=source))
-                append_row(out_dir, new_rows[-1])
-                say(f"    {result.get('status')}: identical config already ran ({source}); row copied")
+                new_rows.append(_reuse(spec, out_dir, say))
             continue
+        lock = RunLock(run_dir)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
-            (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
-        result = runner(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
-        if not is_main:
-            continue
-        if _read_result(run_dir) is None:
-            write_json_atomic(run_dir / RESULT_FILE, result)
-        new_rows.append(_row(spec, out_dir, result))
-        append_row(out_dir, new_rows[-1])
-        say(f"    {_one_line(result)}")
+        action = share(_claim(spec, out_dir, lock) if is_main else None)
+        try:
+            if action.startswith("busy"):
+                busy.add(spec.config_hash)
+                if is_main:
+                    say(f"    run {spec.name} is being trained by another process (pid {action.split()[1]}); skipped")
+                continue
+            if action == "done":
+                if is_main:
+                    say("    finished by another process meanwhile; skipped")
+                continue
+            if action == "reuse":
+                if is_main:
+                    new_rows.append(_reuse(spec, out_dir, say))
+                continue
+            if is_main:
+                write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
+                (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
+            result = runner(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
+            if not is_main:
+                continue
+            if _read_result(run_dir) is None:
+                write_json_atomic(run_dir / RESULT_FILE, result)
+            new_rows.append(_row(spec, out_dir, result))
+            append_row(out_dir, new_rows[-1])
+            say(f"    {_one_line(result)}")
+            _stop_if_disk_full(result, run_dir)
+        finally:
+            lock.release()
+    if busy and is_main:
+        say(f"{len(busy)} run(s) skipped: another process is training them; run this command again once it is done.")
     return new_rows
+
+
+def _reuse(spec: RunSpec, out_dir: Path, say: Callable[[str], None]) -> dict:
+    """Copy the result of an identical config that already ran into a row of this ablation."""
+    result, source = _reused_result(spec, out_dir)
+    row = _row(spec, out_dir, result, reused_from=source)
+    append_row(out_dir, row)
+    say(f"    {result.get('status')}: identical config already ran ({source}); row copied")
+    return row
 
 
 def _one_line(r: dict) -> str:

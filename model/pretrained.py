@@ -16,6 +16,13 @@ from .gpt import GPT
 from .hub import resolve_checkpoint
 
 SUPPORTED_MODEL_TYPES = ("opt", "gpt2", "slm-gpt")
+# Weight layouts `from_pretrained` reads, in the order it looks for them.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -26,22 +33,7 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     `model.hf_module_prefix` is "model.decoder." for OPT (our `layers.0.fc1` is transformers'
     `model.decoder.layers.0.fc1`), "" otherwise."""
     folder = resolve_checkpoint(name_or_path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
-    hf = json.loads(config_file.read_text())
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not supported; "
-            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if model_type == "opt":
-        config = _opt_config(hf)
-    elif model_type == "gpt2":
-        config = _gpt2_config(hf)
-    else:
-        config = GPTConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
+    model_type, config = read_config(folder)
     raw = _read_tensors(folder)
     if model_type == "opt":
         tensors, ignorable = _opt_tensors(raw, config), {"lm_head.weight"} if config.tie_embeddings else set()
@@ -55,6 +47,39 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
     model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""  # GPT-2's leaf names differ anyway
     return model.to(dtype).eval()
+
+
+def read_config(folder: str | Path) -> tuple[str, GPTConfig]:
+    """(model_type, our GPTConfig) from a checkpoint folder's config.json, mapped as `from_pretrained` maps it,
+    without reading weights. Errors name the file: missing, unreadable, unsupported model_type, missing keys."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} cannot be read as JSON: {e}") from None
+    model_type = hf.get("model_type") if isinstance(hf, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; "
+            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        if model_type == "opt":
+            return model_type, _opt_config(hf)
+        if model_type == "gpt2":
+            return model_type, _gpt2_config(hf)
+        return model_type, GPTConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
+    except KeyError as e:
+        raise ValueError(f"{config_file} lacks the key {e} that a {model_type} config has") from None
+    except (TypeError, ValueError) as e:  # GPTConfig's own checks, or a value of the wrong type
+        raise ValueError(f"{config_file}: {e}") from None
+
+
+def has_weights(folder: str | Path) -> bool:
+    """Whether the folder holds weights in one of the layouts `from_pretrained` reads (WEIGHT_FILES)."""
+    return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
 
 
 def save_pretrained(model: GPT, path: str | Path) -> None:
@@ -103,8 +128,8 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 tensors.update(load(folder / shard))
             return tensors
     raise FileNotFoundError(
-        f"{folder} has no weights: looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
-        f"pytorch_model.bin.index.json; found {sorted(p.name for p in folder.iterdir())}"
+        f"{folder} has no weights: looked for {', '.join(WEIGHT_FILES)}; "
+        f"found {sorted(p.name for p in folder.iterdir())}"
     )
 
 

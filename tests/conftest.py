@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data import EOT
 from experiments.config import Config, from_dict
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, save_pretrained
 
 TINY_GPT = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16)
 
@@ -43,6 +45,28 @@ def tiny_gpt() -> Callable[..., GPT]:
     def make(kind: str = "rope", **overrides) -> GPT:
         torch.manual_seed(0)
         return GPT(GPTConfig(**{**TINY_GPT, "position_embedding": kind, **overrides})).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Callable[..., Path]:
+    """Write a checkpoint folder as a user brings one (config.json, model.safetensors, a byte-level BPE
+    tokenizer.json) with a tiny random GPT: `tiny_checkpoint(folder, position_embedding="learned")`."""
+
+    def make(folder: Path, **overrides) -> Path:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator([f"def {a}({b}):\n    return {b}\n" for a in WORDS for b in WORDS], trainer=trainer)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**TINY_GPT, "vocab_size": tok.get_vocab_size(), **overrides}))
+        save_pretrained(model, folder)
+        tok.save(str(folder / "tokenizer.json"))
+        return folder
 
     return make
 

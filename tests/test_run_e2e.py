@@ -77,28 +77,28 @@ def rows(out: Path) -> list[dict]:
 
 def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
     root, e = env
-    # A value that passes config validation but cannot run (no module of that name) sits between two good ones.
-    cfg = tmp_path / "abl_tm.yaml"
+    # A value that passes every check before the runs but cannot train (its loss overflows) sits between two good
+    # ones. (A mistake the sweep can know beforehand, such as a module name that matches nothing, now stops it
+    # before any work: tests/test_robust_preflight.py.)
+    cfg = tmp_path / "abl_lr.yaml"
     cfg.write_text(
         textwrap.dedent("""
         ablation:
-          name: tm
-          key: target_modules
-          values: [[q_proj, v_proj], [no_such_proj], [v_proj]]
-          baseline: [q_proj, v_proj]
+          name: lr
+          key: train.lr
+          values: [0.01, 1.0e+30, 0.005]
+          baseline: 0.01
     """)
     )
     out = tmp_path / "out"
     first = sweep(["--config", str(cfg), *tiny(root, out)], e)
-    assert first.returncode == 1, first.stderr[-3000:]  # 1: a run failed (the sweep itself completed)
+    assert first.returncode == 1, first.stderr[-3000:]  # 1: a run diverged (the sweep itself completed)
+    assert "1 run(s) did not end ok (1 diverged)" in first.stderr
     got = rows(out)
-    assert [(r["value"], r["status"]) for r in got] == [
-        ("q_proj,v_proj", "ok"),
-        ("no_such_proj", "failed"),
-        ("v_proj", "ok"),
-    ]
+    assert [(r["value"], r["status"]) for r in got] == [(0.01, "ok"), (1e30, "diverged"), (0.005, "ok")]
     bad = got[1]
-    assert "matched no module" in bad["error"] and "Linear modules in the model" in bad["error"]
+    assert bad["diverged_step"] >= 1 and bad["val_ppl"] is None
+    assert not (out / bad["run_dir"] / "checkpoint.pt").exists()  # a retry starts fresh
     for r in (got[0], got[2]):
         assert r["val_ppl"] > 1 and r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
         assert r["train_tokens"] == got[0]["train_tokens"] == 4096  # same budget for every value
@@ -106,22 +106,22 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
         assert r["saved_for_backward_bytes"] > 0 and 0 < r["trainable_params"] < r["total_params"]
         assert r["config_hash"] and r["corpus_fingerprint"] and r["device"].startswith("cpu")
         assert r["git_commit"] and r["torch_version"]
-    assert got[0]["trainable_params"] == 2 * got[2]["trainable_params"]  # q,v vs v alone: same shapes
+    assert got[0]["trainable_params"] == got[2]["trainable_params"]  # same modules, another learning rate
     assert got[0]["base_val_ppl"] == pytest.approx(got[2]["base_val_ppl"])  # the same validation tokens
     # Summary tables in the terminal; report and plots on disk.
-    assert "== tm (lora.target_modules)" in first.stdout and "| **q_proj,v_proj** |" in first.stdout
+    assert "== lr (train.lr)" in first.stdout and "| **0.01** |" in first.stdout
     report = (out / "report.md").read_text()
-    assert "## tm" in report and "### Expected vs observed" in report and "matched no module" in report
+    assert "## lr" in report and "diverged" in report
     assert (out / "results.csv").read_text().count("\n") == 4
-    for png in ("tm.png", "ppl_vs_params.png"):
+    for png in ("lr.png", "ppl_vs_params.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     ok_result = out / got[0]["run_dir"] / "result.json"
     stamp = ok_result.stat().st_mtime_ns
 
-    # The same command again: the two ok runs are skipped, the failed one is tried again.
+    # The same command again: the two ok runs are skipped, the diverged one is tried again.
     second = sweep(["--config", str(cfg), *tiny(root, out)], e)
     assert "3 runs, 2 already done, 1 to go" in second.stdout
-    assert len(rows(out)) == 4 and rows(out)[-1]["value"] == "no_such_proj"
+    assert len(rows(out)) == 4 and rows(out)[-1]["value"] == 1e30
     assert ok_result.stat().st_mtime_ns == stamp
 
 

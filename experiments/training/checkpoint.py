@@ -1,10 +1,12 @@
 """Resumable training state: trainable tensors, optimizer (and grad scaler) state, the step, RNG states, and
 the curves so far. Written atomically, so an interruption mid-write leaves the previous checkpoint intact;
-read with `weights_only=True` (only tensors, numbers, strings, lists and dicts are stored).
+read with `weights_only=True` (only tensors, numbers, strings, lists and dicts are stored). A file that cannot
+be read anyway (a disk error, a copy cut short) raises DamagedCheckpoint, and `set_aside` moves it out of the way.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,18 @@ from torch import nn
 from data.cache import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"  # in a run folder: present only while a run is unfinished
+_PARTS = ("trainable", "optimizer", "scaler", "rng_cpu", "rng_cuda", "state")
+
+
+class DamagedCheckpoint(ValueError):
+    """The checkpoint file cannot be read back (truncated, corrupt, or not a checkpoint at all)."""
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged-<time>` (kept for inspection, never resumed); returns it."""
+    dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(dest)
+    return dest
 
 
 def save_checkpoint(
@@ -39,8 +53,14 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
 ) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` stored into live objects; returns the loop's `state` dict."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    """Restore everything `save_checkpoint` stored into live objects; returns the loop's `state` dict. Raises
+    DamagedCheckpoint, before changing anything, when the file cannot be read as a checkpoint."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises OSError, RuntimeError, EOFError or UnpicklingError, by the damage
+        raise DamagedCheckpoint(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or any(k not in blob for k in _PARTS):
+        raise DamagedCheckpoint(f"{path} is not a checkpoint of this training loop")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(blob["trainable"]):
         missing, extra = sorted(set(params) - set(blob["trainable"])), sorted(set(blob["trainable"]) - set(params))

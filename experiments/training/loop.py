@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from data import IGNORE_INDEX
 from experiments.training import memory
-from experiments.training.checkpoint import load_checkpoint, save_checkpoint
+from experiments.training.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, set_aside
 from experiments.training.distributed import DistInfo, all_reduce_sum
 from experiments.training.metrics import MetricsLog, perplexity
 
@@ -178,6 +179,22 @@ def measure_saved_bytes(
     return counter["bytes"]
 
 
+def _resume_state(
+    checkpoint: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler, dist: DistInfo
+) -> dict | None:
+    """The loop state to resume from, or None to start fresh: no checkpoint, or a damaged one, which is set aside
+    (by rank 0; every rank reads the same file, so all start fresh together)."""
+    if not checkpoint.exists():
+        return None
+    try:
+        return load_checkpoint(checkpoint, model, opt, scaler)
+    except DamagedCheckpoint as e:
+        if dist.is_main:
+            moved = set_aside(checkpoint)
+            print(f"warning: {e}; moved it to {moved.name} and starting this run from step 0.", file=sys.stderr)
+        return None
+
+
 def train(
     model: nn.Module,
     get_batch: BatchFn,
@@ -218,8 +235,8 @@ def train(
     eval_batch = plan.micro_seqs
 
     start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, opt, scaler)
+    state = _resume_state(checkpoint, model, opt, scaler, dist) if resume and checkpoint is not None else None
+    if state is not None:
         if state["plan"] != asdict(plan):
             raise ValueError(
                 f"{checkpoint} was written for batches {state['plan']}, this run plans {asdict(plan)}: "
@@ -291,6 +308,8 @@ def train(
         step_loss = all_reduce_sum(loss_sum, dist).item() / plan.accum
         if not math.isfinite(step_loss):
             out.status, out.diverged_step = "diverged", step + 1
+            if checkpoint is not None and dist.is_main:  # a retry starts fresh, never from the way to divergence
+                checkpoint.unlink(missing_ok=True)
             if log is not None:
                 log.log({"step": step + 1, "tokens": (step + 1) * plan.tokens_per_step, "train_loss": step_loss})
             break

@@ -58,11 +58,13 @@ class MetricsLog:
             return
         kept = []
         if step > 0 and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the half-written last line of a killed process
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, record: dict) -> None:

@@ -1,0 +1,223 @@
+"""One owner per run folder, with real processes (issue 11): a run another process holds is skipped and named,
+two sweeps on one results folder train each run once, a sweep killed by SIGKILL takes its training process
+with it, and Ctrl-C prints one line. The last two train for real (a tiny checkpoint folder, no pretraining)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import report, run
+from experiments.config import load_config
+from experiments.results import read_rows
+from experiments.sweep import plan_runs
+
+REPO = Path(__file__).resolve().parent.parent
+RANK = REPO / "experiments" / "configs" / "abl_lora_rank.yaml"
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from experiments.locks import RunLock
+    run_dir = Path(sys.argv[1])
+    run_dir.mkdir(parents=True)
+    assert RunLock(run_dir).claim()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_run_held_by_another_process_is_skipped_and_named(tmp_path, monkeypatch, capsys):
+    held = plan_runs(load_config(RANK), name="abl_lora_rank", values=[4])[0].run_dir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        trained: list[int] = []
+        monkeypatch.setattr(run, "_prepare", lambda *a: None)
+        monkeypatch.setattr(report, "write_report", lambda *a, **k: "")
+        monkeypatch.setattr(run, "subprocess_runner", lambda progress: lambda s, d, r: trained.append(s.value) or ok())
+        argv = ["--config", str(RANK), "--set", "ablation.values=[4, 8]", "--set", "ablation.baseline=4"]
+        argv += ["--out", str(tmp_path)]
+        assert run.main(argv) == 3  # not a failure, not done either
+        printed = capsys.readouterr()
+        assert f"run lora_rank=4-seed0 is being trained by another process (pid {holder.pid}); skipped" in printed.out
+        assert "1 run(s) not done: another process is training them" in printed.err
+        assert trained == [8] and [r["value"] for r in read_rows(tmp_path)] == [8]
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock
+        holder.wait()
+    assert run.main(argv) == 0 and trained == [8, 4]
+
+
+def ok() -> dict:
+    return {"status": "ok", "val_ppl": 7.0}
+
+
+SWEEP = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from experiments.config import load_config
+    from experiments.sweep import plan_runs, run_sweep
+    out, me = Path(sys.argv[1]), sys.argv[2]
+    specs = plan_runs(load_config(sys.argv[3]), name="abl_lora_rank")
+    (out / f"ready-{me}").touch()
+    while not (out / "go").exists():  # both sweeps start at the same moment
+        time.sleep(0.001)
+
+    def train(spec, run_dir, resume):
+        with open(run_dir / "trained.txt", "a") as f:
+            f.write(me + "\\n")
+        time.sleep(1.0)
+        return {"status": "ok", "val_ppl": 7.0}
+
+    run_sweep(specs, out, train)
+""")
+
+
+def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
+    procs = {
+        me: subprocess.Popen(
+            [sys.executable, "-c", SWEEP, str(tmp_path), me, str(RANK)], env=ENV, stdout=subprocess.PIPE, text=True
+        )
+        for me in ("a", "b")
+    }
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready-{me}").exists() for me in procs):
+        assert time.time() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    said = {me: p.communicate(timeout=300)[0] for me, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), said
+    trained = sorted(tmp_path.glob("runs/*/trained.txt"))
+    assert len(trained) == 5 and all(len(f.read_text().split()) == 1 for f in trained)  # once each
+    assert sorted(r["value"] for r in read_rows(tmp_path)) == [4, 8, 16, 32, 64]  # one row each, none doubled
+    skips = {me: said[me].count("is being trained by another process") for me in procs}
+    assert sum(skips.values()) >= 1, said  # they met, and stepped aside
+    for me, other in (("a", "b"), ("b", "a")):
+        if skips[me]:
+            assert f"(pid {procs[other].pid}); skipped" in said[me]
+
+
+# ----------------------------------------------------------------------------- real training processes
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, tiny_checkpoint, toy_corpora):
+    """argv + env of a real one-run sweep on a tiny checkpoint folder (nothing to pretrain) whose 100,000 short
+    steps never end on their own within a test: it stops only when the test stops it."""
+    root = tmp_path_factory.mktemp("robust_e2e")
+    toy_corpora(root)
+    base = tiny_checkpoint(root / "base")
+    env = dict(ENV, SLM_LORA_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")  # toy shapes: one thread is faster
+    env.pop("WANDB_PROJECT", None)
+
+    def argv(out: Path) -> list[str]:
+        sets = {
+            "model.max_position_embeddings": 16,
+            "train.batch_tokens": 64,
+            "train.micro_batch_tokens": 64,
+            "train.tokens": 64 * 100_000,
+            "train.checkpoint_every": 2,
+            "train.log_every": 1,
+            "eval.max_tokens": 256,
+            "data.val_fraction": 0.2,
+        }
+        head = [sys.executable, "-m", "experiments.run", "--config", str(RANK), "--lora_rank", "4"]
+        head += ["--base_model", str(base), "--data", str(root / "ft"), "--no-progress", "--out", str(out)]
+        return head + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+    return argv, env
+
+
+def _steps(out: Path) -> list[int]:
+    """The steps the run's metrics.jsonl records a training loss for, in file order."""
+    files = list(out.glob("runs/*/metrics.jsonl"))
+    if not files:
+        return []
+    lines = files[0].read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines[:-1]) if "train_loss" in r]  # the last may be half-written
+
+
+def _wait_for_step(out: Path, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.time() + 300
+    while not _steps(out) or max(_steps(out)) < step:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
+def test_killed_sweep_takes_its_training_process_and_a_rerun_trains_alone(tiny_sweep, tmp_path):
+    argv, env = tiny_sweep
+    out = tmp_path / "out"
+    sweep = subprocess.Popen(argv(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(out, sweep, 3)
+    (child,) = _children(sweep.pid)
+    sweep.kill()  # SIGKILL: no handler runs in the sweep
+    sweep.wait()
+    killed_at = max(_steps(out))
+    deadline = time.time() + 5  # it polls its parent every 0.5 s; its own training has ~100,000 steps to go
+    while _alive(child):
+        assert time.time() < deadline, "the training process outlived its sweep"
+        time.sleep(0.05)
+
+    # The same command at once: it resumes the run from its checkpoint and is the only process writing to it.
+    rerun = subprocess.Popen(
+        argv(out), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _wait_for_step(out, rerun, killed_at + 3)
+    os.killpg(rerun.pid, signal.SIGINT)
+    assert rerun.wait(timeout=120) == 130
+    steps = _steps(out)
+    assert steps == list(range(1, len(steps) + 1)), steps  # each step once: never two writers, never a restart
+
+
+@pytest.mark.slow
+def test_ctrl_c_shows_one_line(tiny_sweep, tmp_path):
+    argv, env = tiny_sweep
+    out = tmp_path / "out"
+    sweep = subprocess.Popen(
+        argv(out),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for_step(out, sweep, 3)
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its training process both get it
+    text = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    (line,) = [ln for ln in text.splitlines() if "interrupt" in ln.lower()]
+    assert line.startswith("interrupted: finished runs are in") and "re-run the same command to resume" in line
