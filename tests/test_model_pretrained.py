@@ -47,11 +47,24 @@ def tiny_gpt2(**kw):
     return hf
 
 
-def assert_same_logits(hf, ours, T=40):
-    x = torch.randint(0, 97, (2, T))
-    with torch.no_grad():
-        want, got = hf(x).logits, ours(x)
-    assert (want - got).abs().max().item() <= 1e-4
+# Measured on CPU (torch 2.13, transformers 5.24), worst over 10 random seeds of each tiny model of this file:
+# max|ours - transformers| is 3.6e-7 in float32 (either model is itself 3-5e-7 from its float64 logits, which are
+# of size ~1: float32 rounding) and 7.8e-16 in float64. The bounds are ~3x and ~13x those figures; a mapping
+# mistake (a transposed Conv1D, a missing offset or bias) moves logits by 1e-2 or more.
+FLOAT32_ATOL = 1e-6
+FLOAT64_ATOL = 1e-14
+
+
+def assert_same_logits(hf, folder, device: torch.device | str = "cpu", T: int = 40) -> None:
+    """Our import of `folder` against transformers' model `hf` (saved there), on `device`: in float32, the dtype
+    users run, and in float64, where only a mapping error could leave a difference. Leaves hf in float64."""
+    x = torch.randint(0, 97, (2, T), device=device)
+    for dtype, atol in ((torch.float32, FLOAT32_ATOL), (torch.float64, FLOAT64_ATOL)):
+        ours = from_pretrained(folder, dtype=dtype).to(device)
+        hf.to(device, dtype)
+        with torch.no_grad():
+            diff = (hf(x).logits - ours(x)).abs().max().item()
+        assert diff <= atol, f"{dtype}: max|ours - transformers| = {diff:.2e} > {atol:.0e}"
     assert ours.num_parameters() == hf.num_parameters()
 
 
@@ -65,7 +78,7 @@ def assert_same_logits(hf, ours, T=40):
     ],
     ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"],
 )
-def test_opt_parity(tmp_path, kw):
+def test_opt_parity(tmp_path, kw, device):
     hf = tiny_opt(**kw)
     hf.save_pretrained(tmp_path)
     ours = from_pretrained(tmp_path)
@@ -73,15 +86,14 @@ def test_opt_parity(tmp_path, kw):
     assert cfg.position_offset == 2 and cfg.pre_norm == kw.get("do_layer_norm_before", True)
     assert (ours.project_in is not None) == ("word_embed_proj_dim" in kw)
     assert ours.tokenizer_path is None and not ours.training
-    assert_same_logits(hf, ours)
+    assert_same_logits(hf, tmp_path, device)
 
 
-def test_gpt2_parity(tmp_path):
+def test_gpt2_parity(tmp_path, device):
     hf = tiny_gpt2()
     hf.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path)
-    assert ours.config.activation == "gelu_tanh"
-    assert_same_logits(hf, ours)
+    assert from_pretrained(tmp_path).config.activation == "gelu_tanh"
+    assert_same_logits(hf, tmp_path, device)
 
 
 @pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
@@ -94,7 +106,7 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor
         state["h.0.attn.bias"] = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    assert_same_logits(hf, from_pretrained(tmp_path))
+    assert_same_logits(hf, tmp_path)
 
 
 def test_sharded_safetensors_and_tokenizer_path(tmp_path):
@@ -111,7 +123,23 @@ def test_sharded_safetensors_and_tokenizer_path(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     ours = from_pretrained(tmp_path)
     assert ours.tokenizer_path == str(tmp_path / "tokenizer.json")
-    assert_same_logits(hf, ours)
+    assert_same_logits(hf, tmp_path)
+
+
+@pytest.mark.parametrize("which", ["opt", "gpt2"])
+def test_context_past_the_checkpoints_positions_is_a_clear_error(tmp_path, which):
+    """A checkpoint's learned table ends at max_position_embeddings (40 here; OPT's has 2 offset rows more): one
+    token past it is a ValueError naming both numbers, in forward, loss and generate, not an index error."""
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    x = torch.randint(0, 97, (1, 41))
+    assert ours(x[:, :40]).shape == (1, 40, 97)  # every learned position serves
+    with pytest.raises(ValueError, match=r"sequence length 41 exceeds max_position_embeddings=40 of 'learned'"):
+        ours(x)
+    with pytest.raises(ValueError, match=r"sequence length 41 exceeds max_position_embeddings=40"):
+        ours.loss(x, x)
+    with pytest.raises(ValueError, match=r"prompt 30 \+ max_new_tokens 11 = 41 exceeds max_position_embeddings=40"):
+        ours.generate(x[:, :30], max_new_tokens=11)
 
 
 def test_clear_errors(tmp_path):
