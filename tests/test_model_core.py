@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from model import GPTConfig
 from model.attention import KVCache
 
 KINDS = ["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -40,17 +39,6 @@ def test_relative_kinds_run_at_twice_the_length(kind, tiny_gpt):
     assert logits.shape == (2, 32, 97) and torch.isfinite(logits).all()
     torch.testing.assert_close(logits[:, :16], short, rtol=0, atol=1e-5)  # grown tables agree with the built ones
     assert not any("rope" in k or "alibi" in k or "sinusoidal" in k for k in model.state_dict())
-
-
-def test_config_validation_names_the_problem():
-    with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_head \(4\)"):
-        GPTConfig(d_model=30, n_head=4)
-    with pytest.raises(ValueError, match="learned, sinusoidal, rope, alibi, none"):
-        GPTConfig(position_embedding="xpos")
-    with pytest.raises(ValueError, match="relu, gelu, gelu_tanh"):
-        GPTConfig(activation="swish")
-    with pytest.raises(ValueError, match="dropout"):
-        GPTConfig(dropout=1.5)
 
 
 def test_init_and_parameter_count(tiny_gpt):
@@ -101,15 +89,50 @@ def test_cache_accepts_a_chunk_after_cached_tokens(kind, tiny_gpt, device):
     torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=0, atol=1e-5)
 
 
-def test_sampling_and_eos(tiny_gpt):
+def test_sampling_draws_from_the_top_k_and_eos_ends_rows(tiny_gpt):
     model = tiny_gpt("rope")
     prompt = torch.randint(0, 97, (4, 3))
-    torch.manual_seed(1)
     out = model.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=5)
     assert out.shape == (4, 9) and torch.equal(out[:, :3], prompt)
-    eos = int(model.generate(prompt, 1, temperature=0)[0, -1])  # row 0's greedy first token
+    with torch.no_grad():
+        top5 = model(out[:, :-1])[:, 2:].topk(5, dim=-1).indices  # (4, 6, 5): the 5 most likely at each new step
+    assert (top5 == out[:, 3:, None]).any(-1).all()
+    greedy = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(model.generate(prompt, 6, temperature=100.0, top_k=1), greedy)  # top-1 is greedy at any T
+    eos = int(greedy[0, 3])  # row 0's greedy first token
     out = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=eos)
-    assert torch.all(out[0, 3:] == eos)  # finished rows are padded with eos
+    assert out.shape == (4, 9) and torch.all(out[0, 3:] == eos)  # a finished row is padded with eos
+    assert model.generate(prompt[:1], max_new_tokens=6, temperature=0, eos_token_id=eos).shape == (1, 4)  # all done
+
+
+def test_sample_follows_the_tempered_softmax():
+    """_sample draws from softmax(logits / T) restricted to the top k: frequencies over 20000 draws within 5 standard
+    errors of the exact probabilities."""
+    from model.gpt import _sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(20000, 5)
+    for temperature, top_k in ((0.5, None), (2.0, None), (1.0, 3)):
+        want = (logits[0] / temperature).softmax(-1)
+        if top_k is not None:
+            want = torch.where(logits[0] >= logits[0].topk(top_k).values[-1], want, 0.0)
+            want = want / want.sum()
+        got = torch.bincount(_sample(logits, temperature, top_k)[:, 0], minlength=5) / 20000
+        assert ((got - want).abs() <= 5 * (want * (1 - want) / 20000).sqrt() + 1e-9).all(), (temperature, got, want)
+
+
+def test_generate_and_forward_refuse_bad_arguments(tiny_gpt):
+    model = tiny_gpt("rope")
+    prompt = torch.randint(0, 97, (2, 3))
+    for kw in (dict(max_new_tokens=-1), dict(max_new_tokens=2, temperature=-0.5), dict(max_new_tokens=2, top_k=0)):
+        with pytest.raises(ValueError, match="need max_new_tokens >= 0, temperature >= 0, top_k > 0 or None"):
+            model.generate(prompt, **kw)
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\), got shape \(6,\)"):
+        model(prompt.flatten())
+    cache = KVCache(model.config.n_layer, 4)
+    model.hidden_states(prompt, cache)
+    with pytest.raises(ValueError, match="KV cache holds 4 tokens; writing up to position 6 overflows it"):
+        model.hidden_states(prompt, cache)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt):

@@ -113,3 +113,20 @@ def test_gpt_loss_equals_full_logits_loss(tie, tiny_gpt, device):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="targets shape"):
         model.loss(x, y[:, :5])
+
+
+def test_bad_shapes_and_chunk_size_are_refused():
+    h, w, t = data()
+    for args, message in (
+        (
+            (h[None], w, t),
+            r"expected hidden \(N, d\), weight \(V, d\), targets \(N,\); got \(1, 23, 8\), \(13, 8\), \(23,\)",
+        ),
+        ((h, w, t[:, None]), r"expected hidden .*; got \(23, 8\), \(13, 8\), \(23, 1\)"),
+        ((h, w[:, :5], t), r"shape mismatch: hidden \(23, 8\), weight \(13, 5\), targets \(23,\)"),
+        ((h, w, t[:7]), r"shape mismatch: hidden \(23, 8\), weight \(13, 8\), targets \(7,\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            chunked_cross_entropy(*args)
+    with pytest.raises(ValueError, match="chunk_size must be positive, got 0"):
+        chunked_cross_entropy(h, w, t, chunk_size=0)

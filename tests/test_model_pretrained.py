@@ -75,8 +75,9 @@ def assert_same_logits(hf, folder, device: torch.device | str = "cpu", T: int = 
         {"do_layer_norm_before": False},
         {"word_embed_proj_dim": 16},
         {"do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu"},
+        {"enable_bias": False, "tie_word_embeddings": False, "_remove_final_layer_norm": True},
     ],
-    ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"],
+    ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like", "no-bias-untied-no-final-norm"],
 )
 def test_opt_parity(tmp_path, kw, device):
     hf = tiny_opt(**kw)
@@ -89,11 +90,43 @@ def test_opt_parity(tmp_path, kw, device):
     assert_same_logits(hf, tmp_path, device)
 
 
-def test_gpt2_parity(tmp_path, device):
-    hf = tiny_gpt2()
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"n_inner": 48, "activation_function": "relu", "layer_norm_epsilon": 1e-3, "tie_word_embeddings": False}],
+    ids=["gpt2-like", "n_inner-relu-eps-untied"],
+)
+def test_gpt2_parity(tmp_path, kw, device):
+    hf = tiny_gpt2(**kw)
     hf.save_pretrained(tmp_path)
-    assert from_pretrained(tmp_path).config.activation == "gelu_tanh"
+    cfg = from_pretrained(tmp_path).config
+    assert cfg.activation == ("relu" if kw else "gelu_tanh") and cfg.d_ff == kw.get("n_inner", 4 * 32)
     assert_same_logits(hf, tmp_path, device)
+
+
+@pytest.mark.parametrize("which", ["opt", "gpt2"])
+def test_missing_optional_keys_take_transformers_defaults(tmp_path, which):
+    """An older or hand-written config.json that lists only the shape: every other field takes the default that
+    transformers' own config class gives it, so both libraries build the same model."""
+    shape = {
+        "opt": ["vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads"],
+        "gpt2": ["vocab_size", "n_embd", "n_layer", "n_head"],
+    }[which]
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    full = json.loads((tmp_path / "config.json").read_text())
+    minimal = {k: full[k] for k in shape + ["max_position_embeddings" if which == "opt" else "n_positions"]}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": which, **minimal}))
+    ours = from_pretrained(tmp_path).config
+    if which == "opt":
+        ref = transformers.OPTConfig(**minimal)
+        want = (ref.dropout, ref.attention_dropout, ref.enable_bias, ref.tie_word_embeddings, ref.do_layer_norm_before)
+        want += (ref.do_layer_norm_before and not ref._remove_final_layer_norm, ref.activation_function, 1e-5)
+    else:
+        ref = transformers.GPT2Config(**minimal)
+        want = (ref.resid_pdrop, ref.attn_pdrop, True, ref.tie_word_embeddings, True, True, ref.activation_function)
+        want += (ref.layer_norm_epsilon,)
+    got = (ours.dropout, ours.attn_dropout, ours.bias, ours.tie_embeddings, ours.pre_norm, ours.final_norm)
+    got += ({"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}[ours.activation], ours.layer_norm_eps)
+    assert got == want
 
 
 @pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
@@ -109,17 +142,20 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     assert_same_logits(hf, tmp_path)
 
 
-def test_sharded_safetensors_and_tokenizer_path(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoints_and_tokenizer_path(tmp_path, fmt):
     hf = tiny_opt()
     hf.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors").unlink()
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    shards = {f"{stem}-00001-of-00002.{fmt}": keys[::2], f"{stem}-00002-of-00002.{fmt}": keys[1::2]}
     for name, ks in shards.items():
-        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+        part = {k: state[k] for k in ks}
+        save_file(part, str(tmp_path / name)) if fmt == "safetensors" else torch.save(part, tmp_path / name)
     index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / f"{stem}.{fmt}.index.json").write_text(json.dumps(index))
     (tmp_path / "tokenizer.json").write_text("{}")
     ours = from_pretrained(tmp_path)
     assert ours.tokenizer_path == str(tmp_path / "tokenizer.json")
@@ -159,6 +195,58 @@ def test_clear_errors(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks tensors .*layers.1.fc1.weight"):
         from_pretrained(tmp_path)
+
+
+def test_folder_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json; expected a folder written by save_pretrained"):
+        from_pretrained(tmp_path)
+    tiny_opt().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.pt")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"has no weights: looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+        r"pytorch_model.bin.index.json; found \['config.json', .*'weights.pt'\]",
+    ):
+        from_pretrained(tmp_path)
+    save_file({**state, "model.decoder.extra.weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"checkpoint has tensors the model has no place for: \['extra.weight'\]"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "which,change,message",
+    [
+        ("opt", {"activation_function": "silu"}, r"activation_function 'silu' is not supported; supported: \['gelu'"),
+        ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine=false is not supported"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "GPT-2 with scale_attn_by_inverse_layer_idx=true or"),
+        (
+            "gpt2",
+            {"scale_attn_weights": False},
+            "GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights",
+        ),
+    ],
+)
+def test_unsupported_checkpoint_options_are_refused(tmp_path, which, change, message):
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)
+
+
+def test_save_pretrained_carries_the_tokenizer_and_refuses_a_foreign_config(tmp_path):
+    tiny_opt().save_pretrained(tmp_path / "opt")
+    (tmp_path / "opt" / "tokenizer.json").write_text('{"tokenizer": 1}')
+    model = from_pretrained(tmp_path / "opt")
+    save_pretrained(model, tmp_path / "ours")
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == '{"tokenizer": 1}'
+    loaded = from_pretrained(tmp_path / "ours")
+    assert loaded.tokenizer_path == str(tmp_path / "ours" / "tokenizer.json")
+    save_pretrained(loaded, tmp_path / "ours")  # onto its own tokenizer.json: nothing to copy
+    model.config = GPTConfig(**{**model.config.to_dict(), "n_layer": 3})
+    with pytest.raises(ValueError, match=r"model has no tensors \['layers.2.attn_norm.weight'.*built from its own"):
+        save_pretrained(model, tmp_path / "bad")
 
 
 @pytest.mark.parametrize(
