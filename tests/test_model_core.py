@@ -47,9 +47,19 @@ def test_init_and_parameter_count(tiny_gpt):
     per_block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d
     assert model.num_parameters() == V * d + P * d + L * per_block + 2 * d  # tied head counted once
     assert model.lm_head.weight is model.embed_tokens.weight
-    assert abs(model.layers[0].fc1.weight.std().item() - 0.02) < 0.003
-    assert abs(model.layers[0].fc2.weight.std().item() - 0.02 / (2 * L) ** 0.5) < 0.001
-    assert torch.all(model.layers[0].fc1.bias == 0)
+    untied = tiny_gpt("learned", n_layer=4, d_model=64, d_ff=256, tie_embeddings=False, position_offset=2)
+    assert untied.num_parameters() == 2 * V * d + (P + 2) * d + L * per_block + 2 * d  # head has no bias
+    model.embed_tokens.weight.requires_grad_(False)
+    assert model.num_parameters(trainable_only=True) == model.num_parameters() - V * d
+    # GPT-2 init: N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 L)), biases 0, LayerNorms identity
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "norm.bias")):
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:
+            std = 0.02 / (2 * L) ** 0.5 if name.endswith(("out_proj.weight", "fc2.weight")) else 0.02
+            assert abs(p.std().item() / std - 1) < 0.1 and abs(p.mean().item()) < 4 * std / p.numel() ** 0.5, name
 
 
 def test_dropout_only_in_training(tiny_gpt):
@@ -135,16 +145,24 @@ def test_generate_and_forward_refuse_bad_arguments(tiny_gpt):
         model.hidden_states(prompt, cache)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt):
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(tiny_gpt):
+    """Same gradients; and what it is for: the blocks' activations are not kept for backward (counted through
+    saved-tensor hooks)."""
     x = torch.randint(0, 97, (2, 16))
-    grads = []
+    grads, saved = [], []
     for ckpt in (False, True):
-        model = tiny_gpt("alibi").train()
-        model.gradient_checkpointing = ckpt
-        model.loss(x, torch.roll(x, -1, 1)).backward()
+        model = tiny_gpt("alibi", gradient_checkpointing=ckpt).train()
+        assert model.gradient_checkpointing == ckpt
+        saved.append(0)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(saved.pop() + t.numel()) or t, lambda t: t
+        ):
+            loss = model.loss(x, torch.roll(x, -1, 1))
+        loss.backward()
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+    assert saved[1] < saved[0] / 2, saved
 
 
 @pytest.mark.parametrize("kind", ["learned", "rope", "alibi"])
