@@ -19,6 +19,8 @@ def test_shapes_and_causality(kind, tiny_gpt):
         y[:, t + 1 :] = torch.randint(0, 97, (2, 15 - t))
         torch.testing.assert_close(model(y)[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-5)
         assert not torch.allclose(model(y)[:, t + 1 :], logits[:, t + 1 :])
+    for t in (1, 2, 3):  # short prefixes take the same causal path (SDPA's is_causal)
+        torch.testing.assert_close(model(x[:, :t]), logits[:, :t], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
