@@ -260,11 +260,12 @@ def test_save_pretrained_round_trip(tmp_path, kw):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, **kw))
     randomize(model)
-    save_pretrained(model, tmp_path)
-    saved = load_file(str(tmp_path / "model.safetensors"))
+    folder = tmp_path / "runs" / "base"  # parent folders are created
+    save_pretrained(model, folder)
+    saved = load_file(str(folder / "model.safetensors"))
     assert ("lm_head.weight" in saved) == (not model.config.tie_embeddings)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "slm-gpt"
-    loaded = from_pretrained(tmp_path)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "slm-gpt"
+    loaded = from_pretrained(folder)
     assert loaded.config == model.config
     if model.config.tie_embeddings:
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
