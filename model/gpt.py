@@ -105,7 +105,8 @@ class GPT(nn.Module):
         if kind in ("learned", "sinusoidal") and end > cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence length {end} exceeds max_position_embeddings={cfg.max_position_embeddings} of "
-                f"'{kind}' positions; use shorter sequences, a larger max_position_embeddings, or rope/alibi/none"
+                f"'{kind}' positions: feed at most {cfg.max_position_embeddings} tokens (a pretrained checkpoint's "
+                f"table is fixed), or build the model with a larger max_position_embeddings or rope/alibi/none"
             )
         self._grow_tables(end)
         if kind == "learned":
@@ -198,7 +199,8 @@ class GPT(nn.Module):
         if kind in ("learned", "sinusoidal") and total > limit:
             raise ValueError(
                 f"prompt {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                f"max_position_embeddings={limit} of '{kind}' positions"
+                f"max_position_embeddings={limit} of '{kind}' positions; shorten the prompt or lower max_new_tokens "
+                f"so that they sum to at most {limit}"
             )
         self._grow_tables(total)  # once, instead of step by step
         cache = KVCache(self.config.n_layer, total)

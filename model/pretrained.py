@@ -159,8 +159,10 @@ def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], ignorable: set[s
 # ---------------------------------------------------------------------- OPT
 
 
-def _activation(hf: dict) -> str:
-    name = hf.get("activation_function")
+def _activation(hf: dict, default: str) -> str:
+    """Our activation for transformers' activation_function; `default` is what transformers' config class assumes
+    when config.json has none (OPT: relu, GPT-2: gelu_new)."""
+    name = hf.get("activation_function", default)
     if name not in _HF_ACTIVATIONS:
         raise ValueError(f"activation_function {name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
     return _HF_ACTIVATIONS[name]
@@ -182,7 +184,7 @@ def _opt_config(hf: dict) -> GPTConfig:
         dropout=hf.get("dropout", 0.1),
         attention_dropout=hf.get("attention_dropout", 0.0),
         bias=hf.get("enable_bias", True),
-        activation=_activation(hf),
+        activation=_activation(hf, "relu"),
         tie_embeddings=hf.get("tie_word_embeddings", True),
         pre_norm=pre_norm,
         final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
@@ -224,7 +226,7 @@ def _gpt2_config(hf: dict) -> GPTConfig:
         dropout=hf.get("resid_pdrop", 0.1),
         attention_dropout=hf.get("attn_pdrop", 0.1),
         bias=True,
-        activation=_activation(hf),
+        activation=_activation(hf, "gelu_new"),
         tie_embeddings=hf.get("tie_word_embeddings", True),
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )

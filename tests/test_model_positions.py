@@ -1,9 +1,13 @@
-"""Position tables against their papers' formulas."""
+"""Position tables against their papers' formulas, and the GPT with each kind of positions against an explicit
+float64 forward (softmax attention, positions from the formulas), in float64 and under bf16 autocast."""
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from model import GPT, GPTConfig
 from model.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables, sinusoidal_table
 
 
@@ -74,3 +78,104 @@ def test_sinusoidal_values():
             angle = p / 10000 ** (2 * i / d)
             assert math.isclose(table[p, 2 * i].item(), math.sin(angle), abs_tol=1e-6)
             assert math.isclose(table[p, 2 * i + 1].item(), math.cos(angle), abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------- the GPT with each kind, against a reference
+
+
+def reference_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """An independent float64 forward of a pre-LN GELU GPT: positions from their formulas (not model/positions.py),
+    attention as an explicit masked softmax (not SDPA). x (B, T) -> logits (B, T, V). The model keeps its sin/cos
+    tables in float32 whatever its dtype (model/positions.py), so the reference rounds them the same way."""
+    cfg, sd = model.config, {k: v.double() for k, v in model.state_dict().items()}
+    B, T = x.shape
+    H, D, d = cfg.n_head, cfg.head_dim, cfg.d_model
+    pos = torch.arange(T, dtype=torch.float64, device=x.device)
+    h = sd["embed_tokens.weight"][x]  # (B, T, d)
+    if cfg.position_embedding == "learned":
+        h = h + sd["embed_positions.weight"][:T]
+    if cfg.position_embedding == "sinusoidal":
+        angle = pos[:, None] / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (T, d/2)
+        h = h + torch.stack((angle.sin(), angle.cos()), -1).flatten(1).float()  # sin at even dims, cos at odd
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    for i in range(cfg.n_layer):
+        w = {k.removeprefix(f"layers.{i}."): v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
+        a = F.layer_norm(h, (d,), w["attn_norm.weight"], w["attn_norm.bias"], cfg.layer_norm_eps)
+        q, k, v = (
+            (a @ w[f"self_attn.{n}_proj.weight"].t() + w[f"self_attn.{n}_proj.bias"]).view(B, T, H, D).transpose(1, 2)
+            for n in "qkv"
+        )  # (B, H, T, D)
+        if cfg.position_embedding == "rope":  # pair (j, j + rot/2) turns by pos * base^(-2j/rot)
+            half = cfg.rotary_dim // 2
+            angle = pos[:, None] * cfg.rope_base ** (
+                -2 * torch.arange(half, dtype=torch.float64, device=x.device) / cfg.rotary_dim
+            )
+            c, s = angle.cos().float().double(), angle.sin().float().double()  # (T, half)
+            q, k = (
+                torch.cat(
+                    (
+                        t[..., :half] * c - t[..., half : 2 * half] * s,
+                        t[..., half : 2 * half] * c + t[..., :half] * s,
+                        t[..., 2 * half :],
+                    ),
+                    -1,
+                )
+                for t in (q, k)
+            )
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
+        if cfg.position_embedding == "alibi":  # H a power of two: slopes 2^(-8 (h+1) / H)
+            slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64, device=x.device) / H)
+            scores = scores - slopes[:, None, None] * (pos[:, None] - pos[None, :])
+        y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
+        h = h + y.transpose(1, 2).reshape(B, T, d) @ w["self_attn.out_proj.weight"].t() + w["self_attn.out_proj.bias"]
+        m = F.layer_norm(h, (d,), w["mlp_norm.weight"], w["mlp_norm.bias"], cfg.layer_norm_eps)
+        h = h + F.gelu(m @ w["fc1.weight"].t() + w["fc1.bias"]) @ w["fc2.weight"].t() + w["fc2.bias"]
+    h = F.layer_norm(h, (d,), sd["final_norm.weight"], sd["final_norm.bias"], cfg.layer_norm_eps)
+    return h @ sd["lm_head.weight"].t()
+
+
+KINDS = [
+    dict(position_embedding="learned"),
+    dict(position_embedding="sinusoidal"),
+    dict(position_embedding="rope"),
+    dict(position_embedding="rope", rotary_fraction=0.5, rope_base=500.0),
+    dict(position_embedding="alibi"),
+    dict(position_embedding="none"),
+]
+
+
+def random_gpt(kw: dict) -> GPT:
+    """A tiny GPT with random values in every parameter (biases and LayerNorms too), logits of size ~1."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw", KINDS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_gpt_matches_an_explicit_float64_forward(kw, device):
+    """Positions, SDPA's causal masking (is_causal, ALiBi's bias as the mask) and the blocks, on `device`."""
+    model = random_gpt(kw).to(device, torch.float64)
+    x = torch.randint(0, 97, (2, 16), device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", KINDS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_gpt_under_bf16_autocast_within_bf16_rounding(kw, device):
+    """The float32 model under bf16 autocast (bf16 GEMMs and attention: flash / memory-efficient SDPA kernels on
+    CUDA) against the float64 forward. bf16 keeps 8 significant bits (unit roundoff u = 2^-8), and each of the ~10
+    GEMM outputs on the way to the logits is rounded to it. Measured on CPU over 10 seeds per kind:
+    max|error| <= 2.2 u max|logit| (logits of size ~2); the bound, 6 u max|logit|, leaves ~3x for other kernels.
+    It catches what breaks the autocast path (a mask or RoPE table in the wrong dtype or place, a missing term); a
+    dropped q_proj or fc2 bias moves the logits by only 0.5-3x the bound, which is why the float64 test above pins
+    every term."""
+    model = random_gpt(kw).to(device)
+    x = torch.randint(0, 97, (2, 16), device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        got = model(x)
+    want = reference_logits(model, x)
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() <= 6 * 2.0**-8 * want.abs().max()

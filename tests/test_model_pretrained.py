@@ -47,11 +47,24 @@ def tiny_gpt2(**kw):
     return hf
 
 
-def assert_same_logits(hf, ours, T=40):
-    x = torch.randint(0, 97, (2, T))
-    with torch.no_grad():
-        want, got = hf(x).logits, ours(x)
-    assert (want - got).abs().max().item() <= 1e-4
+# Measured on CPU (torch 2.13, transformers 5.24), worst over 10 random seeds of each tiny model of this file:
+# max|ours - transformers| is 3.6e-7 in float32 (either model is itself 3-5e-7 from its float64 logits, which are
+# of size ~1: float32 rounding) and 7.8e-16 in float64. The bounds are ~3x and ~13x those figures; a mapping
+# mistake (a transposed Conv1D, a missing offset or bias) moves logits by 1e-2 or more.
+FLOAT32_ATOL = 1e-6
+FLOAT64_ATOL = 1e-14
+
+
+def assert_same_logits(hf, folder, device: torch.device | str = "cpu", T: int = 40) -> None:
+    """Our import of `folder` against transformers' model `hf` (saved there), on `device`: in float32, the dtype
+    users run, and in float64, where only a mapping error could leave a difference. Leaves hf in float64."""
+    x = torch.randint(0, 97, (2, T), device=device)
+    for dtype, atol in ((torch.float32, FLOAT32_ATOL), (torch.float64, FLOAT64_ATOL)):
+        ours = from_pretrained(folder, dtype=dtype).to(device)
+        hf.to(device, dtype)
+        with torch.no_grad():
+            diff = (hf(x).logits - ours(x)).abs().max().item()
+        assert diff <= atol, f"{dtype}: max|ours - transformers| = {diff:.2e} > {atol:.0e}"
     assert ours.num_parameters() == hf.num_parameters()
 
 
@@ -62,10 +75,11 @@ def assert_same_logits(hf, ours, T=40):
         {"do_layer_norm_before": False},
         {"word_embed_proj_dim": 16},
         {"do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu"},
+        {"enable_bias": False, "tie_word_embeddings": False, "_remove_final_layer_norm": True},
     ],
-    ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like"],
+    ids=["opt-125m-like", "post-LN", "project_in_out", "opt-350m-like", "no-bias-untied-no-final-norm"],
 )
-def test_opt_parity(tmp_path, kw):
+def test_opt_parity(tmp_path, kw, device):
     hf = tiny_opt(**kw)
     hf.save_pretrained(tmp_path)
     ours = from_pretrained(tmp_path)
@@ -73,15 +87,46 @@ def test_opt_parity(tmp_path, kw):
     assert cfg.position_offset == 2 and cfg.pre_norm == kw.get("do_layer_norm_before", True)
     assert (ours.project_in is not None) == ("word_embed_proj_dim" in kw)
     assert ours.tokenizer_path is None and not ours.training
-    assert_same_logits(hf, ours)
+    assert_same_logits(hf, tmp_path, device)
 
 
-def test_gpt2_parity(tmp_path):
-    hf = tiny_gpt2()
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"n_inner": 48, "activation_function": "relu", "layer_norm_epsilon": 1e-3, "tie_word_embeddings": False}],
+    ids=["gpt2-like", "n_inner-relu-eps-untied"],
+)
+def test_gpt2_parity(tmp_path, kw, device):
+    hf = tiny_gpt2(**kw)
     hf.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path)
-    assert ours.config.activation == "gelu_tanh"
-    assert_same_logits(hf, ours)
+    cfg = from_pretrained(tmp_path).config
+    assert cfg.activation == ("relu" if kw else "gelu_tanh") and cfg.d_ff == kw.get("n_inner", 4 * 32)
+    assert_same_logits(hf, tmp_path, device)
+
+
+@pytest.mark.parametrize("which", ["opt", "gpt2"])
+def test_missing_optional_keys_take_transformers_defaults(tmp_path, which):
+    """An older or hand-written config.json that lists only the shape: every other field takes the default that
+    transformers' own config class gives it, so both libraries build the same model."""
+    shape = {
+        "opt": ["vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads"],
+        "gpt2": ["vocab_size", "n_embd", "n_layer", "n_head"],
+    }[which]
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    full = json.loads((tmp_path / "config.json").read_text())
+    minimal = {k: full[k] for k in shape + ["max_position_embeddings" if which == "opt" else "n_positions"]}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": which, **minimal}))
+    ours = from_pretrained(tmp_path).config
+    if which == "opt":
+        ref = transformers.OPTConfig(**minimal)
+        want = (ref.dropout, ref.attention_dropout, ref.enable_bias, ref.tie_word_embeddings, ref.do_layer_norm_before)
+        want += (ref.do_layer_norm_before and not ref._remove_final_layer_norm, ref.activation_function, 1e-5)
+    else:
+        ref = transformers.GPT2Config(**minimal)
+        want = (ref.resid_pdrop, ref.attn_pdrop, True, ref.tie_word_embeddings, True, True, ref.activation_function)
+        want += (ref.layer_norm_epsilon,)
+    got = (ours.dropout, ours.attn_dropout, ours.bias, ours.tie_embeddings, ours.pre_norm, ours.final_norm)
+    got += ({"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}[ours.activation], ours.layer_norm_eps)
+    assert got == want
 
 
 @pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
@@ -94,24 +139,43 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor
         state["h.0.attn.bias"] = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    assert_same_logits(hf, from_pretrained(tmp_path))
+    assert_same_logits(hf, tmp_path)
 
 
-def test_sharded_safetensors_and_tokenizer_path(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoints_and_tokenizer_path(tmp_path, fmt):
     hf = tiny_opt()
     hf.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors").unlink()
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    shards = {f"{stem}-00001-of-00002.{fmt}": keys[::2], f"{stem}-00002-of-00002.{fmt}": keys[1::2]}
     for name, ks in shards.items():
-        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+        part = {k: state[k] for k in ks}
+        save_file(part, str(tmp_path / name)) if fmt == "safetensors" else torch.save(part, tmp_path / name)
     index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / f"{stem}.{fmt}.index.json").write_text(json.dumps(index))
     (tmp_path / "tokenizer.json").write_text("{}")
     ours = from_pretrained(tmp_path)
     assert ours.tokenizer_path == str(tmp_path / "tokenizer.json")
-    assert_same_logits(hf, ours)
+    assert_same_logits(hf, tmp_path)
+
+
+@pytest.mark.parametrize("which", ["opt", "gpt2"])
+def test_context_past_the_checkpoints_positions_is_a_clear_error(tmp_path, which):
+    """A checkpoint's learned table ends at max_position_embeddings (40 here; OPT's has 2 offset rows more): one
+    token past it is a ValueError naming both numbers, in forward, loss and generate, not an index error."""
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    x = torch.randint(0, 97, (1, 41))
+    assert ours(x[:, :40]).shape == (1, 40, 97)  # every learned position serves
+    with pytest.raises(ValueError, match=r"sequence length 41 exceeds max_position_embeddings=40 of 'learned'"):
+        ours(x)
+    with pytest.raises(ValueError, match=r"sequence length 41 exceeds max_position_embeddings=40"):
+        ours.loss(x, x)
+    with pytest.raises(ValueError, match=r"prompt 30 \+ max_new_tokens 11 = 41 exceeds max_position_embeddings=40"):
+        ours.generate(x[:, :30], max_new_tokens=11)
 
 
 def test_clear_errors(tmp_path):
@@ -133,6 +197,58 @@ def test_clear_errors(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_folder_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json; expected a folder written by save_pretrained"):
+        from_pretrained(tmp_path)
+    tiny_opt().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.pt")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"has no weights: looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+        r"pytorch_model.bin.index.json; found \['config.json', .*'weights.pt'\]",
+    ):
+        from_pretrained(tmp_path)
+    save_file({**state, "model.decoder.extra.weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"checkpoint has tensors the model has no place for: \['extra.weight'\]"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "which,change,message",
+    [
+        ("opt", {"activation_function": "silu"}, r"activation_function 'silu' is not supported; supported: \['gelu'"),
+        ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine=false is not supported"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "GPT-2 with scale_attn_by_inverse_layer_idx=true or"),
+        (
+            "gpt2",
+            {"scale_attn_weights": False},
+            "GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights",
+        ),
+    ],
+)
+def test_unsupported_checkpoint_options_are_refused(tmp_path, which, change, message):
+    (tiny_opt() if which == "opt" else tiny_gpt2()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)
+
+
+def test_save_pretrained_carries_the_tokenizer_and_refuses_a_foreign_config(tmp_path):
+    tiny_opt().save_pretrained(tmp_path / "opt")
+    (tmp_path / "opt" / "tokenizer.json").write_text('{"tokenizer": 1}')
+    model = from_pretrained(tmp_path / "opt")
+    save_pretrained(model, tmp_path / "ours")
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == '{"tokenizer": 1}'
+    loaded = from_pretrained(tmp_path / "ours")
+    assert loaded.tokenizer_path == str(tmp_path / "ours" / "tokenizer.json")
+    save_pretrained(loaded, tmp_path / "ours")  # onto its own tokenizer.json: nothing to copy
+    model.config = GPTConfig(**{**model.config.to_dict(), "n_layer": 3})
+    with pytest.raises(ValueError, match=r"model has no tensors \['layers.2.attn_norm.weight'.*built from its own"):
+        save_pretrained(model, tmp_path / "bad")
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -144,11 +260,12 @@ def test_save_pretrained_round_trip(tmp_path, kw):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16, **kw))
     randomize(model)
-    save_pretrained(model, tmp_path)
-    saved = load_file(str(tmp_path / "model.safetensors"))
+    folder = tmp_path / "runs" / "base"  # parent folders are created
+    save_pretrained(model, folder)
+    saved = load_file(str(folder / "model.safetensors"))
     assert ("lm_head.weight" in saved) == (not model.config.tie_embeddings)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "slm-gpt"
-    loaded = from_pretrained(tmp_path)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "slm-gpt"
+    loaded = from_pretrained(folder)
     assert loaded.config == model.config
     if model.config.tie_embeddings:
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
