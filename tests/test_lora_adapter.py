@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from lora_helpers import Tiny
 from safetensors.torch import load_file
-from test_lora_inject import Tiny
 from torch import nn
 
 from lora import LoRAConfig, inject_lora, load_adapter, lora_state_dict, save_adapter

@@ -2,45 +2,10 @@
 
 import pytest
 import torch
+from lora_helpers import Tiny
 from torch import nn
 
 from lora import LoRAConfig, LoRALinear, count_parameters, inject_lora, merge_lora, unmerge_lora
-
-D = 8
-
-
-class Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.v_proj, self.xq_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D)
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.self_attn = Attn()
-        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
-
-
-class Tiny(nn.Module):
-    """A module tree named like the GPT: layers.N.self_attn.{q,v,xq}_proj, layers.N.fc1/fc2, tied lm_head."""
-
-    def __init__(self, vocab: int = 11, tie: bool = False):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, D)
-        self.layers = nn.ModuleList([Block() for _ in range(2)])
-        self.lm_head = nn.Linear(D, vocab, bias=False)
-        if tie:
-            self.lm_head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for b in self.layers:
-            a = b.self_attn
-            x = a.norm(x + a.q_proj(x) + a.v_proj(x) + a.xq_proj(x))
-            x = x + b.fc2(torch.relu(b.fc1(x)))
-        return self.lm_head(x)
 
 
 def names_for(targets, exclude=None):
