@@ -100,6 +100,20 @@ def grads_of(layer: LoRALinear, x: torch.Tensor) -> dict[str, torch.Tensor | Non
     return {"x": x.grad, "bias": bias_grad, "lora_A": layer.lora_A.grad, "lora_B": layer.lora_B.grad}
 
 
+def took_fused_path(y: torch.Tensor) -> bool:
+    """Whether y's autograd graph holds the custom Function (it sits under a view / reshape node)."""
+    nodes, seen = [y.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_LoRAFunctionBackward":
+            return True
+        nodes.extend(n for n, _ in node.next_functions)
+    return False
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|: the error as a share of the tensor's scale (want is float64)."""
     return ((got.double() - want).abs().max() / want.abs().max()).item()

@@ -3,12 +3,13 @@
 Low-precision behaviour (fp32, autocast, bf16/fp16 bases) against float64 is in test_lora_precision.py.
 """
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import ALPHA, D_IN, D_OUT, RANK, grads_of, random_layer, reference
+from lora_helpers import ALPHA, D_IN, D_OUT, RANK, grads_of, random_layer, reference, took_fused_path
 from torch import nn
 
 from lora import LoRALinear
@@ -68,22 +69,90 @@ def test_gradients_match_reference_autograd(n_tokens, bias):
         assert layer.bias.grad is None and not layer.bias.requires_grad
 
 
+@pytest.mark.parametrize(
+    "trainable",
+    [t for t in itertools.product([False, True], repeat=4) if any(t)],
+    ids=lambda t: "".join("xbAB"[i] if on else "-" for i, on in enumerate(t)),
+)
+def test_fused_gradients_for_any_trainable_subset(trainable):
+    """x, bias, A, B each trainable or not (LoRA-FA freezes A; a first layer's x needs none): grads where asked."""
+    layer = random_layer()
+    x = torch.randn(40, D_IN, dtype=torch.float64)
+    for t, on in zip((x, layer.bias, layer.lora_A, layer.lora_B), trainable):
+        t.requires_grad_(on)
+    g = torch.randn(40, D_OUT, dtype=torch.float64)
+    want = reference(layer, x, g)[1]
+    y = layer(x)
+    assert took_fused_path(y)
+    y.backward(g)
+    got = grads_of(layer, x)
+    for name, on in zip(("x", "bias", "lora_A", "lora_B"), trainable):
+        if on:
+            torch.testing.assert_close(got[name], want[name], **EXACT)
+        else:
+            assert got[name] is None, name
+
+
+def test_path_choice():
+    """The fused Function runs from N = in*out/(in+out) tokens on, without dropout in training or a trainable W."""
+    layer = LoRALinear(nn.Linear(16, 16, dtype=torch.float64), rank=RANK)  # threshold: 16*16/32 = 8 tokens
+    assert took_fused_path(layer(torch.randn(8, 16, dtype=torch.float64)))
+    assert not took_fused_path(layer(torch.randn(7, 16, dtype=torch.float64)))
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    layer.fused = False
+    assert not took_fused_path(layer(x))
+    layer.fused = True
+    layer.weight.requires_grad_(True)
+    assert not took_fused_path(layer(x))
+    layer.weight.requires_grad_(False)
+    with_dropout = LoRALinear(nn.Linear(16, 16, dtype=torch.float64), rank=RANK, dropout=0.1)
+    assert not took_fused_path(with_dropout(x))
+    assert took_fused_path(with_dropout.eval()(x))
+    layer.merge()
+    assert not took_fused_path(layer(x))
+
+
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float64, torch.float64), (torch.float16, torch.float32)])
+def test_adapters_follow_the_base_weight(dtype, lora_dtype):
+    """A and B live on the base weight's device (here "meta", as when a model is built before loading) and are
+    fp32 masters for a half-precision base; weight and bias stay the very Parameters of the wrapped Linear."""
+    base = nn.Linear(D_IN, D_OUT, dtype=dtype, device="meta")
+    layer = LoRALinear(base, rank=RANK)
+    assert layer.lora_A.device.type == layer.lora_B.device.type == "meta"
+    assert layer.lora_A.dtype == layer.lora_B.dtype == lora_dtype
+    assert layer.lora_A.shape == (RANK, D_IN) and layer.lora_B.shape == (D_OUT, RANK)
+    assert layer.weight is base.weight and layer.bias is base.bias
+
+
+def test_only_wraps_linear_and_repr():
+    with pytest.raises(TypeError) as e:
+        LoRALinear(nn.Conv1d(4, 4, 1))
+    assert str(e.value) == "LoRALinear wraps an nn.Linear, got Conv1d"
+    layer = LoRALinear(nn.Linear(24, 16, bias=False), rank=4, alpha=6.0, use_rslora=True)
+    want = "in_features=24, out_features=16, bias=False, rank=4, alpha=6.0, scaling=3, merged={}"
+    assert layer.extra_repr() == want.format(False)
+    layer.merge()
+    assert layer.extra_repr() == want.format(True)
+    assert "bias=True" in LoRALinear(nn.Linear(3, 2)).extra_repr()
+
+
 def test_gradcheck_custom_function(device):
+    """Finite differences on small shapes (N=3, in=5, out=4, r=2): every element is perturbed, so keep it small."""
     f64 = dict(dtype=torch.float64, device=device)
-    w = torch.randn(D_OUT, D_IN, **f64)
+    w = torch.randn(4, 5, **f64)
 
     def fn(x, b, a_, b_):
         return _LoRAFunction.apply(x, w, b, a_, b_, 1.7, torch.float64)
 
     args = (
-        torch.randn(7, D_IN, **f64, requires_grad=True),
-        torch.randn(D_OUT, **f64, requires_grad=True),
-        torch.randn(RANK, D_IN, **f64, requires_grad=True),
-        torch.randn(D_OUT, RANK, **f64, requires_grad=True),
+        torch.randn(3, 5, **f64, requires_grad=True),
+        torch.randn(4, **f64, requires_grad=True),
+        torch.randn(2, 5, **f64, requires_grad=True),
+        torch.randn(4, 2, **f64, requires_grad=True),
     )
     assert torch.autograd.gradcheck(fn, args)
     # Only some inputs need grads: x frozen (first layer's input), bias absent.
-    x = torch.randn(7, D_IN, **f64)
+    x = torch.randn(3, 5, **f64)
     assert torch.autograd.gradcheck(
         lambda a_, b_: _LoRAFunction.apply(x, w, None, a_, b_, 0.5, torch.float64), args[2:]
     )

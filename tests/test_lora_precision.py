@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import D_IN, D_OUT, GRAD_NAMES, grads_of, random_layer, reference, rel_err
+from lora_helpers import D_IN, D_OUT, GRAD_NAMES, grads_of, random_layer, reference, rel_err, took_fused_path
 
 from lora import LoRALinear
 
@@ -36,20 +36,6 @@ def run(layer: LoRALinear, dtype: torch.dtype, autocast: bool, seed: int) -> tup
     y.backward(g.to(y.dtype))
     want_y, want = reference(layer, x, g, round_to=dtype)
     return {"y": y, **grads_of(layer, x)}, {"y": want_y, **want}
-
-
-def took_fused_path(y: torch.Tensor) -> bool:
-    """Whether y's autograd graph holds the custom Function (it sits under a view / reshape node)."""
-    nodes, seen = [y.grad_fn], set()
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "_LoRAFunctionBackward":
-            return True
-        nodes.extend(n for n, _ in node.next_functions)
-    return False
 
 
 def worst_errors(make, dtype: torch.dtype, autocast: bool, fused: bool) -> dict[str, float]:
