@@ -100,14 +100,11 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
         layer = LoRALinear(
-            getattr(parent, child),
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            init=cfg.init,
+            base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init
         )
+        layer.train(base.training)  # a model in eval mode stays there: no LoRA dropout at inference
         setattr(parent, child, layer)
     if previous is not None:  # record exactly what is wrapped now, so the saved config re-matches it
         cfg = dataclasses.replace(cfg, target_modules=sorted(n for n, _ in lora_layers(model)), exclude_modules=None)

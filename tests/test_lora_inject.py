@@ -2,45 +2,10 @@
 
 import pytest
 import torch
+from lora_helpers import Tiny
 from torch import nn
 
 from lora import LoRAConfig, LoRALinear, count_parameters, inject_lora, merge_lora, unmerge_lora
-
-D = 8
-
-
-class Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.v_proj, self.xq_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D)
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.self_attn = Attn()
-        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
-
-
-class Tiny(nn.Module):
-    """A module tree named like the GPT: layers.N.self_attn.{q,v,xq}_proj, layers.N.fc1/fc2, tied lm_head."""
-
-    def __init__(self, vocab: int = 11, tie: bool = False):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, D)
-        self.layers = nn.ModuleList([Block() for _ in range(2)])
-        self.lm_head = nn.Linear(D, vocab, bias=False)
-        if tie:
-            self.lm_head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for b in self.layers:
-            a = b.self_attn
-            x = a.norm(x + a.q_proj(x) + a.v_proj(x) + a.xq_proj(x))
-            x = x + b.fc2(torch.relu(b.fc1(x)))
-        return self.lm_head(x)
 
 
 def names_for(targets, exclude=None):
@@ -103,6 +68,14 @@ def test_inject_wraps_freezes_and_keeps_base_keys():
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_injected_layers_keep_the_models_mode(training):
+    """Injecting into (or loading an adapter into) a model in eval mode must not switch LoRA dropout on."""
+    model = Tiny().train(training)
+    inject_lora(model, LoRAConfig(rank=2, dropout=0.5, target_modules="all-linear"))
+    assert all(m.training == training for m in model.modules())
+
+
 def test_trainable_count_is_rank_times_in_plus_out():
     model = Tiny()
     total = sum(p.numel() for p in model.parameters())
@@ -137,9 +110,29 @@ def test_weight_tying_survives_injection_and_merge_refuses_tied():
     model = Tiny(tie=True)
     inject_lora(model, LoRAConfig(rank=2, target_modules=["lm_head", "q_proj"]))
     assert model.lm_head.weight is model.emb.weight
-    with pytest.raises(ValueError, match="tied"):
-        merge_lora(model)
+    assert error_of(lambda: merge_lora(model)) == (
+        "lm_head.weight is tied to ['emb.weight']; merging would change those too. "
+        "Keep this adapter unmerged (or untie the weights first)"
+    )
     assert not model.lm_head.merged and not model.layers[0].self_attn.q_proj.merged
+    trainable, total = count_parameters(model)  # the tied matrix counted once
+    assert total == sum(p.numel() for p in Tiny().parameters()) - 11 * 8 + trainable
+
+
+def test_all_linear_skips_the_head_that_get_output_embeddings_names():
+    """A head not called lm_head (a transformers model's `embed_out`, say) is found through get_output_embeddings."""
+
+    class Named(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.embed_out = self.lm_head
+            del self.lm_head
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.embed_out
+
+    names = inject_lora(Named(), LoRAConfig(rank=2, target_modules="all-linear"))
+    assert len(names) == 10 and "embed_out" not in names
 
 
 def test_merge_unmerge_model():
@@ -167,82 +160,109 @@ def test_merge_non_finite_rolls_back():
     with torch.no_grad():
         model.layers[1].self_attn.q_proj.lora_B.fill_(float("nan"))
     w0 = model.layers[0].self_attn.q_proj.weight.detach().clone()
-    with pytest.raises(ValueError, match="layers.1.self_attn.q_proj.*non-finite"):
-        merge_lora(model)
+    assert error_of(lambda: merge_lora(model)) == (
+        "merging 'layers.1.self_attn.q_proj': merging LoRA gives a non-finite weight (lora_A/lora_B hold inf/nan "
+        "or overflow torch.float32); the weight was left unchanged"
+    )
     assert torch.equal(model.layers[0].self_attn.q_proj.weight, w0)
     assert not model.layers[0].self_attn.q_proj.merged
 
 
-# ---- bad input: one test per case ------------------------------------------------------------------
+# ---- bad input: one test per case, each with its whole message ---------------------------------------
+
+LINEARS = (
+    "layers.*.fc1, layers.*.fc2, " + ", ".join(f"layers.*.self_attn.{p}_proj" for p in "q v xq".split()) + ", lm_head"
+)
 
 
-@pytest.mark.parametrize("rank", [0, -4])
-def test_rank_not_positive(rank):
-    with pytest.raises(ValueError, match="rank must be > 0"):
-        LoRAConfig(rank=rank)
-
-
-@pytest.mark.parametrize("rank", [2.5, "8", True])
-def test_rank_not_integer(rank):
-    with pytest.raises(TypeError, match="rank must be an int"):
-        LoRAConfig(rank=rank)
-
-
-@pytest.mark.parametrize("alpha", [0, -1.0])
-def test_alpha_not_positive(alpha):
-    with pytest.raises(ValueError, match="alpha must be > 0"):
-        LoRAConfig(alpha=alpha)
-
-
-@pytest.mark.parametrize("dropout", [1.0, -0.1, 1.5])
-def test_dropout_out_of_range(dropout):
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        LoRAConfig(dropout=dropout)
-
-
-@pytest.mark.parametrize("targets", [[], ""])
-def test_empty_targets(targets):
-    with pytest.raises(ValueError, match="empty"):
-        LoRAConfig(target_modules=targets)
-
-
-def test_bad_init_and_bias_mode():
-    with pytest.raises(ValueError, match="init must be one of"):
-        LoRAConfig(init="xavier")
-    with pytest.raises(ValueError, match="bias must be one of"):
-        LoRAConfig(bias="some")
+def error_of(fn, error=ValueError) -> str:
+    with pytest.raises(error) as e:
+        fn()
+    return str(e.value)
 
 
 def test_target_matching_nothing_names_targets_and_lists_linears():
-    with pytest.raises(ValueError) as e:
-        names_for(["k_proj", "o_proj"])
-    msg = str(e.value)
-    assert "['k_proj', 'o_proj']" in msg and "matched no module" in msg
-    assert "layers.*.self_attn.q_proj" in msg and "layers.*.fc1" in msg and "lm_head" in msg
+    msg = error_of(lambda: names_for(["k_proj", "o_proj"], exclude=["fc2"]))
+    assert msg == (
+        "target_modules=['k_proj', 'o_proj'] (exclude_modules=['fc2']) matched no module. "
+        f"Linear modules in the model: {LINEARS}"
+    )
+
+
+@pytest.mark.parametrize(
+    "model,linears",
+    [
+        (nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2)), "*.*, 1"),  # indices folded after a dot
+        (nn.Sequential(nn.Embedding(3, 2)), "(none)"),
+    ],
+)
+def test_linear_summary_folds_indices(model, linears):
+    msg = error_of(lambda: inject_lora(model, LoRAConfig(target_modules=["k_proj"])))
+    assert msg.endswith(f"matched no module. Linear modules in the model: {linears}")
 
 
 def test_match_that_is_not_linear():
-    with pytest.raises(ValueError, match=r"'layers.0.self_attn', a Attn, but LoRA wraps nn.Linear only"):
-        names_for(["self_attn"])
+    assert error_of(lambda: names_for(["self_attn"])) == (
+        "target_modules=['self_attn'] matched 'layers.0.self_attn', a Attn, but LoRA wraps nn.Linear only. "
+        f"Linear modules in the model: {LINEARS}"
+    )
 
 
-def test_double_injection():
+@pytest.mark.parametrize("second", [["q_proj", "v_proj"], "all-linear"])
+def test_double_injection(second):
     model = Tiny()
     inject_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already a LoRALinear"):
-        inject_lora(model, LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]))
+    assert error_of(lambda: inject_lora(model, LoRAConfig(rank=2, target_modules=second))) == (
+        "'layers.0.self_attn.q_proj' is already a LoRALinear: inject_lora ran twice on it. Inject once, "
+        "or exclude it with exclude_modules"
+    )
     assert not isinstance(model.layers[0].self_attn.v_proj, LoRALinear)  # nothing changed
+    assert "layers.*.self_attn.q_proj" in error_of(lambda: names_for(["k_proj"]))  # wrapped layers are listed too
 
 
-def test_second_injection_into_other_modules_needs_same_hyperparameters():
+FIRST = dict(rank=2, alpha=5.0, dropout=0.1, use_rslora=True, init="gaussian", bias="lora_only")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(rank=4), dict(alpha=1.0), dict(dropout=0.2), dict(use_rslora=False), dict(init="kaiming"), dict(bias="all")],
+)
+def test_second_injection_needs_same_hyperparameters(change):
     model = Tiny()
-    inject_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="same rank"):
-        inject_lora(model, LoRAConfig(rank=4, target_modules=["v_proj"]))
-    inject_lora(model, LoRAConfig(rank=2, target_modules=["v_proj"]))
-    assert len(model.lora_config.target_modules) == 4
+    first = LoRAConfig(target_modules=["q_proj"], **FIRST)
+    inject_lora(model, first)
+    msg = error_of(lambda: inject_lora(model, LoRAConfig(target_modules=["v_proj"], **{**FIRST, **change})))
+    assert msg == (
+        f"the model already carries LoRA with {first}; a second inject_lora must use the same rank, alpha, "
+        "dropout, use_rslora, init, bias (one adapter config per model, as in PEFT's file format)"
+    )
+
+
+def test_second_injection_into_other_modules_records_all_wrapped_names():
+    model = Tiny()
+    inject_lora(model, LoRAConfig(target_modules=["q_proj"], **FIRST))
+    assert inject_lora(model, LoRAConfig(target_modules=["fc1"], **FIRST)) == ["layers.0.fc1", "layers.1.fc1"]
+    wrapped = [f"layers.{i}.{m}" for i in range(2) for m in ("fc1", "self_attn.q_proj")]
+    assert model.lora_config == LoRAConfig(target_modules=wrapped, **FIRST)
+    trainable_bias = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable_bias == {f"{n}.bias" for n in wrapped}  # bias="lora_only" still applies to all
 
 
 def test_config_must_be_lora_config():
-    with pytest.raises(TypeError, match="LoRAConfig"):
-        inject_lora(Tiny(), {"rank": 2})
+    assert error_of(lambda: inject_lora(Tiny(), {"rank": 2}), TypeError) == "expected a LoRAConfig, got dict"
+
+
+def test_merge_and_unmerge_errors():
+    assert error_of(lambda: merge_lora(Tiny())) == "the model has no LoRALinear layers to merge; call inject_lora first"
+    msg = error_of(lambda: unmerge_lora(Tiny()), RuntimeError)
+    assert msg == "unmerge_lora needs a merged model; not merged: no LoRA layers"
+    model = Tiny()
+    names = inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"))
+    assert merge_lora(model) == names
+    assert error_of(lambda: merge_lora(model), RuntimeError) == (
+        f"LoRA is already merged into {names[:3]}...; merging twice would add B A twice. Call unmerge_lora first"
+    )
+    for name in names[:4]:
+        model.get_submodule(name).unmerge()
+    msg = error_of(lambda: unmerge_lora(model), RuntimeError)
+    assert msg == f"unmerge_lora needs a merged model; not merged: {names[:3]}"
