@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,4 +202,34 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     got = rows(out)
     assert [(r["value"], r["status"], r["world_size"]) for r in got] == [(2, "ok", 2), (4, "ok", 2)]
     assert done.stdout.count("== lora_rank (lora.rank)") == 1  # rank 0 alone prints the summary
+    assert (out / "report.md").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+def test_quick_run_on_cuda(env, tmp_path):
+    """--quick on the GPU, as bench/gpu_check.sh runs it: base pretraining and runs on CUDA under bf16 autocast,
+    each row with the GPU's name and its own allocator peaks (the CPU twin: test_quick_sweep_failure_...)."""
+    root, e = env
+    out = tmp_path / "out"
+    args = [
+        "--config",
+        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
+        *tiny(root, out),
+        "--set",
+        "ablation.values=[2, 4]",
+        "--set",
+        "ablation.baseline=2",
+        "--set",
+        "train.device=cuda",
+    ]
+    done = sweep(args, e)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = rows(out)
+    assert [(r["value"], r["status"]) for r in got] == [(2, "ok"), (4, "ok")]
+    for r in got:
+        assert r["device"] == torch.cuda.get_device_name(0) and r["dtype"] == "bfloat16 autocast"
+        assert 0 < r["peak_allocated_bytes"] <= r["peak_reserved_bytes"] and r["peak_rss_bytes"] is None
+        assert r["peak_memory_bytes"] == r["peak_allocated_bytes"] and r["saved_for_backward_bytes"] > 0
+        assert r["val_ppl"] > 1 and r["base_val_ppl"] == pytest.approx(got[0]["base_val_ppl"], rel=1e-4)
+    assert got[1]["trainable_params"] == 2 * got[0]["trainable_params"]
     assert (out / "report.md").exists()
