@@ -10,7 +10,7 @@
 # Every file goes to bench/results/ with the GPU's name in it (<gpu> below, e.g. nvidia-h100-80gb-hbm3):
 #   tests_cuda_<gpu>.xml (junit) and .log     layer_bfloat16_cuda_<gpu>.json     train_cuda_<gpu>.json
 #   quick_cuda_<gpu>/ (report.md, results.jsonl/.csv, plots/)     targets_cuda_<gpu>.md     gpu_check_cuda_<gpu>.log
-# PYTHON=/path/to/python picks the interpreter (default: python, else python3).
+# PYTHON=/path/to/python picks the interpreter (default: python, else python3); GPU_CHECK_RESULTS another folder.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -36,7 +36,7 @@ fi
 
 slug=$(printf '%s' "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 tag="cuda_$slug"
-R=bench/results
+R=${GPU_CHECK_RESULTS:-bench/results}
 mkdir -p "$R"
 exec > >(tee -a "$R/gpu_check_$tag.log") 2>&1
 

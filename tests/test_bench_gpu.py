@@ -1,4 +1,6 @@
-"""bench/gpu_check.sh without a GPU (one line, exit 0, nothing written), its step names, and the target verdicts."""
+"""bench/gpu_check.sh: without a GPU one line and exit 0; with one (a stand-in interpreter that claims a GPU) every
+step in order with flags the real command lines accept, a failing step reported while the rest still run; and the
+target verdicts."""
 
 import json
 import subprocess
@@ -7,14 +9,29 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.layer
 from bench.targets import main as targets_main
+from bench.train import parse_args as train_args
+from experiments.run import build_parser as run_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 
-def gpu_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, text=True, capture_output=True, timeout=120)
+def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, text=True, capture_output=True, timeout=120, env=env)
+
+
+# A stand-in for python: claims a GPU, records each call (one argument per line, then the cache it was given), makes
+# bench.layer fail, and writes a report where experiments.run is told to.
+FAKE_PYTHON = """#!/usr/bin/env bash
+{ printf '%s\\n' "$@"; echo "SLM_LORA_CACHE=${SLM_LORA_CACHE:-}"; echo ---; } >> "$CALLS"
+case "$*" in
+    *get_device_name*) echo "NVIDIA Fake GPU 80GB" ;;
+    "-m bench.layer"*) echo "layer broke" >&2; exit 3 ;;
+    "-m experiments.run"*) mkdir -p "${@: -1}/plots" && echo "# report" > "${@: -1}/report.md" ;;
+esac
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run for real")
@@ -32,6 +49,50 @@ def test_an_unknown_step_is_refused_before_anything_runs():
     done = gpu_check("tests", "bench")
     assert done.returncode == 2 and done.stdout == ""
     assert "unknown step 'bench'; the steps are: tests layer train quick targets" in done.stderr
+
+
+def test_with_a_gpu_every_step_runs_in_order_and_a_failure_does_not_stop_the_rest(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": str(fake),
+        "CALLS": str(tmp_path / "calls"),
+        "GPU_CHECK_RESULTS": str(results),
+    }
+    done = gpu_check(env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    tag = "cuda_nvidia-fake-gpu-80gb"
+    summary = done.stdout[done.stdout.index("=== gpu_check summary (NVIDIA Fake GPU 80GB)") :].splitlines()[1:]
+    assert [line.split(" (")[0].strip() for line in summary] == [
+        "tests: passed",
+        "layer: FAILED, exit 3",
+        "train: passed",
+        "quick: passed",
+        "targets: passed",
+        "gpu_check: 1 step(s) failed: layer",
+    ]
+    assert "layer broke" in (results / f"gpu_check_{tag}.log").read_text()
+    assert (results / f"quick_{tag}" / "report.md").read_text() == "# report\n"
+    calls = [c.strip("\n").split("\n") for c in (tmp_path / "calls").read_text().split("---\n")[:-1]]
+    modules = [c[1] for c in calls if c[0] == "-m"]
+    assert modules == ["pytest", "bench.layer", "bench.train", "experiments.run", "bench.targets"]
+    argv = {c[1]: c[2:-1] for c in calls if c[0] == "-m"}
+    assert argv["pytest"][:2] == ["-m", "cuda"] and f"--junitxml={results}/tests_{tag}.xml" in argv["pytest"]
+    # the flags are those the real command lines accept
+    with pytest.raises(SystemExit, match="no CUDA device"):  # parsed, then refused for want of CUDA
+        bench.layer.main(argv["bench.layer"])
+    assert argv["bench.layer"][-1] == f"{results}/layer_bfloat16_{tag}.json"
+    train = train_args(argv["bench.train"])
+    assert (train.device, train.precision, train.shape) == ("cuda", "bf16", ["gpu-512", "gpu-2048"])
+    assert train.out == f"{results}/train_{tag}.json"
+    run = run_parser().parse_args(argv["experiments.run"])
+    assert run.quick and run.overrides == ["train.device=cuda"] and run.config is None
+    cache = [c[-1] for c in calls if c[:2] == ["-m", "experiments.run"]][0]
+    assert cache.startswith("SLM_LORA_CACHE=/") and not Path(cache.split("=", 1)[1]).exists()  # private, removed
+    assert argv["bench.targets"] == ["--layer", argv["bench.layer"][-1], "--train", train.out]
 
 
 def layer_file(tmp_path, ours_ms: float) -> Path:

@@ -59,6 +59,18 @@ def tiny(root: Path, out: Path) -> list[str]:
     ]
 
 
+def ranks_2_and_4(root: Path, out: Path, *sets: str) -> list[str]:
+    """The rank ablation over ranks 2 and 4 (baseline 2) at the tiny settings, plus `--set` for each of `sets`."""
+    extra = [arg for kv in sets for arg in ("--set", kv)]
+    return [
+        "--config",
+        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
+        *tiny(root, out),
+        *("--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2"),
+        *extra,
+    ]
+
+
 def sweep(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "experiments.run", *args],
@@ -129,19 +141,7 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
 def test_killed_sweep_resumes(env, tmp_path):
     root, e = env
     out = tmp_path / "out"
-    args = [
-        "--config",
-        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
-        *tiny(root, out),
-        "--set",
-        "ablation.values=[2, 4]",
-        "--set",
-        "ablation.baseline=2",
-        "--set",
-        "train.tokens=16384",
-        "--set",
-        "train.checkpoint_every=1",
-    ]
+    args = ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", *args],
         env=e,
@@ -176,15 +176,7 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     """torchrun: every rank trains every value together (gloo on CPU); only rank 0 writes rows and the report."""
     root, e = env
     out = tmp_path / "out"
-    args = [
-        "--config",
-        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
-        *tiny(root, out),
-        "--set",
-        "ablation.values=[2, 4]",
-        "--set",
-        "ablation.baseline=2",
-    ]
+    args = ranks_2_and_4(root, out)
     torchrun = [
         sys.executable,
         "-m",
@@ -211,18 +203,7 @@ def test_quick_run_on_cuda(env, tmp_path):
     each row with the GPU's name and its own allocator peaks (the CPU twin: test_quick_sweep_failure_...)."""
     root, e = env
     out = tmp_path / "out"
-    args = [
-        "--config",
-        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
-        *tiny(root, out),
-        "--set",
-        "ablation.values=[2, 4]",
-        "--set",
-        "ablation.baseline=2",
-        "--set",
-        "train.device=cuda",
-    ]
-    done = sweep(args, e)
+    done = sweep(ranks_2_and_4(root, out, "train.device=cuda"), e)
     assert done.returncode == 0, done.stderr[-3000:]
     got = rows(out)
     assert [(r["value"], r["status"]) for r in got] == [(2, "ok"), (4, "ok")]
