@@ -2,12 +2,14 @@
 the main table, the ablations, the sweep, and the memory figures from their own process."""
 
 import json
+from types import SimpleNamespace
 
 import torch
 
 import bench.train
+import bench.train_compare
 from bench.train import main, run, sweep_shapes
-from bench.train_compare import Budget
+from bench.train_compare import Budget, run_rounds
 from bench.train_measure import saved_for_backward
 from bench.train_memory import measure_memory
 from bench.train_steps import SHAPES, Spec, build, copy_lora_A, make_batch, save_random_opt
@@ -96,3 +98,20 @@ def test_memory_is_measured_in_a_fresh_process(tmp_path):
     assert "error" not in mem, mem
     assert mem["rss_after_build"] > 0 and mem["rss_peak"] >= mem["rss_after_build"]
     assert mem["rss_step_delta"] == mem["rss_peak"] - mem["rss_after_build"] and mem["saved"]["activations"] > 0
+
+
+def test_gpu_timing_path_times_blocks_in_rotated_order_without_cpu_time(monkeypatch):
+    """run_rounds on CUDA: a block of `steps` per contender between two syncs, the order rotated each round, and no
+    CPU time (time_steps stands in for the CUDA events here)."""
+    order = []
+
+    def cuda_like_time_steps(step, n, device):
+        for _ in range(n):
+            step()
+        return [0.01] * n, None
+
+    monkeypatch.setattr(bench.train_compare, "time_steps", cuda_like_time_steps)
+    contenders = [SimpleNamespace(spec=SimpleNamespace(label=x), step=lambda x=x: order.append(x)) for x in "ab"]
+    out = run_rounds(contenders, torch.device("cuda"), Budget(steps=4, rounds=2, warmup=1, memory=0))
+    assert "".join(order) == "ab" + "aaaabbbb" + "ab" + "bbbbaaaa"  # warm-up, then blocks; round 2 starts with b
+    assert out["a"] == {"median_s": 0.01, "steps": 8, "rounds": 2, "round_medians_s": [0.01, 0.01]}
