@@ -4,6 +4,7 @@ the main table, the ablations, the sweep, and the memory figures from their own 
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import bench.train
@@ -40,13 +41,15 @@ def test_ours_and_peft_start_and_train_the_same(tmp_path):
     assert saved["activations"] > 0
 
 
-def test_run_writes_the_expected_json(tmp_path):
-    payload = run("main", ["tiny"], CPU, "fp32", Budget(steps=2, rounds=1, warmup=0, memory=0))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the GPU's path (strict fp32 check first, autocast)
+def test_run_writes_the_expected_json(tmp_path, precision):
+    payload = run("main", ["tiny"], CPU, precision, Budget(steps=2, rounds=1, warmup=0, memory=0))
     write_json_atomic(tmp_path / "train_cpu.json", payload)
     data = json.loads((tmp_path / "train_cpu.json").read_text())
     for key in ("date", "device", "versions", "threads", "precision", "shapes", "timing", "matmul_peak", "results"):
         assert key in data, key
-    assert set(data["versions"]) >= {"torch", "transformers", "peft"}
+    assert set(data["versions"]) >= {"torch", "transformers", "peft"} and data["precision"] == precision
+    assert data["matmul_peak"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
     assert data["shapes"]["tiny"]["d_model"] == SHAPES["tiny"].d_model
     (result,) = data["results"]
     labels = [row["label"] for row in result["rows"]]
