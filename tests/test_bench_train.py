@@ -10,7 +10,7 @@ import torch
 import bench.train
 import bench.train_compare
 from bench.train import main, run, sweep_shapes
-from bench.train_compare import Budget, run_rounds
+from bench.train_compare import Budget, compare, run_rounds
 from bench.train_measure import saved_for_backward
 from bench.train_memory import measure_memory
 from bench.train_steps import SHAPES, Spec, build, copy_lora_A, make_batch, save_random_opt
@@ -41,15 +41,13 @@ def test_ours_and_peft_start_and_train_the_same(tmp_path):
     assert saved["activations"] > 0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the GPU's path (strict fp32 check first, autocast)
-def test_run_writes_the_expected_json(tmp_path, precision):
-    payload = run("main", ["tiny"], CPU, precision, Budget(steps=2, rounds=1, warmup=0, memory=0))
+def test_run_writes_the_expected_json(tmp_path):
+    payload = run("main", ["tiny"], CPU, "fp32", Budget(steps=2, rounds=1, warmup=0, memory=0))
     write_json_atomic(tmp_path / "train_cpu.json", payload)
     data = json.loads((tmp_path / "train_cpu.json").read_text())
     for key in ("date", "device", "versions", "threads", "precision", "shapes", "timing", "matmul_peak", "results"):
         assert key in data, key
-    assert set(data["versions"]) >= {"torch", "transformers", "peft"} and data["precision"] == precision
-    assert data["matmul_peak"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    assert set(data["versions"]) >= {"torch", "transformers", "peft"} and data["precision"] == "fp32"
     assert data["shapes"]["tiny"]["d_model"] == SHAPES["tiny"].d_model
     (result,) = data["results"]
     labels = [row["label"] for row in result["rows"]]
@@ -59,6 +57,33 @@ def test_run_writes_the_expected_json(tmp_path, precision):
     assert [r["peer"] for r in result["ratios"]] == ["peft lora qv", "peft lora all6", "hf full"]
     assert all(r["speedup"] > 0 for r in result["ratios"])
     assert all(row["memory"] is None and 0 < row["mfu"] for row in result["rows"])
+
+
+def test_bf16_compare_checks_in_fp32_then_runs_both_sides_under_autocast(monkeypatch):
+    """The GPU's precision on CPU: the strict same-function check builds the pair in fp32 first, then both sides run
+    with a bf16 base and fp32 adapters under autocast (the peak is given: CPU bf16 GEMMs take seconds here)."""
+    built = []
+
+    def spy(spec, *args):
+        built.append((spec.label, args[3], real_build(spec, *args)))
+        return built[-1][2]
+
+    real_build = bench.train_compare.build
+    monkeypatch.setattr(bench.train_compare, "build", spy)
+    ours = Spec(rank=4, alpha=8.0)
+    result = compare(SHAPES["tiny"], [(ours, ours.peer())], CPU, "bf16", Budget(1, 1, 0, 0), {"flops_per_s": 1e12})
+    labels = [ours.label, ours.peer().label]
+    assert [(label, p) for label, p, _ in built] == [(x, p) for p in ("fp32", "bf16") for x in labels]
+    for _, precision, c in built:
+        layer = c.model.get_submodule(c.wrapped[0])  # a wrapped q_proj: PEFT's keeps its Linear as base_layer
+        base = layer.base_layer.weight if c.spec.side == "peer" else layer.weight
+        lora_a = [p for n, p in c.model.named_parameters() if "lora_A" in n][0]
+        assert base.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        assert lora_a.dtype == torch.float32
+    a, b = result["rows"]
+    assert abs(a["loss_initial"] - b["loss_initial"]) <= 5e-2 and a["trainable"] == b["trainable"]
+    assert a["mfu"] == pytest.approx(a["flops_per_step"] / a["timing"]["median_s"] / 1e12)
+    assert result["ratios"][0]["speedup"] > 0
 
 
 TINY_CLI = ["--device", "cpu", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "0", "--no-memory"]
