@@ -187,7 +187,7 @@ def profile(n: int, d: int, rank: int, device: str, dtype: torch.dtype) -> None:
         print(p.key_averages().table(sort_by=key, row_limit=12))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -200,7 +200,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per implementation (>= 20)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables for the first shape")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/layer_<device>_<dtype>.json)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -214,7 +218,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.profile:
         profile(tokens[0], dims[0], ranks[0], args.device, dtype)
-        return
+        return None
 
     rows = []
     header = f"{'N':>6} {'d':>5} {'r':>3} | " + " ".join(f"{k:>9}" for k in ("floor", "naive", "ours", "peft"))
@@ -258,6 +262,7 @@ def main() -> None:
     }
     write_json_atomic(out, meta)
     print(f"wrote {out}")
+    return meta
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ def time_steps(
     return wall, cpu
 
 
-def summarize(rounds: list[list[float]], cpu_rounds: list[list[float]] | None) -> dict:
+def summarize(rounds: list[list[float]], cpu_rounds: list[list[float]]) -> dict:
     """Median over all timed steps, the spread of per-round medians (noise on a shared machine), and
-    the median CPU time per step where measured."""
+    the median CPU time per step where measured (CPU; on CUDA every round's CPU list is empty)."""
     times = [t for r in rounds for t in r]
     out = {
         "median_s": statistics.median(times),
@@ -54,8 +54,9 @@ def summarize(rounds: list[list[float]], cpu_rounds: list[list[float]] | None) -
         "rounds": len(rounds),
         "round_medians_s": [statistics.median(r) for r in rounds],
     }
-    if cpu_rounds:
-        out["cpu_median_s"] = statistics.median([t for r in cpu_rounds for t in r])
+    cpu_times = [t for r in cpu_rounds for t in r]
+    if cpu_times:
+        out["cpu_median_s"] = statistics.median(cpu_times)
     return out
 
 

@@ -79,6 +79,18 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device; bench/gpu_check.sh runs `pytest -m cuda`")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on CUDA, the `device` fixture's `[cuda]` cases and tests named for CUDA, with
+    `cuda`, so that `pytest -m cuda` selects exactly the GPU checks and none of their CPU twins."""
+    for item in items:
+        if "cuda" in item.name.lower():
+            item.add_marker(pytest.mark.cuda)
+
+
 # ----------------------------------------------------------------------------- toy corpora and config for runs
 
 WORDS = ["alpha", "beta", "gamma", "delta", "value", "index", "total", "count", "items", "result"]

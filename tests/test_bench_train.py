@@ -1,12 +1,20 @@
-"""bench.train compares the same function on both sides, and its JSON has what readers need (tiny shape)."""
+"""bench.train compares the same function on both sides, and its JSON has what readers need (tiny shape, CPU):
+the main table, the ablations, the sweep, and the memory figures from their own process."""
 
 import json
+from types import SimpleNamespace
 
+import pytest
 import torch
 
-from bench.train import run, write_json
+import bench.train
+import bench.train_compare
+from bench.train import main, run, sweep_shapes
+from bench.train_compare import Budget, compare, run_rounds
 from bench.train_measure import saved_for_backward
+from bench.train_memory import measure_memory
 from bench.train_steps import SHAPES, Spec, build, copy_lora_A, make_batch, save_random_opt
+from data.cache import write_json_atomic
 
 CPU = torch.device("cpu")
 
@@ -34,12 +42,12 @@ def test_ours_and_peft_start_and_train_the_same(tmp_path):
 
 
 def test_run_writes_the_expected_json(tmp_path):
-    payload = run("main", ["tiny"], CPU, "fp32", steps=2, rounds=1, warmup=0, memory=False)
-    path = write_json(payload, tmp_path / "train_cpu.json")
-    data = json.loads(path.read_text())
+    payload = run("main", ["tiny"], CPU, "fp32", Budget(steps=2, rounds=1, warmup=0, memory=0))
+    write_json_atomic(tmp_path / "train_cpu.json", payload)
+    data = json.loads((tmp_path / "train_cpu.json").read_text())
     for key in ("date", "device", "versions", "threads", "precision", "shapes", "timing", "matmul_peak", "results"):
         assert key in data, key
-    assert set(data["versions"]) >= {"torch", "transformers", "peft"}
+    assert set(data["versions"]) >= {"torch", "transformers", "peft"} and data["precision"] == "fp32"
     assert data["shapes"]["tiny"]["d_model"] == SHAPES["tiny"].d_model
     (result,) = data["results"]
     labels = [row["label"] for row in result["rows"]]
@@ -48,3 +56,90 @@ def test_run_writes_the_expected_json(tmp_path):
         assert row["tokens_per_s"] > 0 and row["timing"]["steps"] == 2 and row["flops_per_step"] > 0
     assert [r["peer"] for r in result["ratios"]] == ["peft lora qv", "peft lora all6", "hf full"]
     assert all(r["speedup"] > 0 for r in result["ratios"])
+    assert all(row["memory"] is None and 0 < row["mfu"] for row in result["rows"])
+
+
+def test_bf16_compare_checks_in_fp32_then_runs_both_sides_under_autocast(monkeypatch):
+    """The GPU's precision on CPU: the strict same-function check builds the pair in fp32 first, then both sides run
+    with a bf16 base and fp32 adapters under autocast (the peak is given: CPU bf16 GEMMs take seconds here)."""
+    built = []
+
+    def spy(spec, *args):
+        built.append((spec.label, args[3], real_build(spec, *args)))
+        return built[-1][2]
+
+    real_build = bench.train_compare.build
+    monkeypatch.setattr(bench.train_compare, "build", spy)
+    ours = Spec(rank=4, alpha=8.0)
+    result = compare(SHAPES["tiny"], [(ours, ours.peer())], CPU, "bf16", Budget(1, 1, 0, 0), {"flops_per_s": 1e12})
+    labels = [ours.label, ours.peer().label]
+    assert [(label, p) for label, p, _ in built] == [(x, p) for p in ("fp32", "bf16") for x in labels]
+    for _, precision, c in built:
+        layer = c.model.get_submodule(c.wrapped[0])  # a wrapped q_proj: PEFT's keeps its Linear as base_layer
+        base = layer.base_layer.weight if c.spec.side == "peer" else layer.weight
+        lora_a = [p for n, p in c.model.named_parameters() if "lora_A" in n][0]
+        assert base.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        assert lora_a.dtype == torch.float32
+    a, b = result["rows"]
+    assert abs(a["loss_initial"] - b["loss_initial"]) <= 5e-2 and a["trainable"] == b["trainable"]
+    assert a["mfu"] == pytest.approx(a["flops_per_step"] / a["timing"]["median_s"] / 1e12)
+    assert result["ratios"][0]["speedup"] > 0
+
+
+TINY_CLI = ["--device", "cpu", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "0", "--no-memory"]
+
+
+def test_ablations_switch_one_optimisation_at_a_time(tmp_path, monkeypatch):
+    """Every switch runs against PEFT and against our default. torch.compile is made the identity here (compiling
+    takes minutes on this CPU; test_model_core compiles blocks for real): this tests the orchestration."""
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: fn)
+    data = main([*TINY_CLI, "--ablations", "--out", str(tmp_path / "abl.json")])
+    assert json.loads((tmp_path / "abl.json").read_text())["mode"] == "ablations"
+    (result,) = data["results"]
+    ours = [row["label"] for row in result["rows"] if row["spec"]["side"] == "ours"]
+    switches = ["plain-lora", "full-logits", "fused-adamw", "compiled-loss", "compiled-blocks", "ckpt"]
+    assert ours == ["ours lora qv"] + [f"ours lora qv {s}" for s in switches]
+    assert list(result["vs_ours_default"]) == ours and result["vs_ours_default"]["ours lora qv"] == 1.0
+    assert [(r["ours"], r["peer"].split()[0]) for r in result["ratios"]] == [(label, "peft") for label in ours]
+    losses = {round(row["loss_initial"], 4) for row in result["rows"]}
+    assert len(losses) == 1  # every variant computes the same function
+
+
+def test_sweep_holds_tokens_per_step_over_context_then_varies_rank(tmp_path, monkeypatch):
+    axes = sweep_shapes(SHAPES["cpu"])
+    assert [(a, s.seq, s.tokens, r) for a, s, r in axes[:4]] == [("seq", t, 2048, 16) for t in (256, 512, 1024, 2048)]
+    assert [(a, s, r) for a, s, r in axes[4:]] == [("rank", SHAPES["cpu"], r) for r in (4, 8, 16, 32, 64)]
+    # the run itself over the longest context and the largest rank only (each point is ~2 s here)
+    monkeypatch.setattr(bench.train, "sweep_shapes", lambda base: [sweep_shapes(base)[3], sweep_shapes(base)[-1]])
+    data = main([*TINY_CLI, "--sweep", "--out", str(tmp_path / "sweep.json")])
+    got = [(r["axis"], r["shape"]["seq"], r["rank"]) for r in data["results"]]
+    assert got == [("seq", 2048, 16), ("rank", SHAPES["tiny"].seq, 64)]
+    for result in data["results"]:
+        assert [row["spec"]["rank"] for row in result["rows"]] == [result["rank"]] * 2
+        assert result["ratios"][0]["speedup"] > 0
+
+
+def test_memory_is_measured_in_a_fresh_process(tmp_path):
+    shape = SHAPES["tiny"]
+    save_random_opt(shape, str(tmp_path))
+    mem = measure_memory(Spec(rank=4, alpha=8.0), shape, str(tmp_path), CPU, "fp32", steps=2)
+    assert "error" not in mem, mem
+    assert mem["rss_after_build"] > 0 and mem["rss_peak"] >= mem["rss_after_build"]
+    assert mem["rss_step_delta"] == mem["rss_peak"] - mem["rss_after_build"] and mem["saved"]["activations"] > 0
+
+
+def test_gpu_timing_path_times_blocks_in_rotated_order_without_cpu_time(monkeypatch):
+    """run_rounds on CUDA: a block of `steps` per contender between two syncs, the order rotated each round, and no
+    CPU time (time_steps stands in for the CUDA events here)."""
+    order = []
+
+    def cuda_like_time_steps(step, n, device):
+        for _ in range(n):
+            step()
+        return [0.01] * n, None
+
+    monkeypatch.setattr(bench.train_compare, "time_steps", cuda_like_time_steps)
+    contenders = [SimpleNamespace(spec=SimpleNamespace(label=x), step=lambda x=x: order.append(x)) for x in "ab"]
+    out = run_rounds(contenders, torch.device("cuda"), Budget(steps=4, rounds=2, warmup=1, memory=0))
+    assert "".join(order) == "ab" + "aaaabbbb" + "ab" + "bbbbaaaa"  # warm-up, then blocks; round 2 starts with b
+    assert out["a"] == {"median_s": 0.01, "steps": 8, "rounds": 2, "round_medians_s": [0.01, 0.01]}

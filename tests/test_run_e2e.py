@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,18 @@ def tiny(root: Path, out: Path) -> list[str]:
         "eval.max_tokens=1024",
         "--set",
         "data.val_fraction=0.25",
+    ]
+
+
+def ranks_2_and_4(root: Path, out: Path, *sets: str) -> list[str]:
+    """The rank ablation over ranks 2 and 4 (baseline 2) at the tiny settings, plus `--set` for each of `sets`."""
+    extra = [arg for kv in sets for arg in ("--set", kv)]
+    return [
+        "--config",
+        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
+        *tiny(root, out),
+        *("--set", "ablation.values=[2, 4]", "--set", "ablation.baseline=2"),
+        *extra,
     ]
 
 
@@ -128,19 +141,7 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
 def test_killed_sweep_resumes(env, tmp_path):
     root, e = env
     out = tmp_path / "out"
-    args = [
-        "--config",
-        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
-        *tiny(root, out),
-        "--set",
-        "ablation.values=[2, 4]",
-        "--set",
-        "ablation.baseline=2",
-        "--set",
-        "train.tokens=16384",
-        "--set",
-        "train.checkpoint_every=1",
-    ]
+    args = ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", *args],
         env=e,
@@ -175,15 +176,7 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     """torchrun: every rank trains every value together (gloo on CPU); only rank 0 writes rows and the report."""
     root, e = env
     out = tmp_path / "out"
-    args = [
-        "--config",
-        str(REPO / "experiments/configs/abl_lora_rank.yaml"),
-        *tiny(root, out),
-        "--set",
-        "ablation.values=[2, 4]",
-        "--set",
-        "ablation.baseline=2",
-    ]
+    args = ranks_2_and_4(root, out)
     torchrun = [
         sys.executable,
         "-m",
@@ -201,4 +194,23 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     got = rows(out)
     assert [(r["value"], r["status"], r["world_size"]) for r in got] == [(2, "ok", 2), (4, "ok", 2)]
     assert done.stdout.count("== lora_rank (lora.rank)") == 1  # rank 0 alone prints the summary
+    assert (out / "report.md").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+def test_quick_run_on_cuda(env, tmp_path):
+    """--quick on the GPU, as bench/gpu_check.sh runs it: base pretraining and runs on CUDA under bf16 autocast,
+    each row with the GPU's name and its own allocator peaks (the CPU twin: test_quick_sweep_failure_...)."""
+    root, e = env
+    out = tmp_path / "out"
+    done = sweep(ranks_2_and_4(root, out, "train.device=cuda"), e)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = rows(out)
+    assert [(r["value"], r["status"]) for r in got] == [(2, "ok"), (4, "ok")]
+    for r in got:
+        assert r["device"] == torch.cuda.get_device_name(0) and r["dtype"] == "bfloat16 autocast"
+        assert 0 < r["peak_allocated_bytes"] <= r["peak_reserved_bytes"] and r["peak_rss_bytes"] is None
+        assert r["peak_memory_bytes"] == r["peak_allocated_bytes"] and r["saved_for_backward_bytes"] > 0
+        assert r["val_ppl"] > 1 and r["base_val_ppl"] == pytest.approx(got[0]["base_val_ppl"], rel=1e-4)
+    assert got[1]["trainable_params"] == 2 * got[0]["trainable_params"]
     assert (out / "report.md").exists()
