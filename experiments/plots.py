@@ -1,6 +1,7 @@
 """Plots of a report. Per study: val ppl / train time / memory against the swept value; val ppl against trainable
 parameters and against train time with the Pareto front and the recommended value; target against source ppl
-(learning against forgetting). Over every run: val ppl against trainable parameters. matplotlib, Agg backend."""
+(learning against forgetting); train and val loss against tokens (each run's metrics.jsonl). Over every run: val ppl
+against trainable parameters. matplotlib, Agg backend: every plot is saved as a PNG (the notebook shows the files)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from experiments.recommend import METRIC, front, recommend  # noqa: E402
-from experiments.studies import Study, Value  # noqa: E402
+from experiments.studies import MIB, Study, Value  # noqa: E402
+from experiments.training.metrics import read_metrics  # noqa: E402
 
 LOG2_KEYS = {"lora.rank", "model.max_position_embeddings"}
-MIB = 2**20
+SEED_STYLES = ("-", "--", ":", "-.")  # loss curves: the runs of one value, seed by seed
 
 
 def _x(st: Study) -> tuple[list[float], list[str], bool]:
@@ -289,6 +292,42 @@ def plot_lr(st: Study, path: Path) -> Path:
     ax.set_title(f"{st.ablation}: star = the lr the tune split chose (validation not used)\n{_bars(st)}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curves(st: Study, out_dir: Path, path: Path) -> Path | None:
+    """Train and validation loss against tokens seen, from each run's metrics.jsonl under `out_dir`: one colour per
+    value, one line style per seed. None when no run of the study has a metrics file (a folder of results only)."""
+    runs = [
+        (i, j, v, read_metrics(Path(out_dir) / r["run_dir"]))
+        for i, v in enumerate(st.values)
+        for j, r in enumerate(v.rows)  # rows are in seed order
+    ]
+    runs = [run for run in runs if run[3]]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    named: set[int] = set()  # values already in the legend: one entry per value, not per seed
+    for i, j, v, recs in runs:
+        label = None if i in named else st.named(v) + (" (baseline)" if v.is_baseline else "")
+        named.add(i)
+        style = SEED_STYLES[j % len(SEED_STYLES)]
+        for ax, key in zip(axes, ("train_loss", "val_loss")):
+            pts = [(r["tokens"], r[key]) for r in recs if r.get(key) is not None and r.get("tokens") is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, style, marker="o", ms=3, lw=1.3, color=colors[i % len(colors)], alpha=0.8, label=label)
+    axes[0].set_ylabel("train loss (mean over each logging window)")
+    axes[1].set_ylabel("validation loss (at 0 tokens: the base model)")
+    for ax in axes:
+        ax.set_xlabel("training tokens seen")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    seeds = max(len(v.rows) for v in st.values)
+    how = "one line per run: colour = value, line style = seed" if seeds > 1 else "one line per run (1 seed)"
+    fig.suptitle(f"{st.ablation}: loss against training tokens; {how}", fontsize=11)
     return _save(fig, path)
 
 

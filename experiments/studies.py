@@ -13,6 +13,7 @@ from experiments.schema import flatten
 from experiments.stats import Difference, Summary, compare, mean_ci
 
 LEVEL = 0.95
+MIB = 2**20
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
 NOUN = {"lora.rank": "rank", "model.max_position_embeddings": "context"}  # how prose names a value of these keys
 
@@ -142,6 +143,50 @@ class Study:
             "no source set: the base is a user's checkpoint and the config has no `eval.source_data` "
             "(set it to the base's own kind of text, as --data accepts, to measure forgetting)"
         )
+
+
+def summary_rows(st: Study, recommended: Value | None = None) -> list[dict[str, Any]]:
+    """One dict of numbers per value, in the study's order, for a pandas DataFrame: means over the finished seeds
+    with their 95% CI half-widths (None with one seed), and val ppl minus the baseline's with its test ("paired"
+    over seeds, "Welch" where they do not pair; None with one seed). Memory is in MiB. `recommended` is the value
+    experiments.recommend picked: that module builds on this one, so the caller passes it in."""
+    base = st.baseline
+    out = []
+    for v in st.values:
+        d = v.vs(base, "val_ppl") if base is not None and v is not base else None
+        out.append(
+            {
+                "value": v.value,
+                "baseline": v.is_baseline,
+                "recommended": v is recommended,
+                "seeds_ok": len(v.ok),
+                "seeds": len(v.rows),
+                **_mean_half(v, "val_ppl"),
+                "delta_val_ppl": d and d.diff,
+                "delta_val_ppl_ci": d and d.half,
+                "delta_p": d and d.p,
+                "delta_significant": d and d.significant,
+                "delta_test": d and d.test,
+                **_mean_half(v, "train_time_s"),
+                "tokens_per_s": v.mean("tokens_per_s"),
+                "peak_memory_mib": _scaled(v.mean("peak_memory_bytes"), MIB),
+                "saved_for_backward_mib": _scaled(v.mean("saved_for_backward_bytes"), MIB),
+                "trainable_params": v.mean("trainable_params"),
+                **_mean_half(v, "source_val_ppl"),
+                "forgetting": v.mean("forgetting"),
+            }
+        )
+    return out
+
+
+def _mean_half(v: Value, name: str) -> dict[str, float | None]:
+    """{name: mean, name_ci: 95% CI half-width} over a value's finished seeds (None where there is nothing)."""
+    s = v.summary(name)
+    return {name: s and s.mean, f"{name}_ci": s and s.half}
+
+
+def _scaled(x: float | None, unit: float) -> float | None:
+    return None if x is None else x / unit
 
 
 def run_config(out_dir: Path, row: dict) -> dict:

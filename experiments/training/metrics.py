@@ -29,6 +29,23 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None or not math.isfinite(loss) else math.exp(min(loss, 700.0))
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records a run logged, in order ([] when it has no metrics file: rows written before runs kept one, or a
+    results folder copied without its runs/). A line that is not JSON is an error naming the file and line."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i} is not a JSON record ({e.msg}); delete the line or rerun the run") from None
+    return records
+
+
 class MetricsLog:
     """Append-only metrics of one run, mirrored to W&B if asked for (`resume`: continue the same W&B run)."""
 
