@@ -95,8 +95,8 @@ def test_dry_run_lists_default_study(tmp_path, capsys):
     assert rc == 0
     lines = [ln for ln in out.splitlines() if ln.startswith(("lora_rank ", "target_modules ", "context_length "))]
     assert len(lines) == 26  # (5 + 4 + 4) values x 2 seeds
-    ablation, key, value, seed, config_hash, state, run_dir = lines[0].split()
-    assert (ablation, key, value, seed, state) == ("lora_rank", "lora.rank", "4", "0", "run")
+    ablation, key, value, lr, seed, config_hash, state, run_dir = lines[0].split()
+    assert (ablation, key, value, lr, seed, state) == ("lora_rank", "lora.rank", "4", "0.01", "0", "run")
     assert len(config_hash) == 16 and run_dir.endswith(f"runs/{config_hash}")
     assert sum(" reuse " in ln for ln in lines) == 4  # the shared baseline, at both seeds
     assert "26 runs: 0 done, 26 to run" in out
