@@ -160,9 +160,12 @@ def study_header(st: Study) -> str:
 def _title(st: Study) -> str:
     """The ablation, and its alpha policy (a rank sweep means different things under each); the study hash when
     the ablation has several studies."""
+    return st.ablation + _policy(st) + (f" (study {st.study_hash[:8]})" if st.differs else "")
+
+
+def _policy(st: Study) -> str:
     policies = sorted({str(r.get("alpha_policy")) for r in st.rows if r.get("alpha_policy")})
-    policy = f", alpha policy {'/'.join(policies)}" if policies else ""
-    return st.ablation + policy + (f" (study {st.study_hash[:8]})" if st.differs else "")
+    return f", alpha policy {'/'.join(policies)}" if policies else ""
 
 
 def answers(studies: list[Study]) -> list[str]:
@@ -171,7 +174,8 @@ def answers(studies: list[Study]) -> list[str]:
     for st in studies:
         rec = recommend(st)
         caveats = "".join(f"; **caution**: {c.caveat}" for c in expectations(st) if c.caveat)
-        lines.append(f"- **{_title(st)}** (`{st.key}`): {rec.evidence if rec else 'no finished run'}{caveats}")
+        name = st.ablation + (f" (study {st.study_hash[:8]})" if st.differs else "")
+        lines.append(f"- **{name}** (`{st.key}`): {rec.evidence if rec else 'no finished run'}{caveats}")
     return lines
 
 
