@@ -40,7 +40,7 @@ R=${GPU_CHECK_RESULTS:-bench/results}
 mkdir -p "$R"
 exec > >(tee -a "$R/gpu_check_$tag.log") 2>&1
 
-step_tests() {  # every CUDA case of the suite: the device fixture's [cuda] ids and tests named for CUDA
+step_tests() {  # every CUDA case of the suite: the device fixture's CUDA cases and @pytest.mark.cuda tests
     "$PY" -m pytest -m cuda -p no:cacheprovider -rs --junitxml="$R/tests_$tag.xml" 2>&1 | tee "$R/tests_$tag.log"
 }
 

@@ -84,10 +84,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that runs on CUDA, the `device` fixture's `[cuda]` cases and tests named for CUDA, with
-    `cuda`, so that `pytest -m cuda` selects exactly the GPU checks and none of their CPU twins."""
+    """Mark the `device` fixture's CUDA cases `cuda` (CUDA-only tests carry the mark themselves), so that
+    `pytest -m cuda` selects exactly the GPU checks: none of their CPU twins, nor CPU tests that mention CUDA."""
     for item in items:
-        if "cuda" in item.name.lower():
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
             item.add_marker(pytest.mark.cuda)
 
 

@@ -197,6 +197,7 @@ def test_torchrun_sweep_runs_values_in_one_process_group(env, tmp_path):
     assert (out / "report.md").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
 def test_quick_run_on_cuda(env, tmp_path):
     """--quick on the GPU, as bench/gpu_check.sh runs it: base pretraining and runs on CUDA under bf16 autocast,
