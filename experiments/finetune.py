@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _read_config(args.config_json)
         args.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(args.run_dir)
-        if not (lock.join() if args.parent_pid is not None else lock.claim()):
+        # Under torchrun rank 0 owns the run for its group; the other ranks meet it in init_process_group.
+        owner = int(os.environ.get("RANK", "0")) == 0
+        if not (lock.join() if args.parent_pid is not None else lock.claim() if owner else True):
             print(f"error: {args.run_dir} is being trained by another process (pid {lock.owner()}).", file=sys.stderr)
             return 1
         result = train_run(

@@ -13,6 +13,7 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RUN_LOCK = "owner.lock"  # in a run folder: locked by every process working on the run; holds the owner's pid
@@ -33,23 +34,23 @@ class RunLock:
 
     def claim(self) -> bool:
         """Become the run's owner: True, or False when another process holds the run."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
+
+        def own(fd: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
+
+        return self._hold(own)
 
     def join(self) -> bool:
         """A shared hold next to the owner that started this process: False when someone else holds the run."""
+        return self._hold(lambda fd: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB))
+
+    def _hold(self, lock: Callable[[int], None]) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            lock(fd)
         except BlockingIOError:
             os.close(fd)
             return False

@@ -143,7 +143,7 @@ def _check_positions(cfg: Config, gcfg: GPTConfig, label: str) -> None:
     seq, kind, limit = cfg.model.max_position_embeddings, gcfg.position_embedding, gcfg.max_position_embeddings
     if kind in ("learned", "sinusoidal") and seq > limit:
         fix = (
-            ", or raise pretrain.seq_len, or use pretrain.position_embedding=rope"
+            ", or pretrain longer sequences (pretrain.long_seq_len), or use pretrain.position_embedding=rope"
             if cfg.model.base == "builtin"
             else ""
         )

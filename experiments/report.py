@@ -158,12 +158,14 @@ def study_header(st: Study) -> str:
 
 
 def _title(st: Study) -> str:
-    """The ablation, and its alpha policy (a rank sweep means different things under each); the study hash when
-    the ablation has several studies."""
+    """The ablation, with its alpha policy when it sweeps the rank (a rank sweep means different things under
+    each); the study hash when the ablation has several studies."""
     return st.ablation + _policy(st) + (f" (study {st.study_hash[:8]})" if st.differs else "")
 
 
 def _policy(st: Study) -> str:
+    if st.key != "lora.rank":
+        return ""
     policies = sorted({str(r.get("alpha_policy")) for r in st.rows if r.get("alpha_policy")})
     return f", alpha policy {'/'.join(policies)}" if policies else ""
 

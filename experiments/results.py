@@ -68,13 +68,11 @@ def value_label(value: Any) -> Any:
 
 
 def device_peak_bytes(result: dict) -> int | None:
-    """The one peak-memory figure a row compares across runs: allocator peak on CUDA, process peak RSS on CPU."""
-    dev = str(result.get("device") or "")
-    if dev.startswith("cuda") and result.get("peak_allocated_bytes") is not None:
+    """The one peak-memory figure a row compares across runs: allocator peak on CUDA, process peak RSS on CPU
+    (training.memory.memory_peaks fills exactly one of the two)."""
+    if result.get("peak_allocated_bytes") is not None:
         return result["peak_allocated_bytes"]
-    return (
-        result.get("peak_rss_bytes") if result.get("peak_rss_bytes") is not None else result.get("peak_allocated_bytes")
-    )
+    return result.get("peak_rss_bytes")
 
 
 @lru_cache(maxsize=1)

@@ -98,7 +98,7 @@ def plan_runs(
     baseline = (a.baseline if a.baseline is not None else listed[0]) if a is not None else None
     if a is not None and a.lr_grid:
         cfg = with_value(cfg, "data.tune_fraction", a.tune_fraction, source=source)
-    lrs = list(a.lr_grid) if a is not None and a.lr_grid else [cfg.train.lr]
+    lrs: list[float | None] = list(a.lr_grid) if a is not None and a.lr_grid else [None]  # None: the config's own
     per_value = []
     for v in chosen:
         vcfg = with_value(cfg, key, v, source=source) if key else cfg
@@ -107,7 +107,8 @@ def plan_runs(
         per_value.append((vcfg, norm, idx, norm == baseline))
     specs = []
     for i, lr, (vcfg, norm, idx, is_base) in itertools.product(range(seeds), lrs, per_value):
-        scfg = with_values(vcfg, [("train.seed", vcfg.train.seed + i, source), ("train.lr", lr, source)])
+        changes = [("train.seed", vcfg.train.seed + i, source)] + ([("train.lr", lr, source)] if lr else [])
+        scfg = with_values(vcfg, changes)
         specs.append(
             RunSpec(
                 ablation=a.name if a is not None and a.name else name,

@@ -62,12 +62,20 @@ def test_grid_is_validated(grid, match):
         grid_config(grid)
 
 
+SWEEP_LR = [
+    ("ablation.key", "train.lr", "t"),
+    ("ablation.values", [1e-3, 2.5e-2], "t"),
+    ("ablation.baseline", 1e-3, "t"),
+]
+
+
+def test_an_lr_ablation_without_a_grid_trains_each_value_at_its_own_lr():
+    specs = plan_runs(with_values(load_config(RANK), SWEEP_LR), name="lr", seeds=2)
+    assert [(s.value, s.cfg.train.lr) for s in specs] == [(1e-3, 1e-3), (2.5e-2, 2.5e-2)] * 2
+
+
 def test_a_grid_over_an_lr_ablation_is_refused():
-    sweep_lr = [
-        ("ablation.key", "train.lr", "t"),
-        ("ablation.values", [1e-3, 1e-2], "t"),
-        ("ablation.baseline", 1e-2, "t"),
-    ]
+    sweep_lr = SWEEP_LR
     with pytest.raises(ConfigError, match="already sweeps train.lr"):
         with_values(load_config(RANK), [*sweep_lr, ("ablation.lr_grid", "1e-3,1e-2", "t")])
 

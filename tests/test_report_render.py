@@ -75,7 +75,7 @@ def test_rank_report_held(tmp_path):
     for name in ("lora_rank.png", "lora_rank_tradeoff.png", "ppl_vs_params.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] > 500
-    assert "![lora_rank](plots/lora_rank.png)" in text
+    assert "![lora_rank, alpha policy fixed](plots/lora_rank.png)" in text
 
 
 def test_opposite_direction_within_noise_is_said_so(tmp_path):

@@ -9,6 +9,7 @@ import statistics
 import pytest
 from scipy import stats
 
+from experiments.results import device_peak_bytes
 from experiments.studies import MIB, Study, Value, summary_rows
 
 PPL = {4: [120.0, 118.0, 123.0], 8: [110.0, 109.5, 112.5], 16: [108.0, 108.0, 111.0]}
@@ -95,3 +96,10 @@ def test_source_ppl_and_forgetting_when_measured_none_otherwise():
 def test_no_baseline_means_no_differences():
     st = Study("x", "lora.rank", "h", [Value(4, None, False, [row(0, 120.0), row(1, 121.0)])])
     assert summary_rows(st)[0]["delta_val_ppl"] is None
+
+
+def test_peak_memory_is_the_allocator_peak_on_a_gpu_and_the_rss_on_cpu():
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "peak_allocated_bytes": 3 << 30, "peak_rss_bytes": None}
+    cpu = {"device": "cpu (AMD EPYC, 2 threads)", "peak_allocated_bytes": None, "peak_rss_bytes": 5 << 30}
+    assert device_peak_bytes(gpu) == 3 << 30 and device_peak_bytes(cpu) == 5 << 30
+    assert device_peak_bytes({"device": "cpu"}) is None  # an old row without memory figures

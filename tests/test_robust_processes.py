@@ -184,11 +184,11 @@ def test_killed_sweep_takes_its_training_process_and_a_rerun_trains_alone(tiny_s
     (child,) = _children(sweep.pid)
     sweep.kill()  # SIGKILL: no handler runs in the sweep
     sweep.wait()
-    killed_at = max(_steps(out))
     deadline = time.time() + 5  # it polls its parent every 0.5 s; its own training has ~100,000 steps to go
     while _alive(child):
         assert time.time() < deadline, "the training process outlived its sweep"
         time.sleep(0.05)
+    killed_at = max(_steps(out))  # after the orphan is gone: it may log a few steps in its last half second
 
     # The same command at once: it resumes the run from its checkpoint and is the only process writing to it.
     rerun = subprocess.Popen(
