@@ -1,6 +1,7 @@
 """One LoRA fine-tuning run: a validated Config in, a trained adapter and one flat result row out.
 
     python -m experiments.finetune --config-json run/config.json --run-dir run/ [--resume] [--group G] [--name N]
+                                   [--threads T] [--no-progress]
     torchrun --nproc_per_node 2 -m experiments.finetune ...       # DDP: same global batch, same numbers
 
 The sweep runner starts one such process per run, so a run's peak memory is its own. Once training starts,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -295,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--parent-pid", type=int, default=None, help="the sweep that started this run: end when it ends, share its lock"
     )
+    ap.add_argument("--threads", type=int, help="torch CPU threads (a sweep running N at once gives each its share)")
     args = ap.parse_args(argv)
+    # The sweep stops a run with SIGINT: take it even if inherited blocked (a Ray worker's child) or ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before train_run, whose result records it in `device`
     try:
         if args.parent_pid is not None:
             exit_with_parent(args.parent_pid)

@@ -142,6 +142,14 @@ class ResultsFileError(ValueError):
     """results.jsonl holds a line that is not a row; the message names the line and the way out."""
 
 
+def read_result(run_dir: Path) -> dict | None:
+    """What a run reported in its folder (RESULT_FILE), or None: not finished, or the file cannot be read."""
+    try:
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_rows(out_dir: Path) -> list[dict]:
     """Every row ever written, oldest first ([] if there is no results file yet). A line that is not JSON, or not
     a row, raises ResultsFileError naming it; the file is left as it is."""

@@ -4,6 +4,8 @@
     python -m experiments.run --config experiments/configs/abl_lora_rank.yaml     # every value of one
     python -m experiments.run --config experiments/configs/abl_lora_rank.yaml --lora_rank 12   # one value
     python -m experiments.run --quick                                             # smoke run, ~2 min on CPU
+    python -m experiments.run --jobs auto                                         # one run per GPU at once
+    python -m experiments.run --executor ray --ray-address auto                   # runs as Ray cluster tasks
     torchrun --nproc_per_node 2 -m experiments.run --config ...                   # each run data-parallel
 
 Everything the command line says is validated before any data or model work (experiments.preflight). Results go
@@ -35,10 +37,12 @@ from experiments.config import (
     resolve_key,
     with_values,
 )
+from experiments.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
 from experiments.preflight import preflight
 from experiments.results import RESULTS_JSONL, ResultsFileError, value_label
+from experiments.runners import inprocess_runner, subprocess_runner
 from experiments.schema import flatten
-from experiments.sweep import RunSpec, inprocess_runner, plan_runs, plan_states, run_sweep, subprocess_runner
+from experiments.sweep import RunSpec, plan_runs, plan_states, run_sweep
 from experiments.yamlfile import read_yaml
 from model import resolve_checkpoint
 
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Run LoRA ablation sweeps; results, report and plots go to --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:5]),
+        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:7]),
     )
     ap.add_argument(
         "--config",
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved runs and whether each is done, then exit",
     )
     ap.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
+    add_executor_flags(ap)
     return ap
 
 
@@ -319,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 130
+    except ExecutorError as e:  # --jobs or --executor ray cannot be had: more jobs than GPUs, no Ray, unshared --out
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
@@ -329,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
     """Check everything (exit 2), then prepare the data, run the sweep and write the report; the exit code."""
     try:
+        check_executor_flags(args.jobs, args.executor, args.ray_address, int(os.environ.get("WORLD_SIZE", "1")))
         specs = resolve_runs(args)
         states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
         notes = preflight(specs, out_dir)
@@ -354,14 +363,16 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
         dist.barrier()  # no rank tears the group down while another is still in its last collective
         dist.destroy_process_group()
     else:
-        try:
-            _prepare(specs, states, progress)
-        except (OSError, ValueError) as e:  # unreadable data, or text shorter than a context window
-            if isinstance(e, OSError) and e.errno in DISK_FULL:
-                raise
-            print(f"error: {e}", file=sys.stderr)  # nothing has run yet
-            return 2
-        rows = run_sweep(specs, out_dir, subprocess_runner(progress))
+        pending = [s for s, st in zip(specs, states) if st not in ("done", "reuse")]
+        with executor_from_flags(args, pending, out_dir, subprocess_runner, progress) as executor:
+            try:  # leaving this block (Ctrl-C, SIGTERM, an error) stops every run in flight
+                _prepare(specs, states, progress)
+            except (OSError, ValueError) as e:  # unreadable data, or text shorter than a context window
+                if isinstance(e, OSError) and e.errno in DISK_FULL:
+                    raise
+                print(f"error: {e}", file=sys.stderr)  # nothing has run yet
+                return 2
+            rows = run_sweep(specs, out_dir, executor, progress=progress)
     if not is_main:
         return 0
     from experiments.report import write_report

@@ -1,7 +1,8 @@
 """A sweep: the runs an ablation asks for (value x seed), which of them are already done, and running the rest.
 
-Nothing here trains; a `Runner` does (a fresh `python -m experiments.finetune` process per run, or `train_run`
-in this process under torchrun). The sweep's own job is never to lose work:
+Nothing here trains; a `Runner` does (experiments.runners: a fresh `python -m experiments.finetune` process per
+run, or `train_run` in this process under torchrun), handed its runs by an executor (experiments.executors: one
+at a time, N at once, or a Ray cluster). The sweep's own job is never to lose work, however many runs are in flight:
 
 - a run's identity is its config hash, and its folder is RUN_DIR/runs/<hash>/, so a re-run finds its own files;
 - a run with an `ok` row for this ablation is skipped; one whose identical config already finished `ok` (the
@@ -9,7 +10,9 @@ in this process under torchrun). The sweep's own job is never to lose work:
 - a run killed mid-way resumes from run_dir/checkpoint.pt; a run that fails is recorded and the sweep goes on;
 - a run folder has one owner at a time (experiments.locks.RunLock): a run another process is training is skipped
   with a message naming its pid, and a run that process finished meanwhile is not trained again;
-- a full disk stops the sweep once what can be recorded is (the run's result.json, or its row).
+- a full disk stops the sweep once what can be recorded is (the run's result.json, or its row);
+- rows are appended by this process alone, as runs finish, and a run whose identical config is in flight waits
+  for that run's result instead of training it twice.
 """
 
 from __future__ import annotations
@@ -17,26 +20,29 @@ from __future__ import annotations
 import dataclasses
 import errno
 import itertools
-import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from data.cache import json_hash, write_json_atomic
 from experiments.config import Config, get_value, resolve_key, set_dotted, with_value, with_values
+from experiments.executors import Executor, Runner, Sequential, failed_result
 from experiments.locks import RunLock
-from experiments.results import RESULT_FILE, RESULT_KEYS, append_row, latest, make_row, read_rows, value_label
+from experiments.results import (
+    RESULT_FILE,
+    RESULT_KEYS,
+    append_row,
+    latest,
+    make_row,
+    read_result,
+    read_rows,
+    value_label,
+)
 from experiments.training.checkpoint import CHECKPOINT_FILE
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -128,13 +134,6 @@ def plan_runs(
 # ----------------------------------------------------------------------------- what is done already
 
 
-def _read_result(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run_state(spec: RunSpec, out_dir: Path, rows: dict[tuple[str, str], dict], planned: set[str]) -> str:
     """ "done" (an ok row for this ablation), "reuse" (this exact config finished ok elsewhere, or runs earlier in
     this sweep), "resume" (a checkpoint of an interrupted run exists), "retry" (its last row was not ok) or "run".
@@ -144,7 +143,7 @@ def run_state(spec: RunSpec, out_dir: Path, rows: dict[tuple[str, str], dict], p
         return "done"
     run_dir = spec.run_dir(out_dir)
     done_elsewhere = any(r["status"] == "ok" for (_, h), r in rows.items() if h == spec.config_hash)
-    result = _read_result(run_dir)
+    result = read_result(run_dir)
     if done_elsewhere or (result is not None and result.get("status") == "ok") or spec.config_hash in planned:
         return "reuse"
     if (run_dir / CHECKPOINT_FILE).exists():
@@ -161,101 +160,6 @@ def plan_states(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
     return states
 
 
-# ----------------------------------------------------------------------------- running one
-
-Runner = Callable[[RunSpec, Path, bool], dict]
-
-
-def _failed(error: str) -> dict:
-    return {**dict.fromkeys(RESULT_KEYS), "status": "failed", "error": error}
-
-
-def _tee(stream, log, terminal, tail: deque, muted: threading.Event) -> None:
-    """Copy a child's stderr to its log, and to the terminal until `muted` (set on Ctrl-C, so the child's last
-    words stay in its train.log), as it comes (progress bars included); keep the tail."""
-    for chunk in iter(lambda: os.read(stream.fileno(), 8192), b""):
-        tail.append(chunk)
-        log.write(chunk)
-        log.flush()
-        if terminal is not None and not muted.is_set():
-            terminal.write(chunk)
-            terminal.flush()
-
-
-def subprocess_runner(progress: bool = True, echo: bool = True, module: str = "experiments.finetune") -> Runner:
-    """Each run in a fresh `python -m experiments.finetune` process: its peak memory is its own, and a crash (even a
-    segfault or the OOM killer) costs one row, not the sweep. stderr is echoed and kept in run_dir/train.log. The
-    child is given this process's pid and ends itself when this process dies (experiments.locks.exit_with_parent)."""
-
-    def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
-        cmd = [
-            sys.executable,
-            "-m",
-            module,
-            "--config-json",
-            str(run_dir / "config.json"),
-            "--run-dir",
-            str(run_dir),
-            "--group",
-            spec.ablation,
-            "--name",
-            spec.name,
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        cmd += ["--resume"] if resume else []
-        cmd += [] if progress else ["--no-progress"]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        tail: deque = deque(maxlen=64)
-        muted = threading.Event()
-        with open(run_dir / "train.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
-            terminal = sys.stderr.buffer if echo and hasattr(sys.stderr, "buffer") else None
-            reader = threading.Thread(target=_tee, args=(proc.stderr, log, terminal, tail, muted), daemon=True)
-            reader.start()
-            try:
-                rc = proc.wait()
-            except BaseException:  # Ctrl-C / SIGTERM: stop the child too (it may not share our terminal)
-                muted.set()
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
-            reader.join(timeout=10)
-        result = _read_result(run_dir)
-        if result is not None:
-            return result
-        text = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n")
-        lines = [ln for ln in text.splitlines() if ln.strip()][-15:]
-        why = (
-            f"killed by signal {-rc}" + (" (SIGKILL: often the out-of-memory killer)" if rc == -9 else "")
-            if rc < 0
-            else f"exit code {rc}"
-        )
-        return _failed(f"training process ended without a result ({why}); stderr tail:\n" + "\n".join(lines))
-
-    return run
-
-
-def inprocess_runner(progress: bool = True) -> Runner:
-    """train_run in this process (torchrun: every rank runs every run together)."""
-
-    def run(spec: RunSpec, run_dir: Path, resume: bool) -> dict:
-        from experiments.finetune import train_run  # torch is imported only when something trains
-
-        try:
-            return train_run(
-                spec.cfg, run_dir, resume=resume, group=spec.ablation, run_name=spec.name, progress=progress
-            )
-        except Exception as e:  # train_run reports failures itself; this is the safety net
-            return _failed(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
-
-    return run
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -268,13 +172,13 @@ def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = N
 def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
     """The result of an identical config that already ran: its result.json, else its row."""
     run_dir = spec.run_dir(out_dir)
-    result = _read_result(run_dir)
+    result = read_result(run_dir)
     if result is not None:
         return result, str(run_dir.relative_to(out_dir))
     for r in reversed(read_rows(out_dir)):
         if r["config_hash"] == spec.config_hash and r["status"] == "ok":
             return {k: r.get(k) for k in RESULT_KEYS}, f"{r['ablation']} row"
-    return _failed("the identical config this run was to reuse left no result"), ""
+    return failed_result("the identical config this run was to reuse left no result"), ""
 
 
 def _claim(spec: RunSpec, out_dir: Path, lock: RunLock) -> str:
@@ -285,7 +189,7 @@ def _claim(spec: RunSpec, out_dir: Path, lock: RunLock) -> str:
     row = latest(read_rows(out_dir)).get((spec.ablation, spec.config_hash))
     if row is not None and row["status"] == "ok":
         return "done"
-    result = _read_result(spec.run_dir(out_dir))
+    result = read_result(spec.run_dir(out_dir))
     return "reuse" if result is not None and result.get("status") == "ok" else "train"
 
 
@@ -298,84 +202,114 @@ def _stop_if_disk_full(result: dict, run_dir: Path) -> None:
 def run_sweep(
     specs: Sequence[RunSpec],
     out_dir: Path,
-    runner: Runner,
+    runner: Runner | Executor,
     *,
     is_main: bool = True,
     states: Sequence[str] | None = None,
     say: Callable[[str], None] = print,
     share: Callable[[Any], Any] = lambda decision: decision,
+    progress: bool = False,
 ) -> list[dict]:
-    """Run every spec not done yet, in order; append a row per finished run (rank 0 only). Returns the new rows.
+    """Run every spec not done yet, in order, as many at once as the executor takes (a plain Runner: one at a
+    time); append a row per finished run, in the order they finish (rank 0 only). Returns the new rows.
 
-    Under torchrun every rank calls this with the same specs and the same `states` (rank 0's plan_states, sent to
-    all), so all take the same decisions; `share` sends rank 0's decision about each run to every rank.
+    The caller owns the executor (`with executor: run_sweep(...)`): closing it stops what is still in flight.
+    `progress` shows one bar over the whole sweep, naming the runs in flight, when the executor runs several at
+    once (a single run shows its own bar). Under torchrun every rank calls this with the same specs and the same
+    `states` (rank 0's plan_states, sent to all), so all take the same decisions; `share` sends rank 0's decision
+    about each run to every rank.
     """
     out_dir = Path(out_dir)
+    executor = runner if isinstance(runner, Executor) else Sequential(runner)
     states = list(states) if states is not None else plan_states(specs, out_dir)
     todo = sum(s != "done" for s in states)
     if is_main:
         say(f"{len(specs)} runs, {len(specs) - todo} already done, {todo} to go; results in {out_dir}")
-    new_rows: list[dict] = []
+    queue = deque((spec, state) for spec, state in zip(specs, states) if state != "done")
+    in_flight: dict[str, tuple[RunSpec, RunLock]] = {}  # config hash -> the run training it, and its folder's lock
+    waiting: dict[str, list[RunSpec]] = {}  # config hash in flight -> identical configs that reuse its result
     busy: set[str] = set()  # config hashes another process is training
-    k = 0
-    for spec, state in zip(specs, states):
-        if state == "done":
-            continue
-        k += 1
+    new_rows: list[dict] = []
+    started = iter(range(1, todo + 1))
+    use_bar = progress and is_main and executor.parallel  # one run at a time shows its own bar instead
+    bar = tqdm(total=todo, desc="sweep", unit="run", dynamic_ncols=True, disable=not use_bar)
+    show = bar.write if use_bar else say
+
+    def record(spec: RunSpec, result: dict, reused_from: str | None = None) -> None:
+        new_rows.append(_row(spec, out_dir, result, reused_from=reused_from))
+        append_row(out_dir, new_rows[-1])
+        bar.update()
+
+    def reuse(spec: RunSpec) -> None:
+        result, source = _reused_result(spec, out_dir)
+        record(spec, result, reused_from=source)
+        show(f"    {spec.name}: {result.get('status')}: identical config already ran ({source}); row copied")
+
+    def start(spec: RunSpec, state: str) -> None:
         run_dir = spec.run_dir(out_dir)
         if is_main:
-            say(
-                f"[{k}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
+            show(
+                f"[{next(started)}/{todo}] {spec.ablation}: {spec.key}={value_label(spec.value)} seed={spec.seed} "
                 f"({state}, {run_dir.relative_to(out_dir)})"
             )
         if state == "reuse" and spec.config_hash not in busy:
-            if is_main:
-                new_rows.append(_reuse(spec, out_dir, say))
-            continue
+            if spec.config_hash in in_flight:
+                waiting.setdefault(spec.config_hash, []).append(spec)
+            elif is_main:
+                reuse(spec)
+            return
         lock = RunLock(run_dir)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         action = share(_claim(spec, out_dir, lock) if is_main else None)
-        try:
+        if action != "train":
+            lock.release()
             if action.startswith("busy"):
                 busy.add(spec.config_hash)
                 if is_main:
-                    say(f"    run {spec.name} is being trained by another process (pid {action.split()[1]}); skipped")
-                continue
-            if action == "done":
-                if is_main:
-                    say("    finished by another process meanwhile; skipped")
-                continue
-            if action == "reuse":
-                if is_main:
-                    new_rows.append(_reuse(spec, out_dir, say))
-                continue
-            if is_main:
-                write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
-                (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
-            result = runner(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
-            if not is_main:
-                continue
-            if _read_result(run_dir) is None:
-                write_json_atomic(run_dir / RESULT_FILE, result)
-            new_rows.append(_row(spec, out_dir, result))
-            append_row(out_dir, new_rows[-1])
-            say(f"    {_one_line(result)}")
-            _stop_if_disk_full(result, run_dir)
-        finally:
+                    show(f"    {spec.name}: being trained by another process (pid {action.split()[1]}); skipped")
+            elif action == "done" and is_main:
+                show(f"    {spec.name}: finished by another process meanwhile; skipped")
+            elif action == "reuse" and is_main:
+                reuse(spec)
+            return
+        if is_main:
+            write_json_atomic(run_dir / "config.json", spec.cfg.to_dict())
+            (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
+        executor.submit(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
+        in_flight[spec.config_hash] = (spec, lock)
+        bar.set_postfix_str(", ".join(s.name for s, _ in in_flight.values()))
+
+    def finish(spec: RunSpec, result: dict) -> None:
+        _, lock = in_flight.pop(spec.config_hash)
+        lock.release()
+        bar.set_postfix_str(", ".join(s.name for s, _ in in_flight.values()), refresh=False)
+        if not is_main:
+            return
+        run_dir = spec.run_dir(out_dir)
+        if read_result(run_dir) is None:
+            write_json_atomic(run_dir / RESULT_FILE, result)
+        record(spec, result)
+        log = run_dir / "train.log"
+        where = f" (log: {log.relative_to(out_dir)})" if result.get("status") != "ok" and log.exists() else ""
+        show(f"    {spec.name}: {_one_line(result)}{where}")
+        _stop_if_disk_full(result, run_dir)
+        for twin in waiting.pop(spec.config_hash, []):
+            reuse(twin)
+
+    try:
+        with bar:
+            while queue or in_flight:
+                while queue and (queue[0][1] == "reuse" or executor.free()):
+                    start(*queue.popleft())
+                if in_flight:
+                    finish(*executor.next_done())
+    finally:  # leaving early: the runs' own processes hold their folders until the executor has stopped them
+        for _, lock in in_flight.values():
             lock.release()
     if busy and is_main:
         say(f"{len(busy)} run(s) skipped: another process is training them; run this command again once it is done.")
     return new_rows
-
-
-def _reuse(spec: RunSpec, out_dir: Path, say: Callable[[str], None]) -> dict:
-    """Copy the result of an identical config that already ran into a row of this ablation."""
-    result, source = _reused_result(spec, out_dir)
-    row = _row(spec, out_dir, result, reused_from=source)
-    append_row(out_dir, row)
-    say(f"    {result.get('status')}: identical config already ran ({source}); row copied")
-    return row
 
 
 def _one_line(r: dict) -> str:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here runs whole sweeps in subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,104 @@ def test_quick_run_on_cuda(env, tmp_path):
         assert r["val_ppl"] > 1 and r["base_val_ppl"] == pytest.approx(got[0]["base_val_ppl"], rel=1e-4)
     assert got[1]["trainable_params"] == 2 * got[0]["trainable_params"]
     assert (out / "report.md").exists()
+
+
+# ----------------------------------------------------------------------------- several runs at once
+
+
+def same_fields(r: dict) -> tuple:
+    return (r["ablation"], r["value"], r["seed"], r["status"], r["config_hash"], r["train_tokens"], r["steps"])
+
+
+def test_two_jobs_give_the_rows_of_one(env, tmp_path):
+    """--jobs 2 on CPU: the same runs and numbers as one at a time (each with half the cores), and a report."""
+    root, e = env
+    one = sweep([*ranks_2_and_4(root, tmp_path / "one"), "--jobs", "1"], e)
+    two = sweep([*ranks_2_and_4(root, tmp_path / "two"), "--jobs", "2"], e)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a = sorted(rows(tmp_path / "one"), key=lambda r: r["value"])
+    b = sorted(rows(tmp_path / "two"), key=lambda r: r["value"])
+    assert [same_fields(r) for r in a] == [same_fields(r) for r in b] and len(a) == 2
+    for x, y in zip(a, b):  # fewer threads may add up floats in another order
+        for k in ("val_loss", "base_val_loss", "best_val_loss", "trainable_params"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4), k
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert all(r["device"].endswith(f", {threads} threads)") for r in b)
+    assert "== lora_rank (lora.rank)" in two.stdout and "## lora_rank" in (tmp_path / "two/report.md").read_text()
+
+
+def test_a_failed_run_among_two_jobs_is_recorded_and_the_other_completes(env, tmp_path):
+    root, e = env
+    cfg = tmp_path / "abl_lr.yaml"  # a learning rate whose loss overflows: it passes every check, then diverges
+    cfg.write_text("ablation: {name: lr, key: train.lr, values: [1.0e+30, 0.01], baseline: 0.01}")
+    out = tmp_path / "out"
+    done = sweep(["--config", str(cfg), *tiny(root, out), "--jobs", "2"], e)
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: a run did not end ok, the sweep itself completed
+    got = {r["value"]: r for r in rows(out)}
+    assert got[1e30]["status"] == "diverged" and got[1e30]["val_ppl"] is None
+    assert got[0.01]["status"] == "ok" and got[0.01]["steps"] == 2
+    assert "diverged" in done.stdout and "train.log" in done.stdout
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids of live processes whose command line mentions `text`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_text().replace("\0", " "):
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_ctrl_c_with_two_jobs_in_flight_stops_both_and_a_rerun_finishes(env, tmp_path):
+    """SIGINT to the sweep alone (not its process group): it stops both training processes itself."""
+    root, e = env
+    out = tmp_path / "out"
+    args = [
+        *ranks_2_and_4(root, out),
+        "--set",
+        "train.tokens=16384",
+        "--set",
+        "train.checkpoint_every=1",
+        "--jobs",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        env=e,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while len(list(out.glob("runs/*/checkpoint.pt"))) < 2:  # both runs mid-way
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    children = _processes_with(str(out / "runs"))
+    assert len(children) == 2
+    os.kill(proc.pid, signal.SIGINT)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "re-run the same command to resume" in text, text[-3000:]
+    assert _processes_with(str(out / "runs")) == []  # no training process outlived its sweep
+    done = sweep(args, e)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted((r["value"], r["status"], r["steps"]) for r in rows(out)) == [(2, "ok", 8), (4, "ok", 8)]
+
+
+def test_ray_executor_runs_a_quick_two_value_sweep(env, tmp_path):
+    """A local Ray instance (this machine's cores): each run a task, rows written by the driver, probe cleaned."""
+    pytest.importorskip("ray")
+    root, e = env
+    out = tmp_path / "out"
+    done = sweep([*ranks_2_and_4(root, out), "--executor", "ray"], dict(e, RAY_ADDRESS=""))
+    if done.returncode == 2 and "Ray did not start" in done.stderr:  # e.g. ray-project/ray#65983 on a busy machine
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-5000:]
+    got = sorted(rows(out), key=lambda r: r["value"])
+    assert [(r["value"], r["status"], r["steps"]) for r in got] == [(2, "ok", 2), (4, "ok", 2)]
+    assert all(r["device"].endswith(", 1 threads)") for r in got)  # one Ray CPU per task
+    assert not list(out.glob(".shared-probe*")) and (out / "report.md").exists()

@@ -17,7 +17,8 @@ from experiments import results
 from experiments.config import load_config
 from experiments.results import COLUMNS, RESULTS_CSV, RESULTS_JSONL, read_rows
 from experiments.run import DEFAULT_STUDY
-from experiments.sweep import plan_runs, plan_states, run_sweep, subprocess_runner
+from experiments.runners import subprocess_runner
+from experiments.sweep import plan_runs, plan_states, run_sweep
 
 
 def fake_result(cfg, **over) -> dict:
