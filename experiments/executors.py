@@ -221,7 +221,7 @@ def local_executor(slots: Sequence[Slot], make_runner: Callable[..., Runner], pr
     """One slot: the sweep as it always ran (the child's own progress bar and stderr on the terminal, all cores
     and GPUs). Several: a LocalPool whose children stay quiet (stderr to train.log; the sweep shows one bar)."""
     if len(slots) == 1:
-        return Sequential(make_runner(progress))
+        return Sequential(make_runner(progress=progress, echo=True))
     stop = threading.Event()
     runners = [make_runner(progress=False, echo=False, threads=s.threads, env=s.env(), stop=stop) for s in slots]
     return LocalPool(runners, stop)

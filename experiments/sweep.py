@@ -282,18 +282,20 @@ def run_sweep(
 
     def finish(spec: RunSpec, result: dict) -> None:
         _, lock = in_flight.pop(spec.config_hash)
-        lock.release()
         bar.set_postfix_str(", ".join(s.name for s, _ in in_flight.values()), refresh=False)
-        if not is_main:
-            return
-        run_dir = spec.run_dir(out_dir)
-        if read_result(run_dir) is None:
-            write_json_atomic(run_dir / RESULT_FILE, result)
-        record(spec, result)
-        log = run_dir / "train.log"
-        where = f" (log: {log.relative_to(out_dir)})" if result.get("status") != "ok" and log.exists() else ""
-        show(f"    {spec.name}: {_one_line(result)}{where}")
-        _stop_if_disk_full(result, run_dir)
+        try:  # the folder stays ours until its result and row are written: no other sweep trains it again
+            if not is_main:
+                return
+            run_dir = spec.run_dir(out_dir)
+            if read_result(run_dir) is None:
+                write_json_atomic(run_dir / RESULT_FILE, result)
+            record(spec, result)
+            log = run_dir / "train.log"
+            where = f" (log: {log.relative_to(out_dir)})" if result.get("status") != "ok" and log.exists() else ""
+            show(f"    {spec.name}: {_one_line(result)}{where}")
+            _stop_if_disk_full(result, run_dir)
+        finally:
+            lock.release()
         for twin in waiting.pop(spec.config_hash, []):
             reuse(twin)
 

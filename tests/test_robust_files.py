@@ -179,7 +179,7 @@ def fake_sweep(monkeypatch):
     monkeypatch.setattr(run, "_prepare", lambda *a: None)
     monkeypatch.setattr(report, "write_report", lambda *a, **k: "")
 
-    def runner(progress):
+    def runner(**kw):
         def train(spec, run_dir, resume):
             calls.append(spec.name)
             return _ok(spec)
@@ -217,7 +217,7 @@ def test_full_disk_while_recording_a_row_stops_and_keeps_the_result(tmp_path, mo
 
 
 def test_full_disk_in_a_training_process_stops_the_sweep(tmp_path, monkeypatch, capsys, fake_sweep):
-    def runner(progress):
+    def runner(**kw):
         def train(spec, run_dir, resume):
             fake_sweep.append(spec.name)
             return {"status": "failed", "error": "OSError: [Errno 28] No space left on device"}

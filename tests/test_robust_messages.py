@@ -77,7 +77,7 @@ def _sweep(monkeypatch, statuses: dict[int, str]):
     monkeypatch.setattr(run, "_prepare", lambda *a: None)
     monkeypatch.setattr(report, "write_report", lambda *a, **k: "")
 
-    def runner(progress):
+    def runner(**kw):
         def train(spec, run_dir, resume):
             trained.append(spec.cfg.lora.rank)
             status = statuses.get(spec.cfg.lora.rank, "ok")

@@ -44,12 +44,12 @@ def test_run_held_by_another_process_is_skipped_and_named(tmp_path, monkeypatch,
         trained: list[int] = []
         monkeypatch.setattr(run, "_prepare", lambda *a: None)
         monkeypatch.setattr(report, "write_report", lambda *a, **k: "")
-        monkeypatch.setattr(run, "subprocess_runner", lambda progress: lambda s, d, r: trained.append(s.value) or ok())
+        monkeypatch.setattr(run, "subprocess_runner", lambda **kw: lambda s, d, r: trained.append(s.value) or ok())
         argv = ["--config", str(RANK), "--set", "ablation.values=[4, 8]", "--set", "ablation.baseline=4"]
         argv += ["--out", str(tmp_path)]
         assert run.main(argv) == 3  # not a failure, not done either
         printed = capsys.readouterr()
-        assert f"run lora_rank=4-seed0 is being trained by another process (pid {holder.pid}); skipped" in printed.out
+        assert f"lora_rank=4-seed0: being trained by another process (pid {holder.pid}); skipped" in printed.out
         assert "1 run(s) not done: another process is training them" in printed.err
         assert trained == [8] and [r["value"] for r in read_rows(tmp_path)] == [8]
     finally:
@@ -100,7 +100,7 @@ def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
     trained = sorted(tmp_path.glob("runs/*/trained.txt"))
     assert len(trained) == 5 and all(len(f.read_text().split()) == 1 for f in trained)  # once each
     assert sorted(r["value"] for r in read_rows(tmp_path)) == [4, 8, 16, 32, 64]  # one row each, none doubled
-    skips = {me: said[me].count("is being trained by another process") for me in procs}
+    skips = {me: said[me].count("being trained by another process") for me in procs}
     assert sum(skips.values()) >= 1, said  # they met, and stepped aside
     for me, other in (("a", "b"), ("b", "a")):
         if skips[me]:
