@@ -108,14 +108,16 @@ def test_file_keys_follow_peft(tmp_path):
     }
 
 
-def test_bias_all_round_trip(tmp_path):
-    model, base_sd = trained(LoRAConfig(rank=2, target_modules=["v_proj"], bias="all"))
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_round_trip(tmp_path, bias):
+    model, base_sd = trained(LoRAConfig(rank=2, target_modules=["v_proj"], bias=bias))
     save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.layers.0.self_attn.v_proj.base_layer.bias" in keys
-    assert "base_model.model.layers.0.fc2.bias" in keys
+    assert ("base_model.model.layers.0.fc2.bias" in keys) == (bias == "all")
     other = fresh(base_sd)
     load_adapter(other, tmp_path)
+    assert other.lora_config.bias == bias
     ids = torch.randint(0, 11, (2, 7))
     assert torch.equal(model(ids), other(ids))
 

@@ -135,6 +135,27 @@ def test_all_linear_skips_the_head_that_get_output_embeddings_names():
     assert len(names) == 10 and "embed_out" not in names
 
 
+def test_all_linear_skips_a_nested_lm_head():
+    model = nn.ModuleDict({"wrapper": nn.ModuleDict({"model": Tiny()})})
+    names = inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"))
+    assert len(names) == 10 and "wrapper.model.lm_head" not in names
+
+
+def test_merge_refuses_tied_weight_registered_after_the_linear():
+    """The other owner of a tied weight is found whichever module registered it first."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(8, 11, bias=False)
+            self.emb = nn.Embedding(11, 8)
+            self.emb.weight = self.lm_head.weight
+
+    model = HeadFirst()
+    inject_lora(model, LoRAConfig(rank=2, target_modules=["lm_head"]))
+    assert error_of(lambda: merge_lora(model)).startswith("lm_head.weight is tied to ['emb.weight']")
+
+
 def test_merge_unmerge_model():
     model = Tiny().double()
     inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"))

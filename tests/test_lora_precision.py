@@ -38,10 +38,10 @@ def run(layer: LoRALinear, dtype: torch.dtype, autocast: bool, seed: int) -> tup
     return {"y": y, **grads_of(layer, x)}, {"y": want_y, **want}
 
 
-def worst_errors(make, dtype: torch.dtype, autocast: bool, fused: bool) -> dict[str, float]:
-    """Worst rel_err over SEEDS, in units of u, for y and each grad; make(seed) builds the layer."""
+def worst_errors(make, dtype: torch.dtype, autocast: bool, fused: bool, seeds=SEEDS) -> dict[str, float]:
+    """Worst rel_err over the seeds, in units of u, for y and each grad; make() builds the layer."""
     worst = dict.fromkeys(("y", *GRAD_NAMES), 0.0)
-    for seed in SEEDS:
+    for seed in seeds:
         torch.manual_seed(seed)
         layer = make()
         layer.fused = fused
@@ -103,8 +103,9 @@ def test_autocast_dtypes(device, dtype):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_autocast_check_catches_a_wrong_layer(dtype, fused, mutant):
-    """The tolerance above is tight enough to fail layers with plausible bugs (on CPU; the math is the same)."""
-    worst = worst_errors(lambda: mutant(torch.float32, torch.device("cpu")), dtype, autocast=True, fused=fused)
+    """The tolerance above fails layers with plausible bugs, by far (on CPU; two seeds are plenty)."""
+    cpu = torch.device("cpu")
+    worst = worst_errors(lambda: mutant(torch.float32, cpu), dtype, autocast=True, fused=fused, seeds=range(2))
     assert worst["y"] > 10 * AUTOCAST_TOL_U, worst
 
 
