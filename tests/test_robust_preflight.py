@@ -110,7 +110,8 @@ def test_learned_positions_shorter_than_the_context(tmp_path, capsys, isolated_c
     if base == "builtin":
         argv = ["--set", "pretrain.position_embedding=learned", "--set", "pretrain.seq_len=128"]
         argv += ["--set", "pretrain.long_seq_len=256"]  # the table ends at the longest pretraining phase
-        needle, fix = "the 256-position learned position table of the built-in base", "pretrain longer sequences"
+        needle = "the 256-position learned position table of the built-in base"
+        fix = "pretrain longer sequences (pretrain.long_seq_len)"
     else:
         argv = ["--base_model", str(opt_folder)]
         needle, fix = f"the 64-position learned position table of {opt_folder} (opt)", "use at most 64."

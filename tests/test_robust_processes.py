@@ -70,7 +70,9 @@ SWEEP = textwrap.dedent("""
     out, me = Path(sys.argv[1]), sys.argv[2]
     specs = plan_runs(load_config(sys.argv[3]), name="abl_lora_rank")
     (out / f"ready-{me}").touch()
+    give_up = time.time() + 900
     while not (out / "go").exists():  # both sweeps start at the same moment
+        assert time.time() < give_up
         time.sleep(0.001)
 
     def train(spec, run_dir, resume):
@@ -90,12 +92,17 @@ def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
         )
         for me in ("a", "b")
     }
-    deadline = time.time() + 120
-    while not all((tmp_path / f"ready-{me}").exists() for me in procs):
-        assert time.time() < deadline and all(p.poll() is None for p in procs.values())
-        time.sleep(0.01)
-    (tmp_path / "go").touch()
-    said = {me: p.communicate(timeout=300)[0] for me, p in procs.items()}
+    try:
+        deadline = time.time() + 600  # importing torch twice on a busy machine
+        while not all((tmp_path / f"ready-{me}").exists() for me in procs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs.values())
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        said = {me: p.communicate(timeout=600)[0] for me, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
     assert all(p.returncode == 0 for p in procs.values()), said
     trained = sorted(tmp_path.glob("runs/*/trained.txt"))
     assert len(trained) == 5 and all(len(f.read_text().split()) == 1 for f in trained)  # once each
@@ -174,29 +181,45 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _start(argv: list[str], env: dict, **kw) -> subprocess.Popen:
+    """A sweep in its own process group, so a test can stop it and its training process whatever happens."""
+    return subprocess.Popen(argv, env=env, cwd=REPO, start_new_session=True, **kw)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
 def test_killed_sweep_takes_its_training_process_and_a_rerun_trains_alone(tiny_sweep, tmp_path):
     argv, env = tiny_sweep
     out = tmp_path / "out"
-    sweep = subprocess.Popen(argv(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(out, sweep, 3)
-    (child,) = _children(sweep.pid)
-    sweep.kill()  # SIGKILL: no handler runs in the sweep
-    sweep.wait()
-    deadline = time.time() + 5  # it polls its parent every 0.5 s; its own training has ~100,000 steps to go
-    while _alive(child):
-        assert time.time() < deadline, "the training process outlived its sweep"
-        time.sleep(0.05)
-    killed_at = max(_steps(out))  # after the orphan is gone: it may log a few steps in its last half second
+    sweep = _start(argv(out), env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rerun = None
+    try:
+        _wait_for_step(out, sweep, 3)
+        (child,) = _children(sweep.pid)
+        sweep.kill()  # SIGKILL to the sweep alone: no handler runs in it, nothing signals its training process
+        sweep.wait()
+        deadline = time.time() + 5  # it polls its parent every 0.5 s; its own training has ~100,000 steps to go
+        while _alive(child):
+            assert time.time() < deadline, "the training process outlived its sweep"
+            time.sleep(0.05)
+        killed_at = max(_steps(out))  # after the orphan is gone: it may log a few steps in its last half second
 
-    # The same command at once: it resumes the run from its checkpoint and is the only process writing to it.
-    rerun = subprocess.Popen(
-        argv(out), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    _wait_for_step(out, rerun, killed_at + 3)
-    os.killpg(rerun.pid, signal.SIGINT)
-    assert rerun.wait(timeout=120) == 130
+        # The same command at once: it resumes the run from its checkpoint and is the only process writing to it.
+        rerun = _start(argv(out), env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_step(out, rerun, killed_at + 3)
+        os.killpg(rerun.pid, signal.SIGINT)
+        assert rerun.wait(timeout=120) == 130
+    finally:
+        _stop(sweep, *([rerun] if rerun else []))
     steps = _steps(out)
     assert steps == list(range(1, len(steps) + 1)), steps  # each step once: never two writers, never a restart
 
@@ -205,18 +228,13 @@ def test_killed_sweep_takes_its_training_process_and_a_rerun_trains_alone(tiny_s
 def test_ctrl_c_shows_one_line(tiny_sweep, tmp_path):
     argv, env = tiny_sweep
     out = tmp_path / "out"
-    sweep = subprocess.Popen(
-        argv(out),
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    _wait_for_step(out, sweep, 3)
-    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its training process both get it
-    text = sweep.communicate(timeout=120)[0]
+    sweep = _start(argv(out), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(out, sweep, 3)
+        os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its training process both get it
+        text = sweep.communicate(timeout=120)[0]
+    finally:
+        _stop(sweep)
     assert sweep.returncode == 130, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     (line,) = [ln for ln in text.splitlines() if "interrupt" in ln.lower()]
