@@ -197,7 +197,8 @@ def _tradeoff_panel(ax, st: Study, cost: str, rec: Value | None, xlabel: str) ->
         ax.set_xlabel(xlabel + " (log)")
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no recommendation (no finished run): nothing to name
+        ax.legend(fontsize=8)
 
 
 def _bars(st: Study) -> str:
