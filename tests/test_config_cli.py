@@ -132,6 +132,16 @@ def test_value_flags_select_one_value_any_valid(tmp_path, capsys):
     assert rc == 0 and "context_length  model.max_position_embeddings  1024" in out and "1 runs:" in out
 
 
+def test_several_configs_at_once_and_a_context_chosen_by_flag(tmp_path, capsys):
+    rank, _, context = map(str, DEFAULT_STUDY)
+    rc, out, _, _ = run(["--dry-run", "--config", rank, "--config", context], tmp_path, capsys)
+    lines = [ln.split()[:3] for ln in out.splitlines() if ln.startswith(("lora_rank ", "context_length "))]
+    assert rc == 0 and "9 runs:" in out and {a for a, _, _ in lines} == {"lora_rank", "context_length"}
+    assert [v for a, _, v in lines if a == "context_length"] == ["256", "512", "1024", "2048"]
+    rc, out, _, _ = run(["--dry-run", "--config", context, "--max_position_embeddings", "1536"], tmp_path, capsys)
+    assert rc == 0 and "context_length  model.max_position_embeddings  1536" in out and "1 runs:" in out
+
+
 def test_quick_overrides_apply_to_every_run(tmp_path, capsys):
     from experiments.run import build_parser, resolve_runs
 

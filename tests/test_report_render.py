@@ -7,7 +7,7 @@ import random
 import re
 import struct
 
-from experiments.config import load_config
+from experiments.config import load_config, with_values
 from experiments.report import main as report_main
 from experiments.report import write_report
 from experiments.run import DEFAULT_STUDY
@@ -147,3 +147,21 @@ def test_single_seed_and_two_studies_of_one_ablation(tmp_path, capsys):
     assert "1 seed" in text and "± " not in text.split("## context_length")[1].split("###")[0].split("|---|")[1]
     assert text.count("## context_length (study ") == 2
     assert report_main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_each_alpha_policy_is_a_table_of_its_own_with_its_scaling(tmp_path):
+    """The three policies through config, sweep and report: rows keep their resolved alpha, tables stay apart."""
+    for policy in ("fixed", "double_rank", "rslora"):
+        cfg = with_values(load_config(DEFAULT_STUDY[0]), [("lora.alpha_policy", policy, "--set")])
+        run_sweep(plan_runs(cfg, name="lora_rank", seeds=2), tmp_path, make_runner(lambda c: 10.0), say=lambda s: None)
+    alphas = {(r["alpha_policy"], r["lora_rank"]): r["lora_alpha"] for st in load_studies(tmp_path) for r in st.rows}
+    assert alphas[("double_rank", 4)] == 8.0 and alphas[("double_rank", 64)] == 128.0
+    assert alphas[("fixed", 64)] == alphas[("rslora", 64)] == 32.0  # rslora keeps alpha, divides by √r
+    text = (write_report(tmp_path), (tmp_path / "report.md").read_text())[1]
+    for title, scaling in (
+        ("lora_rank, alpha policy fixed", "fixed, alpha = 32.0 (scaling alpha/rank shrinks as rank grows)"),
+        ("lora_rank, alpha policy double_rank", "double_rank, alpha = 2·rank (scaling 2 at every rank)"),
+        ("lora_rank, alpha policy rslora", "rslora, alpha = 32.0 (scaling alpha/√rank)"),
+    ):
+        section = text.split(f"## {title} (study ")[1].split("\n### ")[0]  # up to its expected-vs-observed
+        assert f"- alpha policy: {scaling}" in section and section.count("\n| ") == 6  # header + 5 ranks

@@ -19,7 +19,7 @@ from data.cache import atomic_write, write_json_atomic
 from experiments import report, results, run
 from experiments.results import RESULTS_CSV, RESULTS_JSONL, read_rows
 from experiments.training import loop
-from experiments.training.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from experiments.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from experiments.training.distributed import DistInfo
 from lora import LoRAConfig, inject_lora
 
@@ -119,6 +119,28 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_starts_fresh(tmp_path, tiny
     assert len(aside) == 1 and not ckpt.exists()
     err = capsys.readouterr().err
     assert str(ckpt) in err and aside[0].name in err and "starting this run from step 0" in err
+
+
+@pytest.mark.parametrize(
+    "other, needle",
+    [
+        (LoRAConfig(rank=4, alpha=8.0, target_modules=["k_proj"]), "missing ['layers.0.self_attn.k_proj.lora_A'"),
+        (LoRAConfig(rank=8, alpha=8.0, target_modules=["q_proj", "v_proj"]), "lora_A: (4, 32) in the file, (8, 32)"),
+    ],
+    ids=["other-modules", "other-rank"],
+)
+def test_checkpoint_of_another_config_is_refused_before_anything_changes(tmp_path, tiny_gpt, other, needle):
+    ckpt = tmp_path / CHECKPOINT_FILE
+    model = _lora_gpt(tiny_gpt)
+    save_checkpoint(ckpt, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None, {})
+    theirs = tiny_gpt()
+    inject_lora(theirs, other)
+    before = {n: p.clone() for n, p in theirs.named_parameters()}
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match="written by a different config") as e:
+        load_checkpoint(ckpt, theirs, opt, None)
+    assert str(ckpt) in str(e.value) and needle in str(e.value) and "Delete it or drop --resume" in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in theirs.named_parameters())
 
 
 def test_diverged_run_leaves_no_checkpoint(tmp_path, tiny_gpt):

@@ -19,6 +19,7 @@ from experiments import report, run
 from experiments.config import load_config
 from experiments.results import read_rows
 from experiments.sweep import plan_runs
+from experiments.training.checkpoint import CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = REPO / "experiments" / "configs" / "abl_lora_rank.yaml"
@@ -239,3 +240,23 @@ def test_ctrl_c_shows_one_line(tiny_sweep, tmp_path):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     (line,) = [ln for ln in text.splitlines() if "interrupt" in ln.lower()]
     assert line.startswith("interrupted: finished runs are in") and "re-run the same command to resume" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
+def test_sigterm_stops_the_sweep_and_its_run_resumably(tiny_sweep, tmp_path):
+    """`kill PID` (a scheduler's SIGTERM) to the sweep alone: it stops its training process, says so in one
+    line, and the run keeps its checkpoint for the next attempt."""
+    argv, env = tiny_sweep
+    out = tmp_path / "out"
+    sweep = _start(argv(out), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(out, sweep, 3)
+        (child,) = _children(sweep.pid)
+        sweep.terminate()
+        text = sweep.communicate(timeout=120)[0]
+    finally:
+        _stop(sweep)
+    assert sweep.returncode == 130 and not _alive(child), text[-3000:]
+    assert "Traceback" not in text and "re-run the same command to resume" in text, text[-3000:]
+    assert list(out.glob(f"runs/*/{CHECKPOINT_FILE}"))

@@ -68,6 +68,13 @@ def load_checkpoint(
             f"{path} does not match this run's trainable parameters (missing {missing[:3]}, "
             f"unexpected {extra[:3]}): it was written by a different config. Delete it or drop --resume."
         )
+    shapes = [(n, tuple(blob["trainable"][n].shape), tuple(p.shape)) for n, p in params.items()]
+    wrong = [f"{n}: {got} in the file, {want} in this run" for n, got, want in shapes if got != want]
+    if wrong:
+        raise ValueError(
+            f"{path} does not match this run's trainable parameters ({'; '.join(wrong[:3])}): it was written by a "
+            "different config (another rank?). Delete it or drop --resume."
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(blob["trainable"][n])
