@@ -95,3 +95,12 @@ def test_source_ppl_and_forgetting_when_measured_none_otherwise():
 def test_no_baseline_means_no_differences():
     st = Study("x", "lora.rank", "h", [Value(4, None, False, [row(0, 120.0), row(1, 121.0)])])
     assert summary_rows(st)[0]["delta_val_ppl"] is None
+
+
+def test_an_lr_grid_is_summarised_at_each_values_chosen_lr():
+    grid = {lr: [row(s, 100.0 * lr * 1000 + s, tune_loss=abs(lr - 3e-3)) for s in range(2)] for lr in (1e-3, 3e-3)}
+    v = Value(4, None, True, grid=grid)
+    v.choose_lr()  # the lowest tune loss: 3e-3
+    got = summary_rows(Study("lora_rank", "lora.rank", "h", [v]))[0]
+    assert got["chosen_lr"] == 3e-3 and got["val_ppl"] == pytest.approx(300.5) and got["seeds"] == 2
+    assert summary_rows(rank_study())[0]["chosen_lr"] is None
