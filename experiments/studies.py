@@ -161,6 +161,7 @@ def summary_rows(st: Study, recommended: Value | None = None) -> list[dict[str, 
                 "recommended": v is recommended,
                 "seeds_ok": len(v.ok),
                 "seeds": len(v.rows),
+                "chosen_lr": v.chosen_lr,  # in an lr grid: the lr these numbers are at (None without a grid)
                 **_mean_half(v, "val_ppl"),
                 "delta_val_ppl": d and d.diff,
                 "delta_val_ppl_ci": d and d.half,

@@ -103,3 +103,12 @@ def test_peak_memory_is_the_allocator_peak_on_a_gpu_and_the_rss_on_cpu():
     cpu = {"device": "cpu (AMD EPYC, 2 threads)", "peak_allocated_bytes": None, "peak_rss_bytes": 5 << 30}
     assert device_peak_bytes(gpu) == 3 << 30 and device_peak_bytes(cpu) == 5 << 30
     assert device_peak_bytes({"device": "cpu"}) is None  # an old row without memory figures
+
+
+def test_an_lr_grid_is_summarised_at_each_values_chosen_lr():
+    grid = {lr: [row(s, 100.0 * lr * 1000 + s, tune_loss=abs(lr - 3e-3)) for s in range(2)] for lr in (1e-3, 3e-3)}
+    v = Value(4, None, True, grid=grid)
+    v.choose_lr()  # the lowest tune loss: 3e-3
+    got = summary_rows(Study("lora_rank", "lora.rank", "h", [v]))[0]
+    assert got["chosen_lr"] == 3e-3 and got["val_ppl"] == pytest.approx(300.5) and got["seeds"] == 2
+    assert summary_rows(rank_study())[0]["chosen_lr"] is None
