@@ -89,3 +89,24 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 3, 1]) == pytest.approx(-0.9486833)
     assert spearman([1, 2], [5, 5]) is None
     assert spearman([1], [2]) is None
+
+
+def test_welch_edge_cases_are_exact():
+    one = welch([1.0], [2.0, 4.0])  # one seed on a side: the difference, but no test
+    assert (one.diff, one.half, one.df, one.p, one.significant, one.test, one.n) == (
+        -2.0,
+        None,
+        None,
+        None,
+        None,
+        None,
+        1,
+    )
+    flat = welch([1.0, 1.0, 1.0], [3.0, 3.0])  # no spread on either side: exact, zero-width interval
+    assert (flat.diff, flat.half, flat.p, flat.significant, flat.test, flat.n) == (-2.0, 0.0, 0.0, True, WELCH, 2)
+    tie = welch([2.0, 2.0], [2.0, 2.0])
+    assert (tie.half, tie.p, tie.significant) == (0.0, 1.0, False)
+    one_flat = welch([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])  # one side flat: still a real Welch test, df = n_b - 1
+    assert one_flat.test == WELCH and one_flat.n == 3 and one_flat.df == pytest.approx(2.0)
+    assert one_flat.half == pytest.approx(student_t.ppf(0.975, 2) * math.sqrt(1.0 / 3)) and one_flat.half > 0
+    assert one_flat.significant is (abs(one_flat.diff) > one_flat.half)
