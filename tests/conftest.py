@@ -6,7 +6,10 @@ take the `device` fixture run once per device: on CPU always, on CUDA when torch
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from data import EOT
 from experiments.config import Config, from_dict
 from model import GPT, GPTConfig, save_pretrained
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY_GPT = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16)
 
@@ -162,6 +167,25 @@ def _toy_corpora(tmp: Path) -> None:
 def toy_corpora() -> Callable[[Path], None]:
     """Write the toy corpora of `tiny_config` under a folder: `toy_corpora(tmp)`."""
     return _toy_corpora
+
+
+def _stdlib_workspace(root: Path) -> dict[str, str]:
+    """root/pretrain and root/finetune: two disjoint sets of real stdlib modules (3-25 kB), for sweeps that run
+    `python -m experiments.run` in a subprocess; returns that subprocess's environment (cache under root)."""
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 25_000)
+    for name, chosen in (("pretrain", files[:24]), ("finetune", files[24:40])):
+        (root / name).mkdir()
+        for f in chosen:
+            shutil.copy(f, root / name / f.name)
+    env = dict(os.environ, SLM_LORA_CACHE=str(root / "cache"), PYTHONPATH=str(REPO))
+    env.pop("WANDB_PROJECT", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stdlib_workspace() -> Callable[[Path], dict[str, str]]:
+    """Real corpora and a subprocess environment under a folder: `env = stdlib_workspace(root)`."""
+    return _stdlib_workspace
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,8 @@ stdlib corpora and a private SLM_LORA_CACHE, as in test_run_e2e.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import nbformat
@@ -46,17 +43,11 @@ def test_committed_notebook_is_executed_in_order_with_outputs():
 
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory) -> Path:
+def quick_results(tmp_path_factory, stdlib_workspace) -> Path:
     """A --quick rank sweep at the smallest settings: 2 values x 2 seeds (paired differences), a 4-step base."""
     root = tmp_path_factory.mktemp("nb")
-    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 25_000)
-    for name, chosen in (("pretrain", files[:24]), ("finetune", files[24:40])):
-        (root / name).mkdir()
-        for f in chosen:
-            shutil.copy(f, root / name / f.name)
+    env = stdlib_workspace(root)
     out = root / "out"
-    env = dict(os.environ, SLM_LORA_CACHE=str(root / "cache"), PYTHONPATH=str(REPO))
-    env.pop("WANDB_PROJECT", None)
     args = ["--quick", "--no-progress", "--out", str(out), "--data", str(root / "finetune"), "--seeds", "2"]
     args += ["--config", str(REPO / "experiments/configs/abl_lora_rank.yaml")]
     for setting in (

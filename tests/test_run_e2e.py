@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -24,18 +22,11 @@ pytestmark = pytest.mark.slow  # every test here runs whole sweeps in subprocess
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, stdlib_workspace):
     """Two small corpora of stdlib modules and a cache dir shared by this file's tests (the tiny base is
     pretrained once)."""
     root = tmp_path_factory.mktemp("e2e")
-    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 25_000)
-    for name, chosen in (("pretrain", files[:24]), ("finetune", files[24:40])):
-        (root / name).mkdir()
-        for f in chosen:
-            shutil.copy(f, root / name / f.name)
-    e = dict(os.environ, SLM_LORA_CACHE=str(root / "cache"), PYTHONPATH=str(REPO))
-    e.pop("WANDB_PROJECT", None)
-    return root, e
+    return root, stdlib_workspace(root)
 
 
 def tiny(root: Path, out: Path) -> list[str]:
@@ -139,13 +130,11 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
     assert ok_result.stat().st_mtime_ns == stamp
 
 
-def test_killed_sweep_resumes(env, tmp_path):
-    root, e = env
-    out = tmp_path / "out"
-    args = ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1")
+def sweep_until_checkpoints(args: list[str], env: dict, out: Path, n: int) -> subprocess.Popen:
+    """A sweep in its own process group, returned once `n` of its runs have written a checkpoint."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", *args],
-        env=e,
+        env=env,
         cwd=REPO,
         text=True,
         stdout=subprocess.PIPE,
@@ -153,9 +142,17 @@ def test_killed_sweep_resumes(env, tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while not list(out.glob("runs/*/checkpoint.pt")):  # wait until the first run is mid-way
+    while len(list(out.glob("runs/*/checkpoint.pt"))) < n:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.05)
+    return proc
+
+
+def test_killed_sweep_resumes(env, tmp_path):
+    root, e = env
+    out = tmp_path / "out"
+    args = ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1")
+    proc = sweep_until_checkpoints(args, e, out, 1)  # the first run is mid-way
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the sweep and its training process
     text = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, text[-3000:]
@@ -271,28 +268,8 @@ def test_ctrl_c_with_two_jobs_in_flight_stops_both_and_a_rerun_finishes(env, tmp
     """SIGINT to the sweep alone (not its process group): it stops both training processes itself."""
     root, e = env
     out = tmp_path / "out"
-    args = [
-        *ranks_2_and_4(root, out),
-        "--set",
-        "train.tokens=16384",
-        "--set",
-        "train.checkpoint_every=1",
-        "--jobs",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args],
-        env=e,
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while len(list(out.glob("runs/*/checkpoint.pt"))) < 2:  # both runs mid-way
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    args = [*ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1"), "--jobs", "2"]
+    proc = sweep_until_checkpoints(args, e, out, 2)  # both runs mid-way
     children = _processes_with(str(out / "runs"))
     assert len(children) == 2
     os.kill(proc.pid, signal.SIGINT)
