@@ -310,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _read_config(args.config_json)
         args.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(args.run_dir)
-        # Under torchrun rank 0 owns the run for its group; the other ranks meet it in init_process_group.
-        owner = int(os.environ.get("RANK", "0")) == 0
-        if not (lock.join() if args.parent_pid is not None else lock.claim() if owner else True):
+        if args.parent_pid is not None:  # the sweep that started us owns the folder; we share its hold
+            held = lock.join()
+        elif int(os.environ.get("RANK", "0")) == 0:
+            held = lock.claim()
+        else:  # under torchrun rank 0 owns the run for its group; the others meet it in init_process_group
+            held = True
+        if not held:
             print(f"error: {args.run_dir} is being trained by another process (pid {lock.owner()}).", file=sys.stderr)
             return 1
         result = train_run(

@@ -21,7 +21,7 @@ import torch
 from data import load_tokenizer
 from data.tokenizer import tokenizer_files
 from experiments.config import Config
-from experiments.pretrain import phases
+from experiments.pretrain import base_gpt_config
 from experiments.results import value_label
 from experiments.schema import ConfigError
 from experiments.sweep import RunSpec
@@ -82,17 +82,7 @@ def base_config(cfg: Config) -> tuple[GPTConfig, str]:
     model.from_pretrained maps it. A checkpoint folder must also hold weights and a readable tokenizer; neither
     is loaded beyond that."""
     if cfg.model.base == "builtin":
-        p = cfg.pretrain
-        gcfg = GPTConfig(
-            vocab_size=p.vocab_size,
-            n_layer=p.n_layer,
-            n_head=p.n_head,
-            d_model=p.d_model,
-            d_ff=p.d_ff,
-            max_position_embeddings=max(phase.seq_len for phase in phases(p)),
-            position_embedding=p.position_embedding,
-        )
-        return gcfg, "the built-in base (pretrain: section)"
+        return base_gpt_config(cfg.pretrain, cfg.pretrain.vocab_size), "the built-in base (pretrain: section)"
     folder = Path(cfg.model.base)
     try:
         model_type, gcfg = read_config(folder)

@@ -93,6 +93,21 @@ def phases(p: PretrainConfig) -> list[Phase]:
     return out
 
 
+def base_gpt_config(p: PretrainConfig, vocab_size: int) -> GPTConfig:
+    """The built-in base's architecture: its position table ends at the longest pretraining phase; vocab_size
+    is the trained tokenizer's (at most p.vocab_size)."""
+    return GPTConfig(
+        vocab_size=vocab_size,
+        n_layer=p.n_layer,
+        n_head=p.n_head,
+        d_model=p.d_model,
+        d_ff=p.d_ff,
+        max_position_embeddings=max(ph.seq_len for ph in phases(p)),
+        position_embedding=p.position_embedding,
+        dropout=0.0,
+    )
+
+
 def pretrain_split(corpus: Corpus) -> tuple[Corpus, Corpus]:
     """(train, held-out) documents of the pretraining corpus: the base never trains on the held-out ones."""
     return split_corpus(corpus, PRETRAIN_VAL_FRACTION)
@@ -164,16 +179,7 @@ def pretrain_base(cfg: Config, corpus: Corpus, out_dir: Path, progress: bool = T
     schedule = phases(p)
 
     torch.manual_seed(p.seed)
-    gpt_config = GPTConfig(
-        vocab_size=tok.get_vocab_size(),
-        n_layer=p.n_layer,
-        n_head=p.n_head,
-        d_model=p.d_model,
-        d_ff=p.d_ff,
-        max_position_embeddings=max(ph.seq_len for ph in schedule),
-        position_embedding=p.position_embedding,
-        dropout=0.0,
-    )
+    gpt_config = base_gpt_config(p, tok.get_vocab_size())
     model = GPT(gpt_config).to(device).train()
     tok.save(str(out_dir / "tokenizer.json"))
     model.tokenizer_path = str(out_dir / "tokenizer.json")  # save_pretrained copies it: each phase folder is complete
