@@ -130,6 +130,11 @@ def test_quick_sweep_failure_report_and_rerun(env, tmp_path):
     assert ok_result.stat().st_mtime_ns == stamp
 
 
+# Runs long enough (64 steps of 2,048 tokens) that a test can stop them mid-way: at 8 steps, two parallel runs on a
+# busy CI machine could both finish (and drop their checkpoints) before the test saw both checkpoints at once.
+LONG_RUN, LONG_STEPS = "train.tokens=131072", 64
+
+
 def sweep_until_checkpoints(args: list[str], env: dict, out: Path, n: int) -> subprocess.Popen:
     """A sweep in its own process group, returned once `n` of its runs have written a checkpoint."""
     proc = subprocess.Popen(
@@ -151,7 +156,7 @@ def sweep_until_checkpoints(args: list[str], env: dict, out: Path, n: int) -> su
 def test_killed_sweep_resumes(env, tmp_path):
     root, e = env
     out = tmp_path / "out"
-    args = ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1")
+    args = ranks_2_and_4(root, out, LONG_RUN, "train.checkpoint_every=1")
     proc = sweep_until_checkpoints(args, e, out, 1)  # the first run is mid-way
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the sweep and its training process
     text = proc.communicate(timeout=120)[0]
@@ -166,7 +171,7 @@ def test_killed_sweep_resumes(env, tmp_path):
     done = sweep(args, e)
     assert done.returncode == 0, done.stderr[-3000:]
     got = rows(out)
-    assert [(r["value"], r["status"], r["steps"]) for r in got] == [(2, "ok", 8), (4, "ok", 8)]
+    assert [(r["value"], r["status"], r["steps"]) for r in got] == [(2, "ok", LONG_STEPS), (4, "ok", LONG_STEPS)]
     assert not list(out.glob("runs/*/checkpoint.pt"))  # finished runs drop their checkpoint
 
 
@@ -268,7 +273,7 @@ def test_ctrl_c_with_two_jobs_in_flight_stops_both_and_a_rerun_finishes(env, tmp
     """SIGINT to the sweep alone (not its process group): it stops both training processes itself."""
     root, e = env
     out = tmp_path / "out"
-    args = [*ranks_2_and_4(root, out, "train.tokens=16384", "train.checkpoint_every=1"), "--jobs", "2"]
+    args = [*ranks_2_and_4(root, out, LONG_RUN, "train.checkpoint_every=1"), "--jobs", "2"]
     proc = sweep_until_checkpoints(args, e, out, 2)  # both runs mid-way
     children = _processes_with(str(out / "runs"))
     assert len(children) == 2
@@ -278,7 +283,10 @@ def test_ctrl_c_with_two_jobs_in_flight_stops_both_and_a_rerun_finishes(env, tmp
     assert _processes_with(str(out / "runs")) == []  # no training process outlived its sweep
     done = sweep(args, e)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted((r["value"], r["status"], r["steps"]) for r in rows(out)) == [(2, "ok", 8), (4, "ok", 8)]
+    assert sorted((r["value"], r["status"], r["steps"]) for r in rows(out)) == [
+        (2, "ok", LONG_STEPS),
+        (4, "ok", LONG_STEPS),
+    ]
 
 
 def test_ray_executor_runs_a_quick_two_value_sweep(env, tmp_path):
