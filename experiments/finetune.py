@@ -27,6 +27,7 @@ from torch import nn
 
 from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, split_tune, token_array, val_windows
 from data.cache import write_json_atomic
+from experiments.base_evals import cached_base_loss, eval_key
 from experiments.config import Config, ConfigError, from_dict
 from experiments.locks import RunLock, exit_with_parent
 from experiments.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base
@@ -195,12 +196,18 @@ def _fine_tune(
     model.to(device).train()
     trainable, total = count_parameters(model)
 
-    def source_loss() -> float | None:
-        if source is None:
-            return None
-        return loop.evaluate(model, source[0], source[1], plan.micro_seqs, device, dtype, dist)
+    def loss_on(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return loop.evaluate(model, windows[0], windows[1], plan.micro_seqs, device, dtype, dist)
 
-    base_source_loss = source_loss()  # LoRA's B is zero: this is the base model
+    def before(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """The base model's loss on `windows` (LoRA's B is zero: the model is still the base), once per study."""
+        if dist.world_size > 1:
+            return loss_on(windows)
+        setting = {"batch": plan.micro_seqs, "dtype": str(dtype), "device": device.type}
+        return cached_base_loss(eval_key(Path(base_dir), windows, setting), lambda: loss_on(windows))
+
+    base_source_loss = before(source) if source is not None else None
+    val_before = None if resume else before((xv, yv))  # a resumed run has it in its checkpoint
 
     # 4. Train. Peaks count from here: the model and data are resident, the rest is the run's own.
     memory.reset_peaks(device)
@@ -225,6 +232,7 @@ def _fine_tune(
         device=device,
         dist=dist,
         val=(xv, yv),
+        val_before=val_before,
         checkpoint=run_dir / CHECKPOINT_FILE,
         resume=resume,
         log=log,
@@ -240,11 +248,11 @@ def _fine_tune(
     tuned = [loss for step, loss in out.val_curve if step > 0]
     final = tuned[-1] if out.status == "ok" and tuned else None
     best = min(tuned) if tuned else None
-    source_final = source_loss() if out.status == "ok" else None
+    source_final = loss_on(source) if source is not None and out.status == "ok" else None
     tune_loss = None
     if tune_ids is not None and out.status == "ok":  # what an lr grid chooses by; validation is never looked at
         xt, yt = val_windows(tune_ids, seq_len, cfg.eval.max_tokens)
-        tune_loss = loop.evaluate(model, xt, yt, plan.micro_seqs, device, dtype, dist)
+        tune_loss = loss_on((xt, yt))
     base_source_ppl, source_ppl = perplexity(base_source_loss), perplexity(source_final)
     return {
         "status": out.status,

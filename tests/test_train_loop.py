@@ -103,6 +103,31 @@ def test_loss_decreases_and_only_lora_trains():
             assert torch.equal(p, frozen[n]), n
 
 
+def test_a_known_val_before_is_recorded_at_step_0_instead_of_evaluated(monkeypatch):
+    xv, yv = batch_fn(8)(999, 0)
+    plan = loop.BatchPlan(seq_len=SEQ, micro_seqs=4, accum=1, steps=3)
+    calls: list[float | None] = []
+    real = loop.evaluate
+    runs = {}
+    for known in (None, 1.2345):
+        monkeypatch.setattr(loop, "evaluate", lambda *a, known=known, **k: calls.append(known) or real(*a, **k))
+        runs[known] = loop.train(
+            tiny_lora_model(),
+            batch_fn(4),
+            plan,
+            loop.Settings(lr=1e-2),
+            device=CPU,
+            dist=ONE,
+            val=(xv, yv),
+            val_before=known,
+            progress=False,
+        )
+    assert calls == [None, None, 1.2345]  # before and after; after only
+    computed, given = runs[None], runs[1.2345]
+    assert given.val_curve[0] == [0, 1.2345] and computed.val_curve[0][1] != 1.2345
+    assert given.val_curve[1] == computed.val_curve[1]  # training itself is untouched
+
+
 def test_grad_accumulation_equals_one_big_batch_float64():
     """k micro-batches of m sequences == one micro-batch of k*m sequences, to float64 rounding."""
     big = batch_fn(8)

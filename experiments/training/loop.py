@@ -204,13 +204,15 @@ def train(
     device: torch.device,
     dist: DistInfo,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val_before: float | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
     log: MetricsLog | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> Outcome:
-    """Train `model` (already on `device`) in place over `plan.steps` optimizer steps."""
+    """Train `model` (already on `device`) in place over `plan.steps` optimizer steps. `val_before`: the loss on
+    `val` before training, when the caller knows it already; it is recorded at step 0 instead of evaluated."""
     out = Outcome()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -250,10 +252,10 @@ def train(
     x0, y0 = get_batch(start, dist.rank * accum_local)
     out.saved_for_backward_bytes = measure_saved_bytes(model, x0, y0, device, s.amp_dtype)
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, known: float | None = None) -> None:
         if val is None:
             return
-        loss = evaluate(model, val[0], val[1], eval_batch, device, s.amp_dtype, dist)
+        loss = known if known is not None else evaluate(model, val[0], val[1], eval_batch, device, s.amp_dtype, dist)
         out.val_curve.append([step, loss])
         if log is not None:
             log.log(
@@ -272,7 +274,7 @@ def train(
                     "seq_len": plan.seq_len,
                 }
             )
-        run_eval(0)  # the base model: LoRA's B starts at zero, so this is the model before fine-tuning
+        run_eval(0, val_before)  # the base model: LoRA's B starts at zero, so this is the model before fine-tuning
 
     resumed_time = out.train_time_s  # training time of earlier processes of this run
     clock = _Stopwatch(device, resumed_time)
