@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.recommend import RULE, front, pareto_front, recommend
+from experiments.recommend import RULE, _cheaper_by, front, pareto_front, recommend
 from experiments.studies import Study, Value
 
 SHIFT = (-4.0, 0.0, 4.0)  # what each seed does to every value alike: paired tests remove it
@@ -83,6 +83,7 @@ def test_pareto_front_by_hand():
     # (cost, ppl): 1 is beaten by 0 on both, 3 ties 2 exactly (both kept), 4 is beaten by 2 on ppl at equal cost.
     points = [(1.0, 10.0), (2.0, 11.0), (3.0, 8.0), (3.0, 8.0), (3.0, 9.0), (5.0, 7.0)]
     assert pareto_front(points) == [0, 2, 3, 5]
+    assert pareto_front([(1.0, 10.0), (2.0, 10.0)]) == [0]  # the same ppl at a higher cost is beaten
     assert pareto_front([]) == []
 
 
@@ -102,3 +103,17 @@ def test_a_value_without_a_cost_is_never_the_cheapest(missing, params):
         r[missing] = None
     st = study("lora.rank", [cheap, value(8, 100.0, 16384, time=50.0)])
     assert recommend(st).value.value == 8
+
+
+def test_front_leaves_out_a_value_without_perplexity():
+    failed = Value(2, None, False, [{"seed": 0, "status": "failed", "trainable_params": 4096, "train_time_s": 1.0}])
+    st = study("lora.rank", [failed, value(4, 120.0, 8192), value(64, 99.0, 131072)])
+    assert [v.value for v in front(st, "trainable_params")] == [4, 64]
+
+
+def test_cheaper_by_names_the_first_cost_that_is_lower_as_a_ratio():
+    a, b = value(4, 100.0, 8192, time=0.5), value(8, 100.0, 8192, time=2.0)  # equal params, sub-second times
+    assert _cheaper_by(a, b) == "3.5× less train time"  # mean times 0.6 s and 2.1 s
+    assert _cheaper_by(b, b) == "no cheaper"
+    free = value(4, 100.0, 0, time=0.5)  # a zero cost is no ratio: the next cost is named
+    assert _cheaper_by(free, b) == "3.5× less train time"

@@ -89,6 +89,8 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 3, 1]) == pytest.approx(-0.9486833)
     assert spearman([1, 2], [5, 5]) is None
     assert spearman([1], [2]) is None
+    assert spearman([1, 2], [2, 1]) == pytest.approx(-1.0)  # two points are enough for a rank order
+    assert spearman([1, 2, 3], [1, 2]) is None  # unequal lengths: no pairs
 
 
 def test_welch_edge_cases_are_exact():
