@@ -117,3 +117,11 @@ def test_cheaper_by_names_the_first_cost_that_is_lower_as_a_ratio():
     assert _cheaper_by(b, b) == "no cheaper"
     free = value(4, 100.0, 0, time=0.5)  # a zero cost is no ratio: the next cost is named
     assert _cheaper_by(free, b) == "3.5× less train time"
+
+
+def test_one_seed_best_value_says_worse_not_significantly_worse():
+    st = study("lora.rank", [value(4, 100.1, 8192, seeds=1), value(8, 100.0, 16384, seeds=1)])
+    assert recommend(st).evidence == (
+        "rank 8: the best perplexity (96.00); every cheaper value is worse (nearest, rank 4: +0.10 ppl, 1 seed); "
+        "provisional: one seed per value cannot tell a difference from noise (rerun with --seeds 3)"
+    )

@@ -9,7 +9,7 @@ import random
 import pytest
 from scipy.stats import t as student_t
 
-from experiments.stats import PAIRED, WELCH, compare, mean_ci, paired, spearman, welch
+from experiments.stats import PAIRED, WELCH, _is_constant, compare, mean_ci, paired, spearman, welch
 
 T975 = {2: 4.302653, 4: 2.776445}  # two-sided 95% critical values t(0.975, df), standard t-table
 
@@ -112,3 +112,32 @@ def test_welch_edge_cases_are_exact():
     assert one_flat.test == WELCH and one_flat.n == 3 and one_flat.df == pytest.approx(2.0)
     assert one_flat.half == pytest.approx(student_t.ppf(0.975, 2) * math.sqrt(1.0 / 3)) and one_flat.half > 0
     assert one_flat.significant is (abs(one_flat.diff) > one_flat.half)
+
+
+def test_paired_edge_cases_are_exact():
+    one = paired([1.5], [1.0])  # one seed: the difference, no test, and still the seed count
+    assert (one.diff, one.half, one.significant, one.test, one.n) == (0.5, None, None, None, 1)
+    flat = paired([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # every seed says +2: zero-width interval, beyond noise
+    assert (flat.diff, flat.half, flat.p, flat.significant, flat.test, flat.n) == (2.0, 0.0, 0.0, True, PAIRED, 3)
+    assert mean_ci([1.0, 2.0, 4.0]).n == 3 and mean_ci([7.0]).n == 1
+
+
+def test_compare_passes_the_level_on_to_both_tests():
+    a, b = {0: 1.0, 1: 2.5, 2: 2.0}, {0: 0.0, 1: 1.0, 2: 1.5}
+    for other in (b, {3: 0.0, 4: 1.0, 5: 1.5}):  # paired (same seeds), Welch (none shared)
+        wide, narrow = compare(a, other), compare(a, other, level=0.5)
+        assert narrow.half < wide.half
+    assert compare(a, b, level=0.5).half == pytest.approx(paired(list(a.values()), list(b.values()), 0.5).half)
+
+
+def test_empty_inputs_are_refused_by_name():
+    with pytest.raises(ValueError, match="^mean_ci needs at least one value$"):
+        mean_ci([])
+    with pytest.raises(ValueError, match="^compare needs at least one seed on each side$"):
+        compare({}, {0: 1.0})
+
+
+def test_constant_means_equal_up_to_float_rounding_of_the_values_size():
+    assert _is_constant([1000.0, 1000.0 + 1e-10])  # relative: 1e-13 of the values
+    assert not _is_constant([0.0, 1.5e-12])  # absolute below 1: 1.5e-12 is a real spread
+    assert not _is_constant([1000.0, 1000.001])
