@@ -105,10 +105,14 @@ def test_a_value_without_a_cost_is_never_the_cheapest(missing, params):
     assert recommend(st).value.value == 8
 
 
-def test_front_leaves_out_a_value_without_perplexity():
+def test_front_leaves_out_a_value_without_perplexity_or_without_the_cost():
     failed = Value(2, None, False, [{"seed": 0, "status": "failed", "trainable_params": 4096, "train_time_s": 1.0}])
-    st = study("lora.rank", [failed, value(4, 120.0, 8192), value(64, 99.0, 131072)])
-    assert [v.value for v in front(st, "trainable_params")] == [4, 64]
+    untimed = value(8, 100.0, 16384)
+    for r in untimed.rows:
+        r["train_time_s"] = None  # e.g. rows written before the column existed
+    st = study("lora.rank", [failed, value(4, 120.0, 8192), untimed, value(64, 99.0, 131072)])
+    assert [v.value for v in front(st, "trainable_params")] == [4, 8, 64]
+    assert [v.value for v in front(st, "train_time_s")] == [64]  # equal times: rank 64 has the better ppl
 
 
 def test_cheaper_by_names_the_first_cost_that_is_lower_as_a_ratio():
