@@ -292,3 +292,18 @@ def test_hf_module_prefix_in_file_keys(tmp_path):
     load_adapter(other, tmp_path)
     ids = torch.randint(0, 11, (2, 7))
     assert torch.equal(model(ids), other(ids))
+
+
+def test_a_peft_config_with_exclude_modules_loads_onto_the_modules_it_names(tmp_path):
+    """PEFT writes exclude_modules into adapter_config.json: the excluded module gets no LoRA on load."""
+    cfg = LoRAConfig(rank=2, alpha=4.0, target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"])
+    model, base_sd = trained(cfg)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    config.update(target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"])  # as PEFT saves it
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    other = fresh(base_sd)
+    assert load_adapter(other, tmp_path) == ["layers.1.self_attn.q_proj"]
+    model.eval(), other.eval()
+    ids = torch.randint(0, 11, (2, 7))
+    assert torch.equal(model(ids), other(ids))

@@ -23,6 +23,11 @@ def test_suffix_component_matching():
     assert names_for(["layers.1.fc2"]) == ["layers.1.fc2"]
 
 
+def test_exclude_all_linear_keeps_only_the_head():
+    """ "all-linear" as exclude_modules means what it means as a target: every Linear but the output head."""
+    assert names_for(["lm_head", "q_proj"], exclude="all-linear") == ["lm_head"]
+
+
 def test_partial_component_never_matches():
     with pytest.raises(ValueError, match="matched no module"):
         names_for(["proj"])
