@@ -23,9 +23,9 @@ the longest pretraining length. Before the length schedule, the base (2 M tokens
 512: val ppl on the fine-tuning corpus 282.8 / 281.2 / 287.0 / 299.0 at 256 / 512 / 1024 / 2048.
 With the schedule (2026-12-03, 2 CPU cores, AMD EPYC, float32; phase 1 340 s, phase 2 173 s of training):
 val ppl 281.7 / 277.6 / 276.4 / 277.2 at the same lengths: no extrapolation penalty (+0.3 % from 1024 to 2048),
-and little gain from context beyond 512 (-0.4 % at 1024). Measured before choosing: the whole 2 M tokens at 2048 gave a far
-weaker base (held-out pretraining loss 5.41 against 4.57; 540 / 528 / 521 / 519), and phase 2 at lr 1e-3 for 410 k
-tokens less gain (280.2 / 276.0 / 274.4 / 275.0) than the 819 k tokens at 2e-3 kept here.
+and little gain from context beyond 512 (-0.4 % at 1024). Measured before choosing: the whole 2 M tokens at 2048
+gave a far weaker base (held-out pretraining loss 5.41 against 4.57; 540 / 528 / 521 / 519), and phase 2 at lr
+1e-3 for 410 k tokens less gain (280.2 / 276.0 / 274.4 / 275.0) than the 819 k tokens at 2e-3 kept here.
 Each run records the base's own validation perplexity at its context length (`base_val_ppl`).
 
 Source set (forgetting): the held-out pretraining documents (PRETRAIN_VAL_FRACTION of the corpus, split by a hash of
