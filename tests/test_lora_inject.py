@@ -292,3 +292,25 @@ def test_merge_and_unmerge_errors():
         model.get_submodule(name).unmerge()
     msg = error_of(lambda: unmerge_lora(model), RuntimeError)
     assert msg == f"unmerge_lora needs a merged model; not merged: {names[:3]}"
+
+
+def test_every_layer_gets_the_configs_dropout_and_init():
+    model = Tiny()
+    inject_lora(model, LoRAConfig(rank=4, dropout=0.25, init="gaussian", target_modules=["fc1", "fc2"]))
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 4
+    assert all(isinstance(m.dropout, nn.Dropout) and m.dropout.p == 0.25 and m.init == "gaussian" for m in layers)
+    a = torch.cat([m.lora_A.flatten() for m in layers])
+    assert abs(a.std().item() - 1 / 4) < 0.05  # N(0, 1/r), not kaiming-uniform's bound of 1/sqrt(in)
+
+
+def test_a_second_injection_records_the_wrapped_modules_and_no_exclusion():
+    model = Tiny()
+    inject_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
+    inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"], exclude_modules=["layers.0.fc1"]))
+    assert model.lora_config.target_modules == [
+        "layers.0.self_attn.q_proj",
+        "layers.1.fc1",
+        "layers.1.self_attn.q_proj",
+    ]
+    assert model.lora_config.exclude_modules is None  # the explicit list is the whole story

@@ -285,3 +285,24 @@ def test_no_grad_and_frozen_input_paths():
     layer(x).backward(g)  # only A and B get a grad
     check_grads(grads_of(layer, x), want, names=("lora_A", "lora_B"))
     assert x.grad is None and layer.weight.grad is None
+
+
+def saved_shapes(layer: LoRALinear, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for the layer's backward (the fused Function's saved set)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        layer(x)
+    return saved
+
+
+def test_fused_path_saves_only_what_its_backward_needs():
+    """x without grad (a first layer's input): no W_eff kept; LoRA frozen: no x or h kept. Both cost memory."""
+    layer = random_layer()
+    n, w_eff, x_saved, h = 40, (D_OUT, D_IN), (40, D_IN), (40, RANK)
+    both = saved_shapes(layer, torch.randn(n, D_IN, dtype=torch.float64, requires_grad=True))
+    assert sorted([w_eff, x_saved, h]) == sorted(s for s in both if s != (D_OUT, RANK))  # plus lora_B
+    lora_only = saved_shapes(layer, torch.randn(n, D_IN, dtype=torch.float64))
+    assert w_eff not in lora_only and x_saved in lora_only and h in lora_only
+    layer.lora_A.requires_grad_(False), layer.lora_B.requires_grad_(False)
+    x_only = saved_shapes(layer, torch.randn(n, D_IN, dtype=torch.float64, requires_grad=True))
+    assert w_eff in x_only and x_saved not in x_only and h not in x_only
