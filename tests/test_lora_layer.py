@@ -306,3 +306,9 @@ def test_fused_path_saves_only_what_its_backward_needs():
     layer.lora_A.requires_grad_(False), layer.lora_B.requires_grad_(False)
     x_only = saved_shapes(layer, torch.randn(n, D_IN, dtype=torch.float64, requires_grad=True))
     assert w_eff in x_only and x_saved not in x_only and h not in x_only
+
+
+def test_constructor_defaults_are_the_documented_ones():
+    layer = LoRALinear(nn.Linear(D_IN, D_OUT))
+    assert (layer.rank, layer.alpha, layer.scaling, layer.use_rslora, layer.init) == (8, 16.0, 2.0, False, "kaiming")
+    assert isinstance(layer.dropout, nn.Identity)
