@@ -77,3 +77,9 @@ def test_good_target_specs(targets):
 @pytest.mark.parametrize("use_rslora,scaling", [(False, 32.0 / 16), (True, 32.0 / 4)])
 def test_scaling(use_rslora, scaling):
     assert LoRAConfig(rank=16, alpha=32.0, use_rslora=use_rslora).scaling == scaling
+
+
+def test_rank_one_is_the_smallest_valid_rank():
+    assert LoRAConfig(rank=1, alpha=1.0).scaling == 1.0
+    with pytest.raises(ValueError, match="rank must be > 0, got 0"):
+        LoRAConfig(rank=0)
