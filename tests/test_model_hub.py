@@ -156,6 +156,7 @@ def test_name_missing_from_the_offline_cache_says_where_it_looked_and_how_to_dow
     assert "facebook/opt-125m is not a local folder" in msg and "HF_HUB_OFFLINE=1" in msg
     assert str(tmp_path / "hf_home" / "hub") in msg
     assert "`hf download facebook/opt-125m`" in msg
+    assert msg.endswith("HF_HUB_CACHE or HF_HOME choose another cache folder.")  # the other way out
 
 
 def test_unreachable_hub_falls_back_to_the_cache(hf_cache, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
+from model.pretrained import WEIGHT_FILES, has_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -271,3 +272,12 @@ def test_save_pretrained_round_trip(tmp_path, kw):
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
     x = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_has_weights_knows_every_layout_from_pretrained_reads(tmp_path, name):
+    assert not has_weights(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert not has_weights(str(tmp_path))  # a config alone is no checkpoint
+    (tmp_path / name).write_bytes(b"")
+    assert has_weights(str(tmp_path))
