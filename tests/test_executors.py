@@ -115,7 +115,8 @@ def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
         import os, pathlib, sys, time
         run_dir = pathlib.Path(sys.argv[sys.argv.index("--run-dir") + 1])
         (run_dir / "argv").write_text(" ".join(sys.argv))
-        (run_dir / "pid").write_text(str(os.getpid()))
+        (run_dir / "pid.tmp").write_text(str(os.getpid()))
+        (run_dir / "pid.tmp").rename(run_dir / "pid")  # whole or absent: the test may read it at any moment
         time.sleep(600)
     """)
     )
@@ -125,17 +126,19 @@ def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
     runners = [subprocess_runner(False, False, "experiments_forever", threads=1, stop=stop) for _ in range(2)]
     pool = LocalPool(runners, stop)
     dirs = [s.run_dir(tmp_path) for s in specs]
-    for spec, d in zip(specs, dirs):
-        d.mkdir(parents=True)
-        pool.submit(spec, d, False)
-    deadline = time.time() + 60
-    while not all((d / "pid").exists() for d in dirs):
-        assert time.time() < deadline
-        time.sleep(0.05)
-    pids = [int((d / "pid").read_text()) for d in dirs]
-    assert all(_alive(p) for p in pids)
-    t0 = time.time()
-    pool.close()
+    try:
+        for spec, d in zip(specs, dirs):
+            d.mkdir(parents=True)
+            pool.submit(spec, d, False)
+        deadline = time.time() + 60
+        while not all((d / "pid").exists() for d in dirs):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        pids = [int((d / "pid").read_text()) for d in dirs]
+        assert all(_alive(p) for p in pids)
+        t0 = time.time()
+    finally:
+        pool.close()  # also when an assertion above failed: the fake runs would otherwise sleep on for 10 minutes
     assert not any(_alive(p) for p in pids) and time.time() - t0 < 20
     assert all("--no-progress --threads 1" in (d / "argv").read_text() for d in dirs)
 
