@@ -130,3 +130,43 @@ def test_bad_shapes_and_chunk_size_are_refused():
             chunked_cross_entropy(*args)
     with pytest.raises(ValueError, match="chunk_size must be positive, got 0"):
         chunked_cross_entropy(h, w, t, chunk_size=0)
+
+
+def test_gpt_loss_passes_chunk_size_and_ignore_index_on(tiny_gpt):
+    model = tiny_gpt().double()
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    y[0, :3] = -1
+    ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1)
+    torch.testing.assert_close(model.loss(x, y, ignore_index=-1), ref)
+    with pytest.raises(ValueError, match="chunk_size must be positive, got 0"):
+        model.loss(x, y, chunk_size=0)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products and the (V, d) buffers created while active."""
+
+    def __init__(self, head_shape):
+        super().__init__()
+        self.head_shape, self.mm, self.head_buffers = tuple(head_shape), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.mm += name in ("mm", "addmm", "addmm_")
+        self.head_buffers += (
+            name in ("zeros", "empty", "zeros_like", "empty_like") and tuple(out.shape) == self.head_shape
+        )
+        return out
+
+
+@pytest.mark.parametrize("grad", ["none", "hidden", "both"])
+def test_the_loss_does_only_the_gradient_work_asked_for(grad):
+    """Evaluation (no grad) does one head GEMM per chunk; with a frozen head (LoRA) no (V, d) gradient buffer."""
+    h, w, t = data(N=20)
+    chunks = 4  # chunk_size 5
+    with torch.set_grad_enabled(grad != "none"):
+        w.requires_grad_(grad == "both")
+        with _CountOps(w.shape) as ops:
+            chunked_cross_entropy(h, w, t, chunk_size=5)
+    want_mm = {"none": chunks, "hidden": 2 * chunks, "both": 3 * chunks}[grad]
+    assert (ops.mm, ops.head_buffers) == (want_mm, int(grad == "both"))

@@ -48,12 +48,14 @@ def test_rope_rotates_pairs_half_apart_and_keeps_norms():
     torch.testing.assert_close(got, want)
 
 
-def test_partial_rotary_passes_the_rest_through():
-    cos, sin = rope_tables(10, 4, 10000.0)  # rotate 4 of 8 dims
-    x = torch.randn(2, 10, 3, 8)
+@pytest.mark.parametrize("seq", [10, 4], ids=["T10", "T-equals-rot"])  # T == rot must not look like full rotary
+def test_partial_rotary_passes_the_rest_through(seq):
+    cos, sin = rope_tables(seq, 4, 10000.0)  # rotate 4 of 8 dims
+    x = torch.randn(2, seq, 3, 8)
     y = apply_rope(x, cos[:, None], sin[:, None])
     torch.testing.assert_close(y[..., 4:], x[..., 4:])
     torch.testing.assert_close(y[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1))
+    torch.testing.assert_close(y[..., :4], apply_rope(x[..., :4], cos[:, None], sin[:, None]))  # as full rotary
 
 
 def test_alibi_slopes_follow_the_paper():
