@@ -1,9 +1,12 @@
 """The chunked cross-entropy against F.cross_entropy in float64, and gradcheck."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model.loss as loss_module
 from model.loss import chunked_cross_entropy
 
 
@@ -143,19 +146,20 @@ def test_gpt_loss_passes_chunk_size_and_ignore_index_on(tiny_gpt):
 
 
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts matrix products and the (V, d) buffers created while active."""
+    """Counts matrix products (and notes their input dtypes) and the (V, d) buffers created while active."""
 
     def __init__(self, head_shape):
         super().__init__()
-        self.head_shape, self.mm, self.head_buffers = tuple(head_shape), 0, 0
+        self.head_shape, self.mm, self.head_buffers, self.mm_dtypes = tuple(head_shape), 0, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        self.mm += name in ("mm", "addmm", "addmm_")
-        self.head_buffers += (
-            name in ("zeros", "empty", "zeros_like", "empty_like") and tuple(out.shape) == self.head_shape
-        )
+        if name in ("mm", "addmm", "addmm_"):
+            self.mm += 1
+            self.mm_dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        buffer = name in ("zeros", "empty", "zeros_like", "empty_like")
+        self.head_buffers += buffer and tuple(out.shape) == self.head_shape
         return out
 
 
@@ -170,3 +174,30 @@ def test_the_loss_does_only_the_gradient_work_asked_for(grad):
             chunked_cross_entropy(h, w, t, chunk_size=5)
     want_mm = {"none": chunks, "hidden": 2 * chunks, "both": 3 * chunks}[grad]
     assert (ops.mm, ops.head_buffers) == (want_mm, int(grad == "both"))
+
+
+def test_default_chunks_hold_at_most_the_logits_budget(monkeypatch):
+    monkeypatch.setattr(loss_module, "LOGITS_BUDGET", 13 * 100)  # V = 13: 100 tokens of logits per chunk
+    h, w, t = data(N=400)
+    with torch.no_grad(), _CountOps(w.shape) as ops:
+        chunked_cross_entropy(h, w, t)
+    assert ops.mm == 4
+
+
+def test_head_gemms_run_in_the_autocast_dtype_and_inputs_are_promoted_without_it():
+    h, w, t = data(N=40, d=16, V=50)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _CountOps(w.shape) as ops:
+        chunked_cross_entropy(h.float(), w.float(), t, chunk_size=16)
+    assert ops.mm_dtypes == {torch.bfloat16}
+    with torch.no_grad():
+        mixed = chunked_cross_entropy(h.float(), w, t)  # float32 hidden, float64 head: computed in float64
+        torch.testing.assert_close(mixed, chunked_cross_entropy(h.float().double(), w, t), rtol=0, atol=0)
+    assert mixed.dtype == torch.float64
+
+
+def test_the_loss_warns_about_nothing():
+    """No deprecation or resize warning: each chunk's gradient is written into a view of exactly its size."""
+    h, w, t = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunked_cross_entropy(h, w, t, chunk_size=5).backward()
