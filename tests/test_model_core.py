@@ -89,9 +89,10 @@ def test_kv_cache_greedy_equals_full_recompute(kind, tiny_gpt, device):
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-LN", "post-LN"])
 @pytest.mark.parametrize("kind", ["learned", "rope", "alibi"])
-def test_cache_accepts_a_chunk_after_cached_tokens(kind, tiny_gpt, device):
-    model = tiny_gpt(kind).to(device)
+def test_cache_accepts_a_chunk_after_cached_tokens(kind, pre_norm, tiny_gpt, device):
+    model = tiny_gpt(kind, pre_norm=pre_norm).to(device)
     x = torch.randint(0, 97, (2, 12), device=device)
     cache = KVCache(model.config.n_layer, 12)
     with torch.no_grad():

@@ -86,9 +86,10 @@ def test_sinusoidal_values():
 
 
 def reference_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """An independent float64 forward of a pre-LN GELU GPT: positions from their formulas (not model/positions.py),
-    attention as an explicit masked softmax (not SDPA). x (B, T) -> logits (B, T, V). The model keeps its sin/cos
-    tables in float32 whatever its dtype (model/positions.py), so the reference rounds them the same way."""
+    """An independent float64 forward of a pre- or post-LN GELU GPT: positions from their formulas (not
+    model/positions.py), attention as an explicit masked softmax (not SDPA). x (B, T) -> logits (B, T, V). The
+    model keeps its sin/cos tables in float32 whatever its dtype (model/positions.py), so the reference rounds them
+    the same way."""
     cfg, sd = model.config, {k: v.double() for k, v in model.state_dict().items()}
     B, T = x.shape
     H, D, d = cfg.n_head, cfg.head_dim, cfg.d_model
@@ -100,9 +101,13 @@ def reference_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
         angle = pos[:, None] / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (T, d/2)
         h = h + torch.stack((angle.sin(), angle.cos()), -1).flatten(1).float()  # sin at even dims, cos at odd
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+
+    def norm(t: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+        return F.layer_norm(t, (d,), w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)
+
     for i in range(cfg.n_layer):
         w = {k.removeprefix(f"layers.{i}."): v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
-        a = F.layer_norm(h, (d,), w["attn_norm.weight"], w["attn_norm.bias"], cfg.layer_norm_eps)
+        a = norm(h, w, "attn_norm") if cfg.pre_norm else h  # post-LN (OPT-350m): the norm comes after the sum
         q, k, v = (
             (a @ w[f"self_attn.{n}_proj.weight"].t() + w[f"self_attn.{n}_proj.bias"]).view(B, T, H, D).transpose(1, 2)
             for n in "qkv"
@@ -130,9 +135,12 @@ def reference_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
             scores = scores - slopes[:, None, None] * (pos[:, None] - pos[None, :])
         y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
         h = h + y.transpose(1, 2).reshape(B, T, d) @ w["self_attn.out_proj.weight"].t() + w["self_attn.out_proj.bias"]
-        m = F.layer_norm(h, (d,), w["mlp_norm.weight"], w["mlp_norm.bias"], cfg.layer_norm_eps)
+        h = h if cfg.pre_norm else norm(h, w, "attn_norm")
+        m = norm(h, w, "mlp_norm") if cfg.pre_norm else h
         h = h + F.gelu(m @ w["fc1.weight"].t() + w["fc1.bias"]) @ w["fc2.weight"].t() + w["fc2.bias"]
-    h = F.layer_norm(h, (d,), sd["final_norm.weight"], sd["final_norm.bias"], cfg.layer_norm_eps)
+        h = h if cfg.pre_norm else norm(h, w, "mlp_norm")
+    if cfg.final_norm:
+        h = norm(h, sd, "final_norm")
     return h @ sd["lm_head.weight"].t()
 
 
@@ -143,6 +151,8 @@ KINDS = [
     dict(position_embedding="rope", rotary_fraction=0.5, rope_base=500.0),
     dict(position_embedding="alibi"),
     dict(position_embedding="none"),
+    dict(position_embedding="rope", pre_norm=False, final_norm=False),  # post-LN blocks (OPT-350m's layout)
+    dict(position_embedding="alibi", pre_norm=False),
 ]
 
 

@@ -137,8 +137,9 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     state = load_file(str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors").unlink()
     state = {k.removeprefix(prefix): v for k, v in state.items()}
-    if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor
-        state["h.0.attn.bias"] = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+    if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor, in each block among its weights
+        mask = {"h.0.attn.bias": torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()}
+        state = {**mask, **state}  # first: loading must go on past it to every other tensor
     torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_logits(hf, tmp_path)
 
