@@ -150,7 +150,7 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __init__(self, head_shape):
         super().__init__()
-        self.head_shape, self.mm, self.head_buffers, self.mm_dtypes = tuple(head_shape), 0, 0, set()
+        self.head_shape, self.mm, self.head_buffers, self.buffers, self.mm_dtypes = tuple(head_shape), 0, 0, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -160,6 +160,7 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
             self.mm_dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
         buffer = name in ("zeros", "empty", "zeros_like", "empty_like")
         self.head_buffers += buffer and tuple(out.shape) == self.head_shape
+        self.buffers += buffer and out.dim() == 2
         return out
 
 
@@ -173,7 +174,8 @@ def test_the_loss_does_only_the_gradient_work_asked_for(grad):
         with _CountOps(w.shape) as ops:
             chunked_cross_entropy(h, w, t, chunk_size=5)
     want_mm = {"none": chunks, "hidden": 2 * chunks, "both": 3 * chunks}[grad]
-    assert (ops.mm, ops.head_buffers) == (want_mm, int(grad == "both"))
+    want_buffers = {"none": 0, "hidden": 1, "both": 2}[grad]  # grad_hidden (N, d), grad_weight (V, d)
+    assert (ops.mm, ops.head_buffers, ops.buffers) == (want_mm, int(grad == "both"), want_buffers)
 
 
 def test_default_chunks_hold_at_most_the_logits_budget(monkeypatch):

@@ -216,6 +216,15 @@ def test_folder_errors_name_what_is_missing(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_gpt2_tensor_the_model_has_no_place_for_is_named_wherever_it_sits(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"transformer.extra.weight": torch.ones(2), **state}, tmp_path / "pytorch_model.bin")  # first
+    with pytest.raises(ValueError, match=r"checkpoint has tensors the model has no place for: \['extra.weight'\]"):
+        from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(
     "which,change,message",
     [
