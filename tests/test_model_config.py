@@ -55,3 +55,9 @@ def test_dict_round_trip_and_unknown_fields():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown GPTConfig fields \['n_layers'\]; valid fields are \['activation'"):
         GPTConfig.from_dict({"n_layers": 2})
+
+
+def test_the_smallest_embedding_projection_is_one():
+    assert GPTConfig(vocab_size=11, word_embed_proj_dim=1).word_embed_proj_dim == 1
+    with pytest.raises(ValueError, match="word_embed_proj_dim"):
+        GPTConfig(vocab_size=11, word_embed_proj_dim=0)
