@@ -3,9 +3,10 @@
 Every run of a study starts from the same base model (LoRA's B is zero, so the injected model computes exactly
 the base's outputs) and is evaluated on the same validation and source tokens at its context length, before
 training. Those "before" figures are the same for every run at one context: recomputing them cost each default
-run ~11 s of its ~55 s on 2 CPU cores. They are cached in `data.cache_dir("base_evals")`, keyed by everything the
-number depends on (the base folder's content, the token windows, the evaluation batch, dtype, device and thread
-count), so a cached figure is the one the run would have computed.
+run ~9 s on 2 CPU cores (validation 6.0-6.3 s, source set 2.9-3.1 s at context 512). They are cached in
+`data.cache_dir("base_evals")`, keyed by everything the number depends on (the base folder's content, the token
+windows, the evaluation batch, dtype, device and thread count), so a cached figure is the one the run would have
+computed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 
 from data.cache import cache_dir, json_hash, short_hash, write_json_atomic
-from experiments.pretrain import base_fingerprint
 
 BASE_EVALS = "base_evals"  # the cache subfolder
 
@@ -29,11 +29,12 @@ def _weights_stamp(base_dir: Path) -> list[str]:
     return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
 
 
-def eval_key(base_dir: Path, windows: tuple[torch.Tensor, torch.Tensor], setting: dict) -> str:
-    """The cache key of the base model's loss on `windows` (inputs, targets) under `setting` (batch, dtype, ...)."""
+def eval_key(base_dir: Path, fingerprint: str, windows: tuple[torch.Tensor, torch.Tensor], setting: dict) -> str:
+    """The cache key of the base model's loss on `windows` (inputs, targets) under `setting` (batch, dtype, ...);
+    `fingerprint` is the folder's `experiments.pretrain.base_fingerprint`."""
     x, y = windows
     tokens = short_hash(str(tuple(x.shape)), x.numpy().tobytes(), y.numpy().tobytes())
-    stamp = {"base": base_fingerprint(base_dir), "weights": _weights_stamp(base_dir), "tokens": tokens}
+    stamp = {"base": fingerprint, "weights": _weights_stamp(base_dir), "tokens": tokens}
     return json_hash({**stamp, **setting, "threads": torch.get_num_threads()})
 
 

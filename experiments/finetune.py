@@ -199,12 +199,14 @@ def _fine_tune(
     def loss_on(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
         return loop.evaluate(model, windows[0], windows[1], plan.micro_seqs, device, dtype, dist)
 
+    fingerprint = base_fingerprint(Path(base_dir))
+
     def before(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
         """The base model's loss on `windows` (LoRA's B is zero: the model is still the base), once per study."""
         if dist.world_size > 1:
             return loss_on(windows)
         setting = {"batch": plan.micro_seqs, "dtype": str(dtype), "device": device.type}
-        return cached_base_loss(eval_key(Path(base_dir), windows, setting), lambda: loss_on(windows))
+        return cached_base_loss(eval_key(Path(base_dir), fingerprint, windows, setting), lambda: loss_on(windows))
 
     base_source_loss = before(source) if source is not None else None
     val_before = None if resume else before((xv, yv))  # a resumed run has it in its checkpoint
@@ -279,7 +281,7 @@ def _fine_tune(
         "total_params": total,
         "saved_for_backward_bytes": out.saved_for_backward_bytes,
         "corpus_fingerprint": corpus.fingerprint,
-        "base_fingerprint": base_fingerprint(Path(base_dir)),
+        "base_fingerprint": fingerprint,
     }
 
 

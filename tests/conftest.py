@@ -10,7 +10,8 @@ import os
 import random
 import shutil
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,27 @@ def _toy_corpora(tmp: Path) -> None:
 def toy_corpora() -> Callable[[Path], None]:
     """Write the toy corpora of `tiny_config` under a folder: `toy_corpora(tmp)`."""
     return _toy_corpora
+
+
+@contextmanager
+def _run_workspace(root: Path) -> Iterator[Path]:
+    """For in-process runs on the toy corpora under `root`: the cache there (SLM_LORA_CACHE), no W&B, and one torch
+    thread (toy shapes: faster than two, and immune to a busy machine); all restored on exit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLM_LORA_CACHE", str(root / "cache"))
+        mp.delenv("WANDB_PROJECT", raising=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield root
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def run_workspace() -> Callable[[Path], Iterator[Path]]:
+    """`with run_workspace(root): ...` in a module fixture whose tests train on the toy corpora under root."""
+    return _run_workspace
 
 
 def _stdlib_workspace(root: Path) -> dict[str, str]:

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from experiments import base_evals
 from experiments.finetune import train_run
@@ -16,18 +15,13 @@ BEFORE = ("base_val_loss", "base_source_val_ppl")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_corpora, tiny_config):
+def toy(tmp_path_factory, toy_corpora, tiny_config, run_workspace):
     """Toy corpora and the toy base, pretrained before any test counts evaluations."""
     root = tmp_path_factory.mktemp("base_evals")
     toy_corpora(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLM_LORA_CACHE", str(root / "cache"))
-        mp.delenv("WANDB_PROJECT", raising=False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    with run_workspace(root):
         ensure_base(tiny_config(root), progress=False)
         yield root
-        torch.set_num_threads(threads)
 
 
 def counting_evaluate(monkeypatch) -> list[int]:

@@ -20,7 +20,7 @@ SOURCE_COLUMNS = ("source_val_loss", "source_val_ppl", "base_source_val_ppl", "f
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_corpora):
+def toy(tmp_path_factory, toy_corpora, run_workspace):
     """Toy corpora plus two planted pretraining documents, one on each side of the held-out split; one cache for the
     module, so the toy base is pretrained once."""
     root = tmp_path_factory.mktemp("source_eval")
@@ -29,13 +29,8 @@ def toy(tmp_path_factory, toy_corpora):
     train_side, held_out = pretrain_split(Corpus("probe", [(n, "x") for n in names], "probe"))
     (root / "pt" / train_side.docs[0][0]).write_text("trained_marker_qzx = 1\n" * 30, encoding="utf-8")
     (root / "pt" / held_out.docs[0][0]).write_text("heldout_marker_qzx = 1\n" * 30, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLM_LORA_CACHE", str(root / "cache"))
-        mp.delenv("WANDB_PROJECT", raising=False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # toy shapes: one thread is faster, and immune to a busy machine
+    with run_workspace(root):
         yield root
-        torch.set_num_threads(threads)
 
 
 def test_source_set_is_held_out_pretraining_documents_only(toy, tiny_config, monkeypatch):

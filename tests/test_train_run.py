@@ -15,17 +15,12 @@ from model import GPT
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory, toy_corpora):
+def tmp(tmp_path_factory, toy_corpora, run_workspace):
     """Toy corpora and one cache for the module, so the toy base is pretrained once."""
     root = tmp_path_factory.mktemp("train_run")
     toy_corpora(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLM_LORA_CACHE", str(root / "cache"))
-        mp.delenv("WANDB_PROJECT", raising=False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # toy shapes: one thread is faster, and immune to a busy machine
+    with run_workspace(root):
         yield root
-        torch.set_num_threads(threads)
 
 
 def read_metrics(run_dir):
