@@ -171,7 +171,7 @@ def _activation(hf: dict, default: str) -> str:
 def _opt_config(hf: dict) -> GPTConfig:
     if not hf.get("layer_norm_elementwise_affine", True):
         raise ValueError("OPT with layer_norm_elementwise_affine=false is not supported (our LayerNorms are affine)")
-    d, proj = hf["hidden_size"], hf.get("word_embed_proj_dim", hf["hidden_size"])
+    d, proj = hf["hidden_size"], hf.get("word_embed_proj_dim")  # absent or equal to d: no projections
     pre_norm = hf.get("do_layer_norm_before", True)
     return GPTConfig(
         vocab_size=hf["vocab_size"],

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
-from model.pretrained import WEIGHT_FILES, has_weights
+from model.pretrained import WEIGHT_FILES, has_weights, read_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,6 +130,39 @@ def test_missing_optional_keys_take_transformers_defaults(tmp_path, which):
     assert got == want
 
 
+@pytest.mark.parametrize("names", ["gpt2", "generic"])
+def test_gpt2_config_fields_are_read_under_either_name(tmp_path, names):
+    """transformers' GPT2Config also takes hidden_size, num_hidden_layers, num_attention_heads and
+    max_position_embeddings (its attribute_map), so a hand-written config.json may use them. Every value differs
+    from our defaults and from each other (dropout 0.05 vs attention 0.2), so a field read from the wrong key, or
+    not read, shows."""
+    shape = {"n_embd": 24, "n_layer": 3, "n_head": 2, "n_positions": 33}
+    generic = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
+    generic["n_positions"] = "max_position_embeddings"
+    if names == "generic":
+        shape = {generic[k]: v for k, v in shape.items()}
+    hf = {"vocab_size": 97, **shape, "resid_pdrop": 0.05, "attn_pdrop": 0.2, "bos_token_id": 0, "eos_token_id": 0}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **hf}))
+    model_type, ours = read_config(tmp_path)
+    ref = transformers.GPT2Config(**hf)
+    want = (ref.n_embd, ref.n_layer, ref.n_head, ref.n_positions, 4 * ref.n_embd, ref.resid_pdrop, ref.attn_pdrop)
+    got = (ours.d_model, ours.n_layer, ours.n_head, ours.max_position_embeddings, ours.d_ff, ours.dropout)
+    assert model_type == "gpt2" and got + (ours.attn_dropout,) == want == (24, 3, 2, 33, 96, 0.05, 0.2)
+
+
+def test_opt_config_fields_reach_ours(tmp_path):
+    """Every shape and dropout field of an OPT config.json, each unlike our default and unlike the others."""
+    hf = dict(vocab_size=97, hidden_size=24, num_hidden_layers=3, ffn_dim=40, num_attention_heads=2)
+    hf.update(max_position_embeddings=33, dropout=0.05, attention_dropout=0.2, bos_token_id=0, eos_token_id=0)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", **hf}))
+    model_type, ours = read_config(tmp_path)
+    ref = transformers.OPTConfig(**hf)
+    want = (ref.hidden_size, ref.num_hidden_layers, ref.ffn_dim, ref.num_attention_heads, ref.max_position_embeddings)
+    want += (ref.dropout, ref.attention_dropout)
+    got = (ours.d_model, ours.n_layer, ours.d_ff, ours.n_head, ours.max_position_embeddings, ours.dropout)
+    assert model_type == "opt" and got + (ours.attn_dropout,) == want == (24, 3, 40, 2, 33, 0.05, 0.2)
+
+
 @pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
 def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     hf = tiny_opt() if which == "opt" else tiny_gpt2()
@@ -138,7 +171,11 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     (tmp_path / "model.safetensors").unlink()
     state = {k.removeprefix(prefix): v for k, v in state.items()}
     if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor, in each block among its weights
-        mask = {"h.0.attn.bias": torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()}
+        causal = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+        mask = {
+            "h.0.attn.bias": causal,
+            "h.0.attn.masked_bias": torch.tensor(-1e4),
+        }  # both buffers older transformers saved
         state = {**mask, **state}  # first: loading must go on past it to every other tensor
     torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_logits(hf, tmp_path)
@@ -229,12 +266,16 @@ def test_gpt2_tensor_the_model_has_no_place_for_is_named_wherever_it_sits(tmp_pa
     "which,change,message",
     [
         ("opt", {"activation_function": "silu"}, r"activation_function 'silu' is not supported; supported: \['gelu'"),
-        ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine=false is not supported"),
+        (
+            "opt",
+            {"layer_norm_elementwise_affine": False},
+            r"json: OPT with layer_norm_elementwise_affine=false is not supported \(our LayerNorms are affine\)$",
+        ),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "GPT-2 with scale_attn_by_inverse_layer_idx=true or"),
         (
             "gpt2",
             {"scale_attn_weights": False},
-            "GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights",
+            "json: GPT-2 with scale_attn_by_inverse_layer_idx=true or scale_attn_weights=false is not supported$",
         ),
     ],
 )
