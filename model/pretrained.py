@@ -36,12 +36,14 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     model_type, config = read_config(folder)
     raw = _read_tensors(folder)
     if model_type == "opt":
-        tensors, ignorable = _opt_tensors(raw, config), {"lm_head.weight"} if config.tie_embeddings else set()
+        tensors = _opt_tensors(raw)
     elif model_type == "gpt2":
-        tensors, ignorable = _gpt2_tensors(raw, config), {"lm_head.weight"} if config.tie_embeddings else set()
+        tensors = _gpt2_tensors(raw, config)
     else:
-        tensors, ignorable = dict(raw), set()
+        tensors = dict(raw)
     model = GPT(config)
+    # transformers' files may hold a tied head's copy (an untied head is needed anyway); ours never do.
+    ignorable = {"lm_head.weight"} if model_type != "slm-gpt" else set()
     _load_checked(model, tensors, ignorable, source=str(folder))
     tokenizer = folder / "tokenizer.json"
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
@@ -194,7 +196,7 @@ def _opt_config(hf: dict) -> GPTConfig:
     )
 
 
-def _opt_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def _opt_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OPTForCausalLM / OPTModel keys (with or without `model.`) -> ours. Names inside blocks are the same;
     OPT scales q by head_dim^-0.5 after q_proj and then attends unscaled, which equals SDPA's default scale,
     so q_proj is copied as is (and a LoRA adapter on it means the same thing in both models)."""

@@ -2,6 +2,8 @@
 save_pretrained round trip."""
 
 import json
+import pickle
+import re
 
 import pytest
 import torch
@@ -87,7 +89,7 @@ def test_opt_parity(tmp_path, kw, device):
     cfg = ours.config
     assert cfg.position_offset == 2 and cfg.pre_norm == kw.get("do_layer_norm_before", True)
     assert (ours.project_in is not None) == ("word_embed_proj_dim" in kw)
-    assert ours.tokenizer_path is None and not ours.training
+    assert ours.tokenizer_path is None and not ours.training and ours.hf_module_prefix == "model.decoder."
     assert_same_logits(hf, tmp_path, device)
 
 
@@ -99,7 +101,9 @@ def test_opt_parity(tmp_path, kw, device):
 def test_gpt2_parity(tmp_path, kw, device):
     hf = tiny_gpt2(**kw)
     hf.save_pretrained(tmp_path)
-    cfg = from_pretrained(tmp_path).config
+    ours = from_pretrained(tmp_path)
+    cfg = ours.config
+    assert ours.hf_module_prefix == ""  # GPT-2's module names differ from ours: no prefix maps them
     assert cfg.activation == ("relu" if kw else "gelu_tanh") and cfg.d_ff == kw.get("n_inner", 4 * 32)
     assert_same_logits(hf, tmp_path, device)
 
@@ -228,12 +232,61 @@ def test_clear_errors(tmp_path):
     state = load_file(str(tmp_path / "model.safetensors"))
     key = "model.decoder.layers.1.fc1.weight"
     save_file({**state, key: state[key][:, :5].contiguous()}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"layers.1.fc1.weight has shape \(64, 5\) .* \(64, 32\)"):
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(tmp_path))}: tensor layers.1.fc1.weight has shape \(64, 5\) .* \(64, 32\)"
+    ):
         from_pretrained(tmp_path)
     del state[key]
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks tensors .*layers.1.fc1.weight"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("which", ["opt", "gpt2"])
+def test_a_tied_checkpoint_that_also_stores_the_head_loads(tmp_path, which):
+    """Files written by older transformers (and OPTForCausalLM's .bin) keep lm_head.weight beside the embedding it
+    is tied to: a copy, not a tensor without a place."""
+    hf = tiny_opt() if which == "opt" else tiny_gpt2()
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**state, "lm_head.weight": hf.lm_head.weight.detach().clone()}, str(tmp_path / "model.safetensors"))
+    assert_same_logits(hf, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"model_type": "opt", ', r"config.json cannot be read as JSON: Expecting"),
+        ("[1, 2]", r"config.json: model_type None is not supported; supported types: opt, gpt2, slm-gpt$"),
+        ('{"model_type": "opt", "vocab_size": 97}', r"config.json lacks the key 'hidden_size' that a opt config has$"),
+    ],
+    ids=["not-json", "not-an-object", "missing-key"],
+)
+def test_a_config_json_that_cannot_be_used_is_named(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}/{message}"):
+        read_config(tmp_path)
+
+
+class _TouchOnLoad:
+    """Unpickling this creates the file: what a malicious pytorch_model.bin would do with arbitrary code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_a_pickled_bin_cannot_run_code(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "payload": _TouchOnLoad(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        from_pretrained(tmp_path)
+    assert not marker.exists()
 
 
 def test_folder_errors_name_what_is_missing(tmp_path):
