@@ -191,3 +191,22 @@ def test_gpt_under_bf16_autocast_within_bf16_rounding(kw, device):
     want = reference_logits(model, x)
     assert got.dtype == torch.bfloat16
     assert (got.double() - want).abs().max() <= 6 * 2.0**-8 * want.abs().max()
+
+
+@pytest.mark.parametrize("kw", [k for k in KINDS if k["position_embedding"] in ("rope", "alibi")], ids=str)
+def test_under_autocast_attention_gets_every_input_in_the_autocast_dtype(kw, device, monkeypatch):
+    """The RoPE tables and the ALiBi bias are cast to the compute dtype before use, so q and k stay bf16: a float32
+    table would promote them to float32 copies per layer (autocast then casts them back for SDPA, so the logits
+    alone cannot show it)."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        seen.append({q.dtype, k.dtype, v.dtype} | ({attn_mask.dtype} if attn_mask is not None else set()))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = random_gpt(kw).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model(torch.randint(0, 97, (2, 16), device=device))
+    assert seen == [{torch.bfloat16}] * model.config.n_layer
