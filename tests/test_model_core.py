@@ -49,6 +49,7 @@ def test_init_and_parameter_count(tiny_gpt):
     per_block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d
     assert model.num_parameters() == V * d + P * d + L * per_block + 2 * d  # tied head counted once
     assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.tokenizer_path is None and model.hf_module_prefix == ""  # only from_pretrained sets them
     untied = tiny_gpt("learned", n_layer=4, d_model=64, d_ff=256, tie_embeddings=False, position_offset=2)
     assert untied.num_parameters() == 2 * V * d + (P + 2) * d + L * per_block + 2 * d  # head has no bias
     model.embed_tokens.weight.requires_grad_(False)
@@ -95,11 +96,10 @@ def test_cache_accepts_a_chunk_after_cached_tokens(kind, pre_norm, tiny_gpt, dev
     model = tiny_gpt(kind, pre_norm=pre_norm).to(device)
     x = torch.randint(0, 97, (2, 12), device=device)
     cache = KVCache(model.config.n_layer, 12)
-    with torch.no_grad():
-        first = model.hidden_states(x[:, :5], cache)
-        second = model.hidden_states(x[:, 5:], cache)
+    with torch.no_grad():  # chunks of 1, 2, 4 and 5 tokens: starting at 0, 1, 3 and 7
+        parts = [model.hidden_states(x[:, a:b], cache) for a, b in ((0, 1), (1, 3), (3, 7), (7, 12))]
         full = model.hidden_states(x)
-    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
 
 
 def test_sampling_draws_from_the_top_k_and_eos_ends_rows(tiny_gpt):
@@ -148,13 +148,17 @@ def test_generate_and_forward_refuse_bad_arguments(tiny_gpt):
         model.hidden_states(prompt, cache)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(tiny_gpt):
-    """Same gradients; and what it is for: the blocks' activations are not kept for backward (counted through
+@pytest.mark.parametrize("kind,frozen_embeddings", [("alibi", False), ("rope", True)])
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(tiny_gpt, kind, frozen_embeddings):
+    """Same gradients, with each kind of attention input (RoPE tables, the ALiBi mask), also when the blocks' input
+    needs no gradient (frozen embeddings, as under LoRA: reentrant checkpointing would then drop the blocks'
+    gradients); and what it is for: the blocks' activations are not kept for backward (counted through
     saved-tensor hooks)."""
     x = torch.randint(0, 97, (2, 16))
     grads, saved = [], []
     for ckpt in (False, True):
-        model = tiny_gpt("alibi", gradient_checkpointing=ckpt).train()
+        model = tiny_gpt(kind, gradient_checkpointing=ckpt).train()
+        model.embed_tokens.weight.requires_grad_(not frozen_embeddings)
         assert model.gradient_checkpointing == ckpt
         saved.append(0)
         with torch.autograd.graph.saved_tensors_hooks(
@@ -162,7 +166,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(tiny_gpt
         ):
             loss = model.loss(x, torch.roll(x, -1, 1))
         loss.backward()
-        grads.append([p.grad for p in model.parameters()])
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert len(grads[1]) == len(grads[0]) and all(g is not None for g in grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert saved[1] < saved[0] / 2, saved

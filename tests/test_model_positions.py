@@ -193,20 +193,41 @@ def test_gpt_under_bf16_autocast_within_bf16_rounding(kw, device):
     assert (got.double() - want).abs().max() <= 6 * 2.0**-8 * want.abs().max()
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[dict]:
+    """What every scaled_dot_product_attention call of the test receives: dtypes, mask, is_causal."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        mask_dtype = {attn_mask.dtype} if attn_mask is not None else set()
+        calls.append({"dtypes": {q.dtype, k.dtype, v.dtype} | mask_dtype, "mask": attn_mask, "is_causal": is_causal})
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    return calls
+
+
 @pytest.mark.parametrize("kw", [k for k in KINDS if k["position_embedding"] in ("rope", "alibi")], ids=str)
-def test_under_autocast_attention_gets_every_input_in_the_autocast_dtype(kw, device, monkeypatch):
+def test_under_autocast_attention_gets_every_input_in_the_autocast_dtype(kw, device, sdpa_calls):
     """The RoPE tables and the ALiBi bias are cast to the compute dtype before use, so q and k stay bf16: a float32
     table would promote them to float32 copies per layer (autocast then casts them back for SDPA, so the logits
     alone cannot show it)."""
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
-        seen.append({q.dtype, k.dtype, v.dtype} | ({attn_mask.dtype} if attn_mask is not None else set()))
-        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
     model = random_gpt(kw).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         model(torch.randint(0, 97, (2, 16), device=device))
-    assert seen == [{torch.bfloat16}] * model.config.n_layer
+    assert [call["dtypes"] for call in sdpa_calls] == [{torch.bfloat16}] * model.config.n_layer
+
+
+@pytest.mark.parametrize("kind", ["learned", "rope", "none"])
+def test_without_alibi_attention_needs_no_mask_tensor(kind, sdpa_calls):
+    """A full sequence runs as is_causal with no mask (what lets SDPA pick its flash / memory-efficient kernels),
+    and so does each one-token decoding step, which sees every cached key; only a chunk of several tokens after
+    cached ones needs a mask."""
+    model = random_gpt({"position_embedding": kind})
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        model(prompt)
+        model.generate(prompt, max_new_tokens=3, temperature=0)
+    flags = [(call["mask"] is None, call["is_causal"]) for call in sdpa_calls]
+    L = model.config.n_layer
+    assert flags == [(True, True)] * L * 2 + [(True, False)] * L * 2  # forward, prefill, then two decoding steps
