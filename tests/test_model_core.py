@@ -21,6 +21,8 @@ def test_shapes_and_causality(kind, tiny_gpt):
         assert not torch.allclose(model(y)[:, t + 1 :], logits[:, t + 1 :])
     for t in (1, 2, 3):  # short prefixes take the same causal path (SDPA's is_causal)
         torch.testing.assert_close(model(x[:, :t]), logits[:, :t], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny_gpt(kind)(x[:, :1]), logits[:, :1], rtol=0, atol=1e-5)  # one token first
+    assert not any(k.startswith(("rope", "alibi", "sinusoidal")) for k in model.state_dict())  # derived, not saved
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
@@ -40,7 +42,7 @@ def test_relative_kinds_run_at_twice_the_length(kind, tiny_gpt):
     logits = model(x)  # grows the tables to 32 positions
     assert logits.shape == (2, 32, 97) and torch.isfinite(logits).all()
     torch.testing.assert_close(logits[:, :16], short, rtol=0, atol=1e-5)  # grown tables agree with the built ones
-    assert not any("rope" in k or "alibi" in k or "sinusoidal" in k for k in model.state_dict())
+    assert not any(k.startswith(("rope", "alibi")) for k in model.state_dict())  # grown tables are not saved either
 
 
 def test_init_and_parameter_count(tiny_gpt):
