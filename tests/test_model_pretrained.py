@@ -175,11 +175,8 @@ def test_keys_without_prefix_and_pytorch_bin(tmp_path, which, prefix):
     (tmp_path / "model.safetensors").unlink()
     state = {k.removeprefix(prefix): v for k, v in state.items()}
     if which == "gpt2":  # old GPT-2 files carry the causal mask as a tensor, in each block among its weights
-        causal = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
-        mask = {
-            "h.0.attn.bias": causal,
-            "h.0.attn.masked_bias": torch.tensor(-1e4),
-        }  # both buffers older transformers saved
+        causal = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()  # and masked_bias, both saved by older versions
+        mask = {"h.0.attn.bias": causal, "h.0.attn.masked_bias": torch.tensor(-1e4)}
         state = {**mask, **state}  # first: loading must go on past it to every other tensor
     torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_logits(hf, tmp_path)
@@ -244,12 +241,13 @@ def test_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("which", ["opt", "gpt2"])
 def test_a_tied_checkpoint_that_also_stores_the_head_loads(tmp_path, which):
-    """Files written by older transformers (and OPTForCausalLM's .bin) keep lm_head.weight beside the embedding it
-    is tied to: a copy, not a tensor without a place."""
+    """A .bin written by older transformers holds a tied head under its own key too (a state_dict names a shared
+    tensor once per owner): a copy of the embedding, not a tensor without a place."""
     hf = tiny_opt() if which == "opt" else tiny_gpt2()
     hf.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
-    save_file({**state, "lm_head.weight": hf.lm_head.weight.detach().clone()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({**state, "lm_head.weight": hf.lm_head.weight.detach().clone()}, tmp_path / "pytorch_model.bin")
     assert_same_logits(hf, tmp_path)
 
 
