@@ -42,9 +42,7 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     else:
         tensors = dict(raw)
     model = GPT(config)
-    # transformers' files may hold a tied head's copy (an untied head is needed anyway); ours never do.
-    ignorable = {"lm_head.weight"} if model_type != "slm-gpt" else set()
-    _load_checked(model, tensors, ignorable, source=str(folder))
+    _load_checked(model, tensors, source=str(folder))
     tokenizer = folder / "tokenizer.json"
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
     model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""  # GPT-2's leaf names differ anyway
@@ -135,15 +133,16 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], ignorable: set[str], source: str) -> None:
-    """Load with errors that name the tensor: missing, unexpected, or shape mismatch (both shapes)."""
+def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load with errors that name the tensor: missing, unexpected, or shape mismatch (both shapes). A tied head
+    is not needed; a file may still hold its copy (older transformers wrote one), which is ignored."""
     expected = model.state_dict()
     tied = model.config.tie_embeddings
     needed = [k for k in expected if not (tied and k == "lm_head.weight")]
     missing = [k for k in needed if k not in tensors]
     if missing:
         raise ValueError(f"{source}: checkpoint lacks tensors {missing} (names after mapping onto our GPT)")
-    unexpected = sorted(k for k in tensors if k not in needed and k not in ignorable)
+    unexpected = sorted(k for k in tensors if k not in expected)
     if unexpected:
         raise ValueError(f"{source}: checkpoint has tensors the model has no place for: {unexpected}")
     for k in needed:

@@ -89,6 +89,7 @@ def test_opt_parity(tmp_path, kw, device):
     cfg = ours.config
     assert cfg.position_offset == 2 and cfg.pre_norm == kw.get("do_layer_norm_before", True)
     assert (ours.project_in is not None) == ("word_embed_proj_dim" in kw)
+    assert cfg.word_embed_proj_dim == kw.get("word_embed_proj_dim")  # tiny_opt's own equals hidden_size: None
     assert ours.tokenizer_path is None and not ours.training and ours.hf_module_prefix == "model.decoder."
     assert_same_logits(hf, tmp_path, device)
 
