@@ -153,6 +153,9 @@ def test_gpt2_config_fields_are_read_under_either_name(tmp_path, names):
     want = (ref.n_embd, ref.n_layer, ref.n_head, ref.n_positions, 4 * ref.n_embd, ref.resid_pdrop, ref.attn_pdrop)
     got = (ours.d_model, ours.n_layer, ours.n_head, ours.max_position_embeddings, ours.d_ff, ours.dropout)
     assert model_type == "gpt2" and got + (ours.attn_dropout,) == want == (24, 3, 2, 33, 96, 0.05, 0.2)
+    del hf["attn_pdrop"]  # absent: transformers' own default (0.1), not the residual dropout given
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **hf}))
+    assert read_config(tmp_path)[1].attn_dropout == transformers.GPT2Config(**hf).attn_pdrop == 0.1
 
 
 def test_opt_config_fields_reach_ours(tmp_path):
