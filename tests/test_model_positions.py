@@ -220,9 +220,9 @@ def test_under_autocast_attention_gets_every_input_in_the_autocast_dtype(kw, dev
 
 @pytest.mark.parametrize("kind", ["learned", "rope", "none"])
 def test_without_alibi_attention_needs_no_mask_tensor(kind, sdpa_calls):
-    """A full sequence runs as is_causal with no mask (what lets SDPA pick its flash / memory-efficient kernels),
-    and so does each one-token decoding step, which sees every cached key; only a chunk of several tokens after
-    cached ones needs a mask."""
+    """A full sequence runs as is_causal with no mask tensor (what lets SDPA pick its flash / memory-efficient
+    kernels); a one-token decoding step passes neither, as it sees every cached key. Only a chunk of several tokens
+    after cached ones needs a mask."""
     model = random_gpt({"position_embedding": kind})
     prompt = torch.randint(0, 97, (2, 5))
     with torch.no_grad():

@@ -141,18 +141,19 @@ def test_gpt2_config_fields_are_read_under_either_name(tmp_path, names):
     max_position_embeddings (its attribute_map), so a hand-written config.json may use them. Every value differs
     from our defaults and from each other (dropout 0.05 vs attention 0.2), so a field read from the wrong key, or
     not read, shows."""
-    shape = {"n_embd": 24, "n_layer": 3, "n_head": 2, "n_positions": 33}
-    generic = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
-    generic["n_positions"] = "max_position_embeddings"
-    if names == "generic":
-        shape = {generic[k]: v for k, v in shape.items()}
+    keys = {
+        "gpt2": ("n_embd", "n_layer", "n_head", "n_positions"),
+        "generic": ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"),
+    }[names]
+    shape = dict(zip(keys, (24, 3, 2, 33)))
     hf = {"vocab_size": 97, **shape, "resid_pdrop": 0.05, "attn_pdrop": 0.2, "bos_token_id": 0, "eos_token_id": 0}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **hf}))
     model_type, ours = read_config(tmp_path)
     ref = transformers.GPT2Config(**hf)
     want = (ref.n_embd, ref.n_layer, ref.n_head, ref.n_positions, 4 * ref.n_embd, ref.resid_pdrop, ref.attn_pdrop)
     got = (ours.d_model, ours.n_layer, ours.n_head, ours.max_position_embeddings, ours.d_ff, ours.dropout)
-    assert model_type == "gpt2" and got + (ours.attn_dropout,) == want == (24, 3, 2, 33, 96, 0.05, 0.2)
+    got += (ours.attn_dropout,)
+    assert model_type == "gpt2" and got == want == (24, 3, 2, 33, 96, 0.05, 0.2)
     del hf["attn_pdrop"]  # absent: transformers' own default (0.1), not the residual dropout given
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **hf}))
     assert read_config(tmp_path)[1].attn_dropout == transformers.GPT2Config(**hf).attn_pdrop == 0.1
@@ -168,7 +169,8 @@ def test_opt_config_fields_reach_ours(tmp_path):
     want = (ref.hidden_size, ref.num_hidden_layers, ref.ffn_dim, ref.num_attention_heads, ref.max_position_embeddings)
     want += (ref.dropout, ref.attention_dropout)
     got = (ours.d_model, ours.n_layer, ours.d_ff, ours.n_head, ours.max_position_embeddings, ours.dropout)
-    assert model_type == "opt" and got + (ours.attn_dropout,) == want == (24, 3, 40, 2, 33, 0.05, 0.2)
+    got += (ours.attn_dropout,)
+    assert model_type == "opt" and got == want == (24, 3, 40, 2, 33, 0.05, 0.2)
 
 
 @pytest.mark.parametrize("which,prefix", [("opt", "model."), ("gpt2", "transformer.")])
