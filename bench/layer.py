@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.cache import write_json_atomic
-from experiments.training.distributed import device_name
 from lora import LoRALinear
+from training.distributed import device_name
 
 ALPHA = 32.0
 FULL = {"tokens": [2048, 8192], "dims": [768, 2048, 4096], "ranks": [8, 16, 64]}

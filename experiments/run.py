@@ -8,7 +8,7 @@
     python -m experiments.run --executor ray --ray-address auto                   # runs as Ray cluster tasks
     torchrun --nproc_per_node 2 -m experiments.run --config ...                   # each run data-parallel
 
-Everything the command line says is validated before any data or model work (experiments.preflight). Results go
+Everything the command line says is validated before any data or model work (experiments.sweep.preflight). Results go
 to OUT/results.jsonl (one row per finished run); re-running the same command skips what is done and resumes what
 was interrupted; at the end the report (OUT/report.md + plots) is written and its tables printed.
 
@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from experiments.config import (
+from experiments.config.config import (
     ABLATION_ALIASES,
     CONFIG_DIR,
     ConfigError,
@@ -37,13 +37,14 @@ from experiments.config import (
     resolve_key,
     with_values,
 )
-from experiments.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
-from experiments.preflight import preflight
-from experiments.results import RESULTS_JSONL, ResultsFileError, value_label
-from experiments.runners import inprocess_runner, subprocess_runner
-from experiments.schema import flatten
-from experiments.sweep import RunSpec, plan_runs, plan_states, run_sweep
-from experiments.yamlfile import read_yaml
+from experiments.config.schema import flatten
+from experiments.config.yamlfile import read_yaml
+from experiments.sweep.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
+from experiments.sweep.plan import RunSpec, plan_runs, plan_states
+from experiments.sweep.preflight import preflight
+from experiments.sweep.results import RESULTS_JSONL, ResultsFileError, value_label
+from experiments.sweep.runners import inprocess_runner, subprocess_runner
+from experiments.sweep.sweep import run_sweep
 from model import resolve_checkpoint
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
@@ -235,9 +236,9 @@ def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
     corpus fails the sweep early, and every run finds its data cached, so no run's memory figures include
     tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS). Then check that
     each run's text holds a context window, before any run starts."""
-    from experiments.finetune import finetune_tokens
-    from experiments.preflight import check_text
-    from experiments.pretrain import ensure_base
+    from experiments.base.pretrain import ensure_base
+    from experiments.finetune.train import finetune_tokens
+    from experiments.sweep.preflight import check_text
 
     sizes: dict[str, tuple[int, int]] = {}
     for s, st in zip(specs, states):
@@ -375,7 +376,7 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
             rows = run_sweep(specs, out_dir, executor, progress=progress)
     if not is_main:
         return 0
-    from experiments.report import write_report
+    from experiments.report.markdown import write_report
 
     print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}))
     return _exit_code(specs, rows, out_dir)

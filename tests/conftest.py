@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data import EOT
-from experiments.config import Config, from_dict
+from experiments.config.config import Config, from_dict
 from model import GPT, GPTConfig, save_pretrained
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from experiments import base_evals
-from experiments.finetune import train_run
-from experiments.pretrain import ensure_base
-from experiments.training import loop
+from experiments.base import evals as base_evals
+from experiments.base.pretrain import ensure_base
+from experiments.finetune.train import train_run
+from training import loop
 
 BEFORE = ("base_val_loss", "base_source_val_ppl")
 

@@ -11,7 +11,7 @@ import torch
 
 from bench.layer import parse_args as layer_args
 from bench.targets import main as targets_main
-from bench.train import parse_args as train_args
+from bench.train.cli import parse_args as train_args
 from experiments.run import build_parser as run_parser
 
 REPO = Path(__file__).resolve().parent.parent

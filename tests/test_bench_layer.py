@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.layer import build, check, main
-from experiments.training.distributed import device_name
+from training.distributed import device_name
 
 TINY = ["--tokens", "64", "--dims", "32", "--ranks", "4", "--warmup", "1", "--threads", "1"]
 

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bench.train
-import bench.train_compare
-from bench.train import main, run, sweep_shapes
-from bench.train_compare import Budget, compare, run_rounds
-from bench.train_measure import saved_for_backward
-from bench.train_memory import measure_memory
-from bench.train_steps import SHAPES, Spec, build, copy_lora_A, make_batch, save_random_opt
+import bench.train.cli
+import bench.train.compare
+from bench.train.cli import main, run, sweep_shapes
+from bench.train.compare import Budget, compare, run_rounds
+from bench.train.measure import saved_for_backward
+from bench.train.memory import measure_memory
+from bench.train.steps import SHAPES, Spec, build, copy_lora_A, make_batch, save_random_opt
 from data.cache import write_json_atomic
 
 CPU = torch.device("cpu")
@@ -68,8 +68,8 @@ def test_bf16_compare_checks_in_fp32_then_runs_both_sides_under_autocast(monkeyp
         built.append((spec.label, args[3], real_build(spec, *args)))
         return built[-1][2]
 
-    real_build = bench.train_compare.build
-    monkeypatch.setattr(bench.train_compare, "build", spy)
+    real_build = bench.train.compare.build
+    monkeypatch.setattr(bench.train.compare, "build", spy)
     ours = Spec(rank=4, alpha=8.0)
     result = compare(SHAPES["tiny"], [(ours, ours.peer())], CPU, "bf16", Budget(1, 1, 0, 0), {"flops_per_s": 1e12})
     labels = [ours.label, ours.peer().label]
@@ -110,7 +110,7 @@ def test_sweep_holds_tokens_per_step_over_context_then_varies_rank(tmp_path, mon
     assert [(a, s.seq, s.tokens, r) for a, s, r in axes[:4]] == [("seq", t, 2048, 16) for t in (256, 512, 1024, 2048)]
     assert [(a, s, r) for a, s, r in axes[4:]] == [("rank", SHAPES["cpu"], r) for r in (4, 8, 16, 32, 64)]
     # the run itself over the longest context and the largest rank only (each point is ~2 s here)
-    monkeypatch.setattr(bench.train, "sweep_shapes", lambda base: [sweep_shapes(base)[3], sweep_shapes(base)[-1]])
+    monkeypatch.setattr(bench.train.cli, "sweep_shapes", lambda base: [sweep_shapes(base)[3], sweep_shapes(base)[-1]])
     data = main([*TINY_CLI, "--sweep", "--out", str(tmp_path / "sweep.json")])
     got = [(r["axis"], r["shape"]["seq"], r["rank"]) for r in data["results"]]
     assert got == [("seq", 2048, 16), ("rank", SHAPES["tiny"].seq, 64)]
@@ -138,7 +138,7 @@ def test_gpu_timing_path_times_blocks_in_rotated_order_without_cpu_time(monkeypa
             step()
         return [0.01] * n, None
 
-    monkeypatch.setattr(bench.train_compare, "time_steps", cuda_like_time_steps)
+    monkeypatch.setattr(bench.train.compare, "time_steps", cuda_like_time_steps)
     contenders = [SimpleNamespace(spec=SimpleNamespace(label=x), step=lambda x=x: order.append(x)) for x in "ab"]
     out = run_rounds(contenders, torch.device("cuda"), Budget(steps=4, rounds=2, warmup=1, memory=0))
     assert "".join(order) == "ab" + "aaaabbbb" + "ab" + "bbbbaaaa"  # warm-up, then blocks; round 2 starts with b

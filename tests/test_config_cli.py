@@ -155,7 +155,7 @@ def test_quick_overrides_apply_to_every_run(tmp_path, capsys):
 
 
 def test_with_values_checks_each_then_cross_field_once():
-    from experiments.config import ConfigError, load_config, with_values
+    from experiments.config.config import ConfigError, load_config, with_values
 
     cfg = load_config(DEFAULT_STUDY[0])
     # Lowering batch below the current micro-batch is fine when the micro-batch comes down in the same call.

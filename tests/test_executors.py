@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config import load_config
-from experiments.executors import (
+from experiments.config.config import load_config
+from experiments.finetune.row import RESULT_KEYS
+from experiments.run import DEFAULT_STUDY, main
+from experiments.sweep.executors import (
     PROBE_FILE,
     ExecutorError,
     LocalPool,
@@ -23,10 +25,10 @@ from experiments.executors import (
     local_executor,
     plan_slots,
 )
-from experiments.results import RESULT_KEYS, read_rows
-from experiments.run import DEFAULT_STUDY, main
-from experiments.runners import subprocess_runner
-from experiments.sweep import plan_runs, plan_states, run_sweep
+from experiments.sweep.plan import plan_runs, plan_states
+from experiments.sweep.results import read_rows
+from experiments.sweep.runners import subprocess_runner
+from experiments.sweep.sweep import run_sweep
 
 
 def test_slots_one_gpu_per_run_and_cores_split():

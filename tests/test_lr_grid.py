@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from data import load_corpus, split_corpus, split_tune
-from experiments.config import ConfigError, load_config, with_values
-from experiments.report import write_report
-from experiments.studies import load_studies
-from experiments.sweep import plan_runs
+from experiments.config.config import ConfigError, load_config, with_values
+from experiments.report.markdown import write_report
+from experiments.report.studies import load_studies
+from experiments.sweep.plan import plan_runs
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = str(REPO / "experiments/configs/abl_lora_rank.yaml")

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import model.hub
 from data.tokenizer import EOT
-from experiments.config import ConfigError, load_config, with_value, with_values
+from experiments.config.config import ConfigError, load_config, with_value, with_values
 from experiments.run import main as run_main
 from model import CheckpointNotFoundError, from_pretrained, resolve_checkpoint
 

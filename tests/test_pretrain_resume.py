@@ -10,8 +10,9 @@ from filelock import FileLock
 from safetensors.torch import load_file
 
 from data import load_corpus
-from experiments import pretrain, run
-from experiments.training import loop
+from experiments import run
+from experiments.base import pretrain
+from training import loop
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data import TrainSampler
-from experiments.config import ConfigError, load_config, with_values
-from experiments.pretrain import ensure_base
+from experiments.base.pretrain import ensure_base
+from experiments.config.config import ConfigError, load_config, with_values
 from model import from_pretrained
 
 

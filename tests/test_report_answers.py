@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from experiments.report import write_report
+from experiments.report.markdown import write_report
 
 SHIFT = (-3.0, 0.0, 3.0)  # each seed moves every value alike (same data order and init): the paired test removes it
 WOBBLE = (0.0, 0.2, -0.2)  # each value's own seed-to-seed noise, in an order that depends on the value

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import plots
-from experiments.plots import SEED_STYLES, plot_curves
-from experiments.studies import Study, Value
-from experiments.training.metrics import METRICS_FILE, MetricsLog, read_metrics
+from experiments.report import plots
+from experiments.report.plots import SEED_STYLES, plot_curves
+from experiments.report.studies import Study, Value
+from training.metrics import METRICS_FILE, MetricsLog, read_metrics
 
 
 def log_run(run_dir, val: list[float], train: list[float], tokens_per_step: int = 1024) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.recommend import RULE, _cheaper_by, front, pareto_front, recommend
-from experiments.studies import Study, Value
+from experiments.report.recommend import RULE, _cheaper_by, front, pareto_front, recommend
+from experiments.report.studies import Study, Value
 
 SHIFT = (-4.0, 0.0, 4.0)  # what each seed does to every value alike: paired tests remove it
 # `noise` is each value's own seed-to-seed wobble; values with the same noise differ by a constant at every seed.

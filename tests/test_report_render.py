@@ -7,12 +7,13 @@ import random
 import re
 import struct
 
-from experiments.config import load_config, with_values
-from experiments.report import main as report_main
-from experiments.report import write_report
+from experiments.config.config import load_config, with_values
+from experiments.report.markdown import main as report_main
+from experiments.report.markdown import write_report
+from experiments.report.studies import load_studies
 from experiments.run import DEFAULT_STUDY
-from experiments.studies import load_studies
-from experiments.sweep import plan_runs, run_sweep
+from experiments.sweep.plan import plan_runs
+from experiments.sweep.sweep import run_sweep
 
 
 def make_runner(ppl_of, time_of=lambda cfg: 1.0, mem_of=lambda cfg: 2**28, noise=0.02, fail=()):
@@ -128,7 +129,7 @@ def test_single_seed_and_two_studies_of_one_ablation(tmp_path, capsys):
         lambda c: c.model.max_position_embeddings * 2**18,
     )
     run_sweep(plan_runs(cfg, name="ctx", seeds=1), tmp_path, runner, say=lambda s: None)
-    from experiments.config import with_value
+    from experiments.config.config import with_value
 
     run_sweep(
         plan_runs(with_value(cfg, "train.lr", 1e-4), name="ctx", values=[256, 512]),

@@ -9,7 +9,7 @@ import random
 import pytest
 from scipy.stats import t as student_t
 
-from experiments.stats import PAIRED, WELCH, _is_constant, compare, mean_ci, paired, spearman, welch
+from experiments.report.stats import PAIRED, WELCH, _is_constant, compare, mean_ci, paired, spearman, welch
 
 T975 = {2: 4.302653, 4: 2.776445}  # two-sided 95% critical values t(0.975, df), standard t-table
 

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from data.cache import atomic_write, write_json_atomic
-from experiments import report, results, run
-from experiments.results import RESULTS_CSV, RESULTS_JSONL, read_rows
-from experiments.training import loop
-from experiments.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from experiments.training.distributed import DistInfo
+from experiments import run
+from experiments.report import markdown as report
+from experiments.sweep import results
+from experiments.sweep.results import RESULTS_CSV, RESULTS_JSONL, read_rows
 from lora import LoRAConfig, inject_lora
+from training import loop
+from training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from training.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -31,7 +33,7 @@ RANK = str(REPO / "experiments/configs/abl_lora_rank.yaml")
 APPENDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from experiments.results import append_row
+    from experiments.sweep.results import append_row
     out, me = Path(sys.argv[1]), sys.argv[2]
     (out / f"ready-{me}").touch()
     give_up = time.time() + 900

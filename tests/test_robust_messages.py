@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments import finetune, report, run
-from experiments.results import read_rows
-from experiments.yamlfile import load_yaml
+from experiments import run
+from experiments.config.yamlfile import load_yaml
+from experiments.finetune import train as finetune
+from experiments.report import markdown as report
+from experiments.sweep.results import read_rows
 
 RANK = str(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "abl_lora_rank.yaml")
 

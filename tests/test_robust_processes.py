@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from experiments import report, run
-from experiments.config import load_config
-from experiments.results import read_rows
-from experiments.sweep import plan_runs
-from experiments.training.checkpoint import CHECKPOINT_FILE
+from experiments import run
+from experiments.config.config import load_config
+from experiments.report import markdown as report
+from experiments.sweep.plan import plan_runs
+from experiments.sweep.results import read_rows
+from training.checkpoint import CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = REPO / "experiments" / "configs" / "abl_lora_rank.yaml"
@@ -28,7 +29,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from experiments.locks import RunLock
+    from experiments.finetune.locks import RunLock
     run_dir = Path(sys.argv[1])
     run_dir.mkdir(parents=True)
     assert RunLock(run_dir).claim()
@@ -66,8 +67,9 @@ def ok() -> dict:
 SWEEP = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from experiments.config import load_config
-    from experiments.sweep import plan_runs, run_sweep
+    from experiments.config.config import load_config
+    from experiments.sweep.plan import plan_runs
+    from experiments.sweep.sweep import run_sweep
     out, me = Path(sys.argv[1]), sys.argv[2]
     specs = plan_runs(load_config(sys.argv[3]), name="abl_lora_rank")
     (out / f"ready-{me}").touch()

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from experiments import results
-from experiments.config import load_config
-from experiments.results import COLUMNS, RESULTS_CSV, RESULTS_JSONL, read_rows
+from experiments.config.config import load_config
 from experiments.run import DEFAULT_STUDY
-from experiments.runners import subprocess_runner
-from experiments.sweep import plan_runs, plan_states, run_sweep
+from experiments.sweep import results
+from experiments.sweep.plan import plan_runs, plan_states
+from experiments.sweep.results import COLUMNS, RESULTS_CSV, RESULTS_JSONL, read_rows
+from experiments.sweep.runners import subprocess_runner
+from experiments.sweep.sweep import run_sweep
 
 
 def fake_result(cfg, **over) -> dict:

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from data import Corpus, load_tokenizer
-from experiments import pretrain, run
-from experiments.config import ConfigError
-from experiments.finetune import finetune_tokens, train_run
-from experiments.pretrain import SOURCE_VAL_FILE, ensure_base, pretrain_split
-from experiments.results import make_row, to_csv
-from experiments.training import loop
+from experiments import run
+from experiments.base import pretrain
+from experiments.base.pretrain import SOURCE_VAL_FILE, ensure_base, pretrain_split
+from experiments.config.config import ConfigError
+from experiments.finetune.train import finetune_tokens, train_run
+from experiments.sweep.results import make_row, to_csv
+from training import loop
 
 SOURCE_COLUMNS = ("source_val_loss", "source_val_ppl", "base_source_val_ppl", "forgetting")
 

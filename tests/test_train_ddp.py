@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.finetune import train_run
-from experiments.pretrain import ensure_base
+from experiments.base.pretrain import ensure_base
+from experiments.finetune.train import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from experiments.training import loop, memory
-from experiments.training.distributed import DistInfo
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
+from training import loop, memory
+from training.distributed import DistInfo
 
 
 @pytest.fixture(autouse=True, scope="module")

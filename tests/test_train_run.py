@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments import pretrain
-from experiments.finetune import train_run
-from experiments.results import RESULT_KEYS
-from experiments.training import loop
+from experiments.base import pretrain
+from experiments.finetune.row import RESULT_KEYS
+from experiments.finetune.train import train_run
 from model import GPT
+from training import loop
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,3 @@
+from bench.train.cli import main
+
+main()

@@ -1,0 +1,5 @@
+import sys
+
+from experiments.finetune.train import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from experiments.report.markdown import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""What a sweep can know is wrong before any work, checked once: a mistake costs one message and exit code 2,
+not a pretrained base, a tokenized corpus and one traceback per run.
+
+The config itself (every key, and the rules between keys) is checked when it is loaded (experiments.config.config).
+`preflight` checks what needs more than the config, before the base is pretrained, text is tokenized or a row
+is written: the results folder, the base model's folder, its position table and module names (the built-in
+base's from its `pretrain:` section, a checkpoint's from its config.json, both built on the meta device, so
+nothing is allocated or loaded), and the device. `check_text` needs tokens: the sweep calls it once the text is
+tokenized, still before any run starts or any row is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from data import load_tokenizer
+from data.tokenizer import tokenizer_files
+from experiments.base.pretrain import base_gpt_config
+from experiments.config.config import Config
+from experiments.config.schema import ConfigError
+from experiments.sweep.plan import RunSpec
+from experiments.sweep.results import value_label
+from lora import LoRAConfig, inject_lora
+from model import GPT, GPTConfig
+from model.pretrained import WEIGHT_FILES, has_weights, read_config
+from training.loop import plan_batches
+
+
+def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
+    """Raise ConfigError for the first problem any of `specs` would meet; return notes worth printing with the
+    plan (a step size that differs from train.batch_tokens)."""
+    check_out_dir(out_dir)
+    bases: dict[str, tuple[GPTConfig, str]] = {}
+    checked: set[str] = set()
+    notes: list[str] = []
+    for s in specs:
+        cfg = s.cfg
+        try:
+            if cfg.model.base not in bases:
+                bases[cfg.model.base] = base_config(cfg)
+            gcfg, label = bases[cfg.model.base]
+            _check_device(cfg)
+            _check_positions(cfg, gcfg, label)
+            key = repr((gcfg, cfg.lora.target_modules))
+            if key not in checked:  # a meta model per distinct (base, targets), not per run
+                checked.add(key)
+                _check_targets(cfg, gcfg, label)
+        except ConfigError as e:
+            raise ConfigError(f"{_what(s)}: {e}") from None
+        note = _step_note(cfg)
+        if note and f"{_what(s)}: {note}" not in notes:
+            notes.append(f"{_what(s)}: {note}")
+    return notes
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be a folder, or creatable as one, that this process can write in."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder. Give a folder (it is created if missing).")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made under it.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot write in {existing} ({e.strerror}). Give a folder you can write to."
+        ) from None
+
+
+def base_config(cfg: Config) -> tuple[GPTConfig, str]:
+    """The base model's GPTConfig and a label for messages: the built-in base's from the `pretrain:` section, as
+    experiments.base.pretrain builds it (its position table ends at the longest pretraining phase; vocab_size is the
+    asked size, which only the tokenizer can lower), a checkpoint's from its config.json, as
+    model.from_pretrained maps it. A checkpoint folder must also hold weights and a readable tokenizer; neither
+    is loaded beyond that."""
+    if cfg.model.base == "builtin":
+        return base_gpt_config(cfg.pretrain, cfg.pretrain.vocab_size), "the built-in base (pretrain: section)"
+    folder = Path(cfg.model.base)
+    try:
+        model_type, gcfg = read_config(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.base: {e}") from None
+    if not has_weights(folder):
+        raise ConfigError(f"model.base: {folder} has no weights; expected one of {', '.join(WEIGHT_FILES)}.")
+    try:
+        files = tokenizer_files(folder)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.base: {e}") from None
+    try:
+        load_tokenizer(folder)
+    except Exception as e:  # the tokenizers library raises its own plain Exception for a broken file
+        names = " + ".join(str(f) for f in files)
+        raise ConfigError(f"model.base: {names} cannot be read as a tokenizer ({e}).") from None
+    return gcfg, f"{folder} ({model_type})"
+
+
+def check_text(s: RunSpec, n_train: int, n_val: int) -> None:
+    """The tokenized fine-tuning text (n_train, n_val tokens) must hold one context window and its next-token
+    target in each of its two splits."""
+    seq, d = s.cfg.model.max_position_embeddings, s.cfg.data
+    for split, n, fix in (
+        ("training", n_train, "give more text or use a shorter context (model.max_position_embeddings)"),
+        ("validation", n_val, f"raise data.val_fraction (now {d.val_fraction}) or give more documents"),
+    ):
+        if n < seq + 1:
+            raise ConfigError(
+                f"{_what(s)}: the {split} split of data.finetune ({d.finetune}) has {n} tokens, fewer than one "
+                f"context window of {seq} tokens plus its next-token target; {fix}."
+            )
+
+
+def _what(s: RunSpec) -> str:
+    return f"{s.ablation} {s.key}={value_label(s.value)}" if s.key else s.ablation
+
+
+def _check_device(cfg: Config) -> None:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device is cuda, but torch {torch.__version__} sees no CUDA device (built for CUDA "
+            f"{torch.version.cuda or 'none'}). Use train.device=auto or cpu, or install a CUDA build of torch."
+        )
+
+
+def _check_positions(cfg: Config, gcfg: GPTConfig, label: str) -> None:
+    seq, kind, limit = cfg.model.max_position_embeddings, gcfg.position_embedding, gcfg.max_position_embeddings
+    if kind in ("learned", "sinusoidal") and seq > limit:
+        fix = (
+            ", or pretrain longer sequences (pretrain.long_seq_len), or use pretrain.position_embedding=rope"
+            if cfg.model.base == "builtin"
+            else ""
+        )
+        raise ConfigError(
+            f"model.max_position_embeddings={seq} is longer than the {limit}-position {kind} position table of "
+            f"{label}; use at most {limit}{fix}."
+        )
+
+
+def _check_targets(cfg: Config, gcfg: GPTConfig, label: str) -> None:
+    """Inject into the base's module tree on the meta device: the same matching (and errors) as the run's."""
+    with torch.device("meta"):
+        model = GPT(gcfg)
+    try:
+        inject_lora(model, LoRAConfig(rank=cfg.lora.rank, target_modules=list(cfg.lora.target_modules)))
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules on {label}: {e}") from None
+
+
+def _step_note(cfg: Config) -> str | None:
+    """Steps hold whole sequences (and, under torchrun, equal shares per process): say when that moves the
+    tokens per step away from train.batch_tokens, rather than change the budget silently."""
+    t, seq = cfg.train, cfg.model.max_position_embeddings
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_batches(t.tokens, t.batch_tokens, t.micro_batch_tokens, seq, world)
+    if plan.tokens_per_step == t.batch_tokens:
+        return None
+    return (
+        f"{plan.tokens_per_step:,} tokens per optimizer step, not train.batch_tokens={t.batch_tokens:,} "
+        f"({plan.accum} x {plan.micro_seqs} whole {seq}-token sequences"
+        + (f" over {world} processes" if world > 1 else "")
+        + f"); {plan.steps} steps, {plan.tokens:,} training tokens"
+    )
