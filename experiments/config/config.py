@@ -137,12 +137,17 @@ class AblationConfig:
     """The swept key (a dotted path or one of ABLATION_ALIASES) and its values."""
 
     name: str = ""
-    key: str = ""
+    key: str | None = None  # None in a grid study, which names its keys in `grid`
     values: list[Any] = field(default_factory=list)
     baseline: Any = None
     # Every value trains at every learning rate here; each value's lr is chosen by its loss on a tune split.
     lr_grid: list[float] = field(default_factory=list, metadata=in_range(0, None, lo_open=True))
     tune_fraction: float = field(default=0.1, metadata=in_range(0, 1, lo_open=True, hi_open=True))
+    # Several keys swept jointly instead of `key`/`values`: {dotted key: [values]}, every combination (a cell) x seeds;
+    # `baseline` is then a {key: value} mapping (default: each key's first value). See experiments/sweep/grid.py.
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    # Successive halving over a grid's cells (experiments/sweep/halving.py): rungs keep the better half on a tune split.
+    halving: bool = False
 
 
 @dataclass
@@ -225,7 +230,9 @@ def _check_semantics(cfg: Config, source: str) -> None:
             "Give text of the base model's own domain (.txt/.md/.py files, a folder, a glob, or a .jsonl), or leave "
             "it unset: the built-in base then uses its held-out pretraining documents."
         )
-    if cfg.ablation is not None:
+    if cfg.ablation is not None and (cfg.ablation.grid or cfg.ablation.halving):
+        _check_grid(cfg, source)
+    elif cfg.ablation is not None:
         a = cfg.ablation
         if not a.key or not a.values:
             raise ConfigError(f"{where(source, 'ablation')} needs a 'key' and a non-empty 'values' list.")
@@ -242,6 +249,39 @@ def _check_semantics(cfg: Config, source: str) -> None:
             raise ConfigError(f"{where(source, 'ablation.lr_grid')}: this ablation already sweeps train.lr.")
         for v in a.values:  # every swept value must itself be a valid config
             with_value(cfg, a.key, v, source=f"{source} (ablation value {v!r})")
+
+
+def _check_grid(cfg: Config, source: str) -> None:
+    """A grid: two or more distinct keys, each with distinct valid values, no `key`/`values` beside it, a baseline
+    mapping that names grid values, and an lr grid (if any) that does not sweep train.lr."""
+    a, at = cfg.ablation, where(source, "ablation.grid")
+    if not isinstance(a.grid, dict) or len(a.grid) < 2:
+        raise ConfigError(
+            f"{at} must map two or more keys to lists of values, e.g. {{lora.rank: [4, 16], lora.target_modules: "
+            f"[[q_proj, v_proj], all-linear]}}, got {a.grid!r} (ablation.halving needs a grid; one key is an "
+            "ordinary ablation: key and values)."
+        )
+    if a.key or a.values:
+        raise ConfigError(f"{at}: a grid names its keys itself; remove ablation.key and ablation.values.")
+    paths = [resolve_key(str(k), source) for k in a.grid]
+    if len(set(paths)) != len(paths) or "train.seed" in paths:
+        raise ConfigError(f"{at} names a key twice (or train.seed, which --seeds sets): {list(a.grid)}.")
+    for k, vs in a.grid.items():
+        if not isinstance(vs, list) or not vs or len({json_hash(v) for v in vs}) != len(vs):
+            raise ConfigError(f"{where(source, f'ablation.grid.{k}')} must be a list of distinct values, got {vs!r}.")
+        for v in vs:  # every grid value must itself be a valid config
+            with_value(cfg, k, v, source=f"{source} (ablation.grid value {k}={v!r})")
+    base = a.baseline if a.baseline is not None else {}
+    if not isinstance(base, dict) or any(k not in a.grid or v not in a.grid[k] for k, v in base.items()):
+        raise ConfigError(
+            f"{where(source, 'ablation.baseline')} of a grid is a mapping from grid keys to one of their values "
+            f"(default: each key's first), got {a.baseline!r}; the grid is {a.grid!r}."
+        )
+    if a.lr_grid and (len(a.lr_grid) < 2 or len(set(a.lr_grid)) != len(a.lr_grid) or "train.lr" in paths):
+        raise ConfigError(
+            f"{where(source, 'ablation.lr_grid')} needs two or more distinct learning rates and a grid without "
+            f"train.lr, got {a.lr_grid}."
+        )
 
 
 def _resolve_base(cfg: Config, source: str) -> Config:
