@@ -2,8 +2,10 @@
 
 import warnings
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from lora import LoRAConfig, inject_lora, save_adapter
@@ -54,7 +56,6 @@ def test_kv_cache_generation_with_lora(kind, tiny_gpt, device):
 @pytest.fixture
 def opt_pair(tmp_path):
     """A random tiny transformers OPT, and our GPT imported from its saved folder."""
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.OPTConfig(
         vocab_size=97,
         hidden_size=32,
@@ -90,7 +91,6 @@ def test_adapter_loads_into_peft_as_saved_and_means_the_same(opt_pair, tmp_path)
     """Plain PeftModel.from_pretrained on save_adapter's files: save_adapter names modules under
     model.hf_module_prefix (transformers' paths: model.decoder.layers.*), every key finds its module (PEFT only
     warns on missing ones: made an error here), and PEFT's logits equal ours."""
-    peft = pytest.importorskip("peft")
     hf, ours = opt_pair
     trained_adapter(ours, tmp_path / "adapter")
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -122,5 +122,5 @@ def test_save_pretrained_of_an_injected_model_writes_the_base(tmp_path, tiny_gpt
     train_a_few_steps(model)
     save_pretrained(model, tmp_path)
     assert not any("lora" in k for k in load_file(str(tmp_path / "model.safetensors")))
-    with torch.no_grad():
-        torch.testing.assert_close(from_pretrained(tmp_path)(x), base)
+    with torch.no_grad():  # the very weights, in the same order of operations: bit-identical, not merely close
+        assert torch.equal(from_pretrained(tmp_path)(x), base)

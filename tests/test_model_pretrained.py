@@ -7,12 +7,11 @@ import re
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from model.pretrained import WEIGHT_FILES, has_weights, read_config
-
-transformers = pytest.importorskip("transformers")
 
 
 def randomize(module: torch.nn.Module) -> None:

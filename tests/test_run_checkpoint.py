@@ -12,14 +12,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 
 from data import load_corpus, train_bpe_tokenizer
 from data.tokenizer import EOT
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 300

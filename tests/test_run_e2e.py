@@ -291,7 +291,6 @@ def test_ctrl_c_with_two_jobs_in_flight_stops_both_and_a_rerun_finishes(env, tmp
 
 def test_ray_executor_runs_a_quick_two_value_sweep(env, tmp_path):
     """A local Ray instance (this machine's cores): each run a task, rows written by the driver, probe cleaned."""
-    pytest.importorskip("ray")
     root, e = env
     out = tmp_path / "out"
     done = sweep([*ranks_2_and_4(root, out), "--executor", "ray"], dict(e, RAY_ADDRESS=""))
