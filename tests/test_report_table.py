@@ -9,7 +9,8 @@ import statistics
 import pytest
 from scipy import stats
 
-from experiments.report.studies import MIB, Study, Value, summary_rows
+from experiments.report.fmt import MIB
+from experiments.report.studies import Study, Value, summary_rows
 from experiments.sweep.results import device_peak_bytes
 
 PPL = {4: [120.0, 118.0, 123.0], 8: [110.0, 109.5, 112.5], 16: [108.0, 108.0, 111.0]}

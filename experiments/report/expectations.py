@@ -6,25 +6,11 @@ seeds, Welch where the seeds do not pair)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from experiments.report.checks import Check, Verdict
 from experiments.report.fmt import diff_text, integer, mib, num
 from experiments.report.stats import Difference, spearman
 from experiments.report.studies import Study, Value
-
-
-@dataclass
-class Check:
-    """One expected finding, what the study measured, and the verdict.
-
-    verdict: "held", "partly held", "within noise", "did not hold" [" (within noise)"] or "not testable"; " (1 seed)"
-    added where one seed per value gives the direction but no test against noise.
-    """
-
-    expected: str
-    observed: str
-    verdict: str
-    caveat: str | None = None  # what a reader of the study's recommended value must also know
 
 
 def _trend(st: Study, metric: str, x: Callable[[Value], float]) -> tuple[list[Value], float | None]:
@@ -44,7 +30,7 @@ def _increase_check(
     positive; with seeds, a difference within noise is said so."""
     vs, rho = _trend(st, metric, x)
     if len(vs) < 2:
-        return Check(expected, f"fewer than two values with a {what}", "not testable")
+        return Check(expected, f"fewer than two values with a {what}", Verdict.NOT_TESTABLE)
     lo, hi = vs[0], vs[-1]
     a, b = lo.mean(metric), hi.mean(metric)
     ratio = b / a if a else float("inf")
@@ -53,18 +39,24 @@ def _increase_check(
     )
     d = hi.vs(lo, metric)
     if b > a and (rho is None or rho > 0):
-        return Check(expected, observed, _held(d))
-    return Check(expected, observed, "did not hold (within noise)" if d.significant is False else "did not hold")
+        return _held(expected, observed, d)
+    return Check(expected, observed, _not_held(d))
 
 
-def _held(d: Difference) -> str:
+def _held(expected: str, observed: str, d: Difference) -> Check:
     """The direction is as expected; is the difference beyond noise? One seed cannot say."""
-    return {True: "held", False: "within noise", None: "held (1 seed)"}[d.significant]
+    verdict = Verdict.WITHIN_NOISE if d.significant is False else Verdict.HELD
+    return Check(expected, observed, verdict, one_seed=d.significant is None)
+
+
+def _not_held(d: Difference) -> Verdict:
+    """The opposite direction; said to be within noise when the seeds cannot tell it from no difference."""
+    return Verdict.NOT_HELD_WITHIN_NOISE if d.significant is False else Verdict.NOT_HELD
 
 
 def _lower_is_better(st: Study, expected: str, best: Value, ref: Value, observed: str) -> Check:
     d = best.vs(ref, "val_ppl")
-    return Check(expected, observed, "did not hold" if d.diff >= 0 else _held(d))
+    return Check(expected, observed, Verdict.NOT_HELD) if d.diff >= 0 else _held(expected, observed, d)
 
 
 def _ppl_list(vs: list[Value]) -> str:
@@ -80,12 +72,12 @@ def rank_checks(st: Study) -> list[Check]:
     vs, _ = _trend(st, "val_ppl", x)
     exp = "Higher rank improves validation perplexity, up to a point"
     if len(vs) < 2:
-        checks = [Check(exp, "fewer than two ranks finished", "not testable")]
+        checks = [Check(exp, "fewer than two ranks finished", Verdict.NOT_TESTABLE)]
     else:
         best = min(vs, key=lambda v: v.mean("val_ppl"))
         lo, hi = vs[0], vs[-1]
         if best is lo:
-            checks = [Check(exp, f"the smallest rank had the best ppl; {_ppl_list(vs)}", "did not hold")]
+            checks = [Check(exp, f"the smallest rank had the best ppl; {_ppl_list(vs)}", Verdict.NOT_HELD)]
         else:
             d = best.vs(lo, "val_ppl")
             tail = (
@@ -124,7 +116,7 @@ def target_checks(st: Study) -> list[Check]:
     exp = "More target modules improve validation perplexity"
     vs, rho = _trend(st, "val_ppl", count)
     if len(vs) < 2 or count(vs[0]) == count(vs[-1]):
-        checks.append(Check(exp, "needs values with different numbers of modules", "not testable"))
+        checks.append(Check(exp, "needs values with different numbers of modules", Verdict.NOT_TESTABLE))
     else:
         fewest = min(vs, key=lambda v: (count(v), v.mean("val_ppl")))
         most = max(vs, key=lambda v: (count(v), -v.mean("val_ppl")))
@@ -134,20 +126,20 @@ def target_checks(st: Study) -> list[Check]:
             f"{most.short} ({diff_text(d, fewest.mean('val_ppl'))}{_rho(rho)} between module count and ppl); "
             f"{_ppl_list(vs)}"
         )
-        verdict = _lower_is_better(st, exp, most, fewest, obs)
-        if verdict.verdict.startswith("held") and rho is not None and rho > 0:
-            verdict.verdict = "did not hold"
-        checks.append(verdict)
+        check = _lower_is_better(st, exp, most, fewest, obs)
+        if check.verdict is Verdict.HELD and rho is not None and rho > 0:  # the ends agree, the trend does not
+            check.verdict, check.one_seed = Verdict.NOT_HELD, False
+        checks.append(check)
     exp = "More target modules mean more trainable parameters"
     pv = [v for v in st.values if v.metric("trainable_params")]
     if len(pv) < 2:
-        checks.append(Check(exp, "fewer than two values finished", "not testable"))
+        checks.append(Check(exp, "fewer than two values finished", Verdict.NOT_TESTABLE))
     else:
         monotone = all(
             v.mean("trainable_params") < w.mean("trainable_params") for v in pv for w in pv if count(v) < count(w)
         )
         obs = ", ".join(f"{v.short}: {integer(v.mean('trainable_params'))}" for v in sorted(pv, key=count))
-        checks.append(Check(exp, obs, "held" if monotone else "did not hold"))
+        checks.append(Check(exp, obs, Verdict.HELD if monotone else Verdict.NOT_HELD))
     checks.append(qv_check(st))
     checks.append(forgetting_check(st))
     return checks
@@ -173,12 +165,12 @@ def qv_check(st: Study) -> Check:
     base = qv.mean("base_val_ppl") if qv else None
     if qv is None or base is None or len(fin) < 2:
         return Check(
-            exp, "needs a finished [q_proj, v_proj] run, another value and the base model's ppl", "not testable"
+            exp, "needs a finished [q_proj, v_proj] run, another value and the base model's ppl", Verdict.NOT_TESTABLE
         )
     gain = {id(v): base - v.mean("val_ppl") for v in fin}
     best = min(fin, key=lambda v: v.mean("val_ppl"))
     if gain[id(best)] <= 0:
-        return Check(exp, f"no value improved on the base model's ppl {num(base)}", "not testable")
+        return Check(exp, f"no value improved on the base model's ppl {num(base)}", Verdict.NOT_TESTABLE)
     params = lambda v: v.mean("trainable_params")  # noqa: E731
     share = gain[id(qv)] / gain[id(best)]
     per_param = share >= 0.5 and all(gain[id(qv)] / params(qv) >= gain[id(v)] / params(v) for v in fin)
@@ -202,10 +194,10 @@ def qv_check(st: Study) -> Check:
             f"({_per_k(add(ko), params(ko) - params(qv))}); q,v+MLP − q,v+k,o: {diff_text(d, ko.mean('val_ppl'))}"
         )
     if per_param and marginal:
-        verdict, why = "held", "Both readings hold"
+        verdict, why = Verdict.HELD, "Both readings hold"
     elif per_param:
         verdict, why = (
-            "partly held",
+            Verdict.PARTLY_HELD,
             (
                 "(1) holds, (2) does not: q,v give the most gain per parameter, but beyond them the MLP adds more than "
                 "the rest of attention, as Biderman et al. 2024 and LoRA Without Regret (2025) found"
@@ -213,14 +205,13 @@ def qv_check(st: Study) -> Check:
         )
     elif marginal:
         verdict, why = (
-            "partly held",
+            Verdict.PARTLY_HELD,
             "(2) holds, (1) does not: q,v reach under half the gain or less gain per parameter",
         )
     else:
-        verdict, why = "did not hold", "Neither reading holds"
-    verdict += " (1 seed)" if one_seed else ""
+        verdict, why = Verdict.NOT_HELD, "Neither reading holds"
     rule = "held needs ≥ 50% of the best gain, the most gain per parameter, and the MLP adding no more than k,o"
-    return Check(exp, f"{obs}. {why} ({rule}).", verdict)
+    return Check(exp, f"{obs}. {why} ({rule}).", verdict, one_seed=one_seed)
 
 
 def forgetting_check(st: Study) -> Check:
@@ -228,13 +219,13 @@ def forgetting_check(st: Study) -> Check:
     source. Compared between the values with the fewest and the most trainable parameters, paired over seeds."""
     exp = "More capacity learns more and forgets more (Biderman et al. 2024)"
     if st.source_note:
-        return Check(exp, f"no source ppl: {st.source_note}", "not testable")
+        return Check(exp, f"no source ppl: {st.source_note}", Verdict.NOT_TESTABLE)
     vs = sorted(
         (v for v in st.values if v.metric("val_ppl") and v.metric("source_val_ppl") and v.mean("trainable_params")),
         key=lambda v: v.mean("trainable_params"),
     )
     if len(vs) < 2 or vs[0].mean("trainable_params") == vs[-1].mean("trainable_params"):
-        return Check(exp, "needs finished values with different trainable parameter counts", "not testable")
+        return Check(exp, "needs finished values with different trainable parameter counts", Verdict.NOT_TESTABLE)
     lo, hi = vs[0], vs[-1]
     learn, forget = hi.vs(lo, "val_ppl"), hi.vs(lo, "source_val_ppl")
     rho = spearman([v.mean("trainable_params") for v in vs], [v.mean("source_val_ppl") for v in vs])
@@ -246,12 +237,13 @@ def forgetting_check(st: Study) -> Check:
         "parameters and source ppl"
     )
     if learn.diff >= 0:
-        return Check(exp, obs + "; more capacity did not learn more", "did not hold")
+        return Check(exp, obs + "; more capacity did not learn more", Verdict.NOT_HELD)
     if forget.diff <= 0:
-        tail = " (within noise)" if forget.significant is False else ""
-        return Check(exp, obs + "; more capacity learned more without forgetting more", "did not hold" + tail)
+        return Check(exp, obs + "; more capacity learned more without forgetting more", _not_held(forget))
     sig = (learn.significant, forget.significant)
-    return Check(exp, obs, "held (1 seed)" if None in sig else "held" if all(sig) else "within noise")
+    if None in sig:
+        return Check(exp, obs, Verdict.HELD, one_seed=True)
+    return Check(exp, obs, Verdict.HELD if all(sig) else Verdict.WITHIN_NOISE)
 
 
 def context_checks(st: Study) -> list[Check]:
@@ -273,12 +265,12 @@ def context_checks(st: Study) -> list[Check]:
     exp = "Longer context lowers validation perplexity (broader dependencies)"
     vs, rho = _trend(st, "val_ppl", x)
     if len(vs) < 2:
-        checks.append(Check(exp, "fewer than two lengths finished", "not testable"))
+        checks.append(Check(exp, "fewer than two lengths finished", Verdict.NOT_TESTABLE))
     else:
         best = min(vs, key=lambda v: v.mean("val_ppl"))
         obs = f"{_ppl_list(vs)}{_rho(rho)}; each evaluated at its own context length"
         if best is vs[0]:
-            checks.append(Check(exp, obs, "did not hold"))
+            checks.append(Check(exp, obs, Verdict.NOT_HELD))
         else:
             checks.append(_lower_is_better(st, exp, best, vs[0], obs))
     checks.append(base_context_check(st))
@@ -295,7 +287,7 @@ def base_context_check(st: Study) -> Check:
     exp = "The base model's own val ppl does not rise as context grows (each token sees at least as much context)"
     vs = sorted((v for v in st.values if v.metric("base_val_ppl")), key=lambda v: float(v.value))
     if len(vs) < 2:
-        return Check(exp, "fewer than two lengths with the base model's ppl", "not testable")
+        return Check(exp, "fewer than two lengths with the base model's ppl", Verdict.NOT_TESTABLE)
     ppl = [v.mean("base_val_ppl") for v in vs]
     steps = [b / a - 1.0 for a, b in zip(ppl, ppl[1:])]
     obs = "base model before fine-tuning: " + ", ".join(f"{v.short}: {num(p)}" for v, p in zip(vs, ppl))
@@ -311,19 +303,19 @@ def base_context_check(st: Study) -> Check:
             f"{obs}; it rises from {num(ppl[i])} at {vs[i].short} to {num(ppl[i + 1])} at {vs[i + 1].short} "
             f"({steps[i]:+.1%}): past the length it was pretrained at the base extrapolates, so this ablation "
             "measures extrapolation, not the value of context",
-            "did not hold",
+            Verdict.NOT_HELD,
             caveat,
         )
     flat_from = next(i for i in range(len(steps) + 1) if all(abs(s) <= FLAT for s in steps[i:]))
     if flat_from == len(steps):
         tail = "falls at every step: more context helps the base, so the ablation measures what context is worth"
-        return Check(exp, f"{obs}; {tail}", "held")
+        return Check(exp, f"{obs}; {tail}", Verdict.HELD)
     where = "at any length" if flat_from == 0 else f"beyond {vs[flat_from].short}"
     tail = (
         "flat at every length" if flat_from == 0 else f"falls up to {vs[flat_from].short}, flat beyond"
     ) + f" (within {FLAT:.1%} step to step): the base gains nothing from more context {where}, so LoRA cannot either"
     caveat = f"the base model gains nothing from more context {where}, so neither can LoRA"
-    return Check(exp, f"{obs}; {tail}", "held", caveat)
+    return Check(exp, f"{obs}; {tail}", Verdict.HELD, caveat)
 
 
 CHECKS = {

@@ -15,8 +15,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from experiments.report.expectations import Check, expectations
-from experiments.report.fmt import ci, diff_text, integer, md_table, mib, num
+from experiments.report.checks import Check
+from experiments.report.expectations import expectations
+from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
 from experiments.report.recommend import RULE, recommend
 from experiments.report.studies import LEVEL, Study, Value, load_studies
 from experiments.sweep.results import RESULTS_JSONL, ResultsFileError
@@ -27,12 +28,12 @@ def _status(v: Value) -> str:
     return ", ".join(f"{s} {n}/{len(v.rows)}" if len(v.rows) > 1 else s for s, n in sorted(c.items()))
 
 
-def _delta(v: Value, base: Value | None, metric: str) -> str:
-    """The Δ-vs-baseline cell: paired (or Welch) difference with its CI, "baseline", or "—"."""
+def _delta_cell(v: Value, base: Value | None, metric: str) -> str | None:
+    """The Δ-vs-baseline cell: paired (or Welch) difference with its CI (fmt.diff_text), "baseline", or empty."""
     if v is base:
-        return "baseline" if v.metric(metric) else "—"
+        return "baseline" if v.metric(metric) else None
     d = v.vs(base, metric) if base is not None else None
-    return "—" if d is None else diff_text(d, base.mean(metric))
+    return None if d is None else diff_text(d, base.mean(metric))
 
 
 def _source(v: Value) -> str:
@@ -49,9 +50,9 @@ def study_table(st: Study) -> str:
         [
             f"**{v.label}**" if v is base else v.label,
             ci(v.summary("val_ppl")),
-            _delta(v, base, "val_ppl"),
+            _delta_cell(v, base, "val_ppl"),
             _source(v),
-            _delta(v, base, "source_val_ppl"),
+            _delta_cell(v, base, "source_val_ppl"),
             f"{len(v.ok)}/{len(v.rows)}",
             ci(v.summary("train_time_s"), 1),
             integer(v.mean("tokens_per_s")),
@@ -79,7 +80,7 @@ def study_table(st: Study) -> str:
     if st.lr_grid:  # each value is reported at the learning rate its tune split chose
         header.insert(1, "chosen lr")
         for row, v in zip(out, st.values):
-            row.insert(1, "—" if v.chosen_lr is None else f"{v.chosen_lr:g}")
+            row.insert(1, None if v.chosen_lr is None else f"{v.chosen_lr:g}")
     return md_table(header, out)
 
 
@@ -129,13 +130,13 @@ def study_header(st: Study) -> str:
     )
     devices = sorted({f"{r.get('device')}, {r.get('dtype')}, world size {r.get('world_size')}" for r in ok})
     lines = [
-        f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else '—'}; "
+        f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else EMPTY}; "
         f"seeds: {', '.join(map(str, seeds))} ({len(seeds)} per value)",
         f"- alpha policy: {_alpha_text(rows)}",
         f"- token budget: {budget}; validation: the same held-out documents, up to "
         f"{', '.join(f'{e:,}' for e in evals)} tokens, windows at each run's context length",
-        f"- device: {'; '.join(devices) or '—'}; "
-        f"torch {', '.join(sorted({str(r.get('torch_version')) for r in ok})) or '—'}; "
+        f"- device: {'; '.join(devices) or EMPTY}; "
+        f"torch {', '.join(sorted({str(r.get('torch_version')) for r in ok})) or EMPTY}; "
         f"git {', '.join(sorted({str(r.get('git_commit'))[:10] for r in rows}))}",
     ]
     if any(str(r.get("device", "")).startswith("cpu") for r in ok):
@@ -182,7 +183,7 @@ def answers(studies: list[Study]) -> list[str]:
 
 
 def _verdict_counts(checks: list[Check]) -> str:
-    counts = Counter(c.verdict for c in checks)
+    counts = Counter(c.text for c in checks)
     return ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -221,7 +222,7 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
         if checks:
             single = (
                 " (with one seed per value: direction only, no test against noise)"
-                if any(c.verdict.endswith("(1 seed)") for c in checks)
+                if any(c.one_seed for c in checks)
                 else ""
             )
             parts += [
@@ -234,7 +235,7 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
                 "tell it from no difference); *partly held* = the readings the row gives disagree.",
                 "",
                 md_table(
-                    ["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.verdict}**"] for c in checks]
+                    ["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.text}**"] for c in checks]
                 ),
                 "",
             ]
@@ -253,7 +254,7 @@ def terminal_summary(studies: list[Study]) -> str:
         if rec is not None:
             parts.append(f"  recommended: {rec.evidence}")
             parts += [f"  caution: {c.caveat}" for c in checks if c.caveat]
-        parts += [f"  [{c.verdict}] {c.expected}" for c in checks]
+        parts += [f"  [{c.text}] {c.expected}" for c in checks]
         parts.append("")
     if studies:
         parts += [f"Rule: {RULE}", ""]

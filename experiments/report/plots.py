@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from experiments.report.fmt import MIB  # noqa: E402
 from experiments.report.recommend import METRIC, front, recommend  # noqa: E402
-from experiments.report.studies import MIB, Study, Value  # noqa: E402
+from experiments.report.studies import Study, Value  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 LOG2_KEYS = {"lora.rank", "model.max_position_embeddings"}

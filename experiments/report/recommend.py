@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from experiments.report.fmt import num
+from experiments.report.fmt import diff_text, num
 from experiments.report.stats import Difference
 from experiments.report.studies import Study, Value
 
@@ -51,10 +51,9 @@ def _cheaper_by(v: Value, ref: Value) -> str:
     return "no cheaper"
 
 
-def _delta(d: Difference) -> str:
-    if d.significant is None:
-        return f"{d.diff:+.2f} ppl, 1 seed"
-    return f"{d.diff:+.2f} ± {d.half:.2f} ppl, {d.test}"
+def _diff(d: Difference) -> str:
+    """ "+1.23 ± 0.45 ppl, paired": a difference in the evidence line (the verdict is the sentence's own)."""
+    return diff_text(d, digits=2, unit=" ppl", verdict=False)
 
 
 def recommend(st: Study) -> Recommendation | None:
@@ -76,13 +75,13 @@ def recommend(st: Study) -> Recommendation | None:
     name = st.named(pick)
     if pick is not best:
         d = diffs[id(pick)]
-        evidence = f"{name}: within noise of the best ({st.named(best)}: {_delta(d)}), {_cheaper_by(pick, best)}"
+        evidence = f"{name}: within noise of the best ({st.named(best)}: {_diff(d)}), {_cheaper_by(pick, best)}"
     elif rejected:
         nearest = rejected[-1]  # the cheaper value closest in cost to the best
         how = "significantly worse" if not provisional else "worse"
         evidence = (
             f"{name}: the best perplexity ({num(best.mean(METRIC), 2)}); every cheaper value is {how} "
-            f"(nearest, {st.named(nearest)}: {_delta(diffs[id(nearest)])})"
+            f"(nearest, {st.named(nearest)}: {_diff(diffs[id(nearest)])})"
         )
     else:
         evidence = f"{name}: the best perplexity ({num(best.mean(METRIC), 2)}) and the cheapest value"

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config.schema import flatten
+from experiments.report.fmt import MIB
 from experiments.report.stats import Difference, Summary, compare, mean_ci
 from experiments.sweep.results import latest, read_rows
 
 LEVEL = 0.95
-MIB = 2**20
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
 NOUN = {"lora.rank": "rank", "model.max_position_embeddings": "context"}  # how prose names a value of these keys
 

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import subprocess
+import typing
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -24,31 +25,13 @@ from filelock import FileLock
 
 from data.cache import atomic_write
 from experiments.config.config import Config
-from experiments.finetune.row import RESULT_KEYS
+from experiments.finetune.row import COLUMNS, RESULT_KEYS, Row, row_problems
 from training.metrics import finite_or_none
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 
 RESULTS_LOCK = "results.jsonl.lock"
-
-
-# Column order of the CSV (and of each JSON row). Memory figures are bytes; times are seconds. The source_* columns
-# measure forgetting on the base's own domain (eval.source_data): forgetting = source ppl after / before - 1; empty
-# (None) when the run has no source set.
-COLUMNS = tuple(
-    """
-    finished_at ablation key value value_index is_baseline seed status error diverged_step
-    val_loss val_ppl best_val_loss best_val_ppl base_val_loss base_val_ppl
-    source_val_loss source_val_ppl base_source_val_ppl forgetting tune_loss
-    train_tokens eval_max_tokens steps train_time_s tokens_per_s
-    peak_memory_bytes peak_allocated_bytes peak_reserved_bytes peak_active_bytes peak_rss_bytes
-    saved_for_backward_bytes trainable_params total_params
-    lora_rank lora_alpha alpha_policy target_modules context_length lr
-    config_hash study_hash corpus_fingerprint base_fingerprint device dtype world_size
-    torch_version git_commit run_dir reused_from
-""".split()
-)
 
 
 def value_label(value: Any) -> Any:
@@ -94,8 +77,9 @@ def make_row(
     result: dict,
     run_dir: str,
     reused_from: str | None = None,
-) -> dict:
-    """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column."""
+) -> Row:
+    """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column;
+    every column of Row, in order."""
     row: dict[str, Any] = {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ablation": ablation,
@@ -120,20 +104,17 @@ def make_row(
     for k in RESULT_KEYS:
         row[k] = finite_or_none(result.get(k))
     row["peak_memory_bytes"] = device_peak_bytes(result)
-    return {c: row.get(c) for c in COLUMNS}
-
-
-# What every row has; a line without them was not written by a sweep.
-ROW_IDENTITY = ("ablation", "key", "value", "seed", "status", "config_hash", "study_hash")
+    return typing.cast(Row, {c: row.get(c) for c in COLUMNS})
 
 
 class ResultsFileError(ValueError):
     """results.jsonl holds a line that is not a row; the message names the line and the way out."""
 
 
-def read_rows(out_dir: Path) -> list[dict]:
-    """Every row ever written, oldest first ([] if there is no results file yet). A line that is not JSON, or not
-    a row, raises ResultsFileError naming it; the file is left as it is."""
+def numbered_rows(out_dir: Path) -> list[tuple[int, Row]]:
+    """Every row ever written with its line number in results.jsonl, oldest first ([] if there is no results file
+    yet). A line that is not JSON, or not a Row (experiments.finetune.row.row_problems), raises ResultsFileError
+    naming it; the file is left as it is."""
     path = Path(out_dir) / RESULTS_JSONL
     if not path.exists():
         return []
@@ -145,11 +126,16 @@ def read_rows(out_dir: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise _bad_line(path, n, f"is not JSON ({e})") from None
-        missing = [k for k in ROW_IDENTITY if k not in row] if isinstance(row, dict) else list(ROW_IDENTITY)
-        if missing:
-            raise _bad_line(path, n, f"is not a result row (it lacks {', '.join(missing)})")
-        rows.append(row)
+        problems = row_problems(row)
+        if problems:
+            raise _bad_line(path, n, f"is not a result row (it {'; '.join(problems)})")
+        rows.append((n, row))
     return rows
+
+
+def read_rows(out_dir: Path) -> list[Row]:
+    """Every row ever written, oldest first: numbered_rows without the line numbers."""
+    return [row for _, row in numbered_rows(out_dir)]
 
 
 def _bad_line(path: Path, n: int, why: str) -> ResultsFileError:
@@ -159,15 +145,16 @@ def _bad_line(path: Path, n: int, why: str) -> ResultsFileError:
     )
 
 
-def latest(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
+def latest(rows: Iterable[Row]) -> dict[tuple[str, str], Row]:
     """The latest row per (ablation, config hash): what a re-run replaced no longer counts."""
-    out: dict[tuple[str, str], dict] = {}
+    out: dict[tuple[str, str], Row] = {}
     for r in rows:
         out[(r["ablation"], r["config_hash"])] = r
     return out
 
 
-def to_csv(rows: list[dict]) -> str:
+def to_csv(rows: list[Row]) -> str:
+    """The rows as CSV: every column of Row in order, empty cells blank."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -176,9 +163,14 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def append_row(out_dir: Path, row: dict) -> None:
-    """Append `row`: under the results lock, rewrite results.jsonl with all rows to a temp file and rename it,
-    then regenerate the CSV."""
+def append_row(out_dir: Path, row: Row) -> None:
+    """Append `row` (a Row; else ValueError naming what is wrong, and nothing written): under the results lock,
+    rewrite results.jsonl with all rows to a temp file and rename it, then regenerate the CSV."""
+    problems = row_problems(row)
+    if problems:  # refused before the file is touched: written, it would make every later read refuse the file
+        raise ValueError(
+            f"not a result row, not appended to {RESULTS_JSONL}: it {'; '.join(problems)} (make_row builds rows)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(out_dir / RESULTS_LOCK):
