@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+TABLE_POSITIONS = ("learned", "sinusoidal")  # position kinds with a fixed-size table: a hard length limit
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("standard", "gated")
+ROPE_SCALINGS = ("llama3",)
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -31,17 +36,47 @@ class GPTConfig:
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates (rest pass through)
     word_embed_proj_dim: int | None = None  # != d_model: embeddings live in this width, with project_in/out
     gradient_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
+    # --- what Llama-family checkpoints (Llama, Qwen2, Mistral) need; the defaults are the GPT-2/OPT-style block ---
+    norm: str = "layernorm"  # "rmsnorm": weight-only RMSNorm, computed in at least float32; eps is layer_norm_eps
+    # "gated": a Llama-style block: mlp.{gate,up,down}_proj computing down(act(gate(x)) * up(x)), attention output
+    # self_attn.o_proj. "standard": fc2(act(fc1(x))) and self_attn.out_proj, as OPT names them.
+    mlp: str = "standard"
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads, each shared by n_head / n_kv_head queries
+    head_dim: int | None = None  # width of one head; None -> d_model // n_head (resolved when the config is built)
+    attn_bias: bool | None = None  # biases of q/k/v_proj (Qwen2: True with bias=False); None -> `bias`
+    o_bias: bool | None = None  # bias of the attention output projection; None -> `bias`
+    mlp_bias: bool | None = None  # biases of the MLP's Linears; None -> `bias`
+    # RoPE frequency scaling, {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (Llama 3.1 / 3.2); None: plain RoPE with rope_base
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None  # each token attends to the last `sliding_window` tokens only (Mistral)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_head != 0:
+        for name in ("n_kv_head", "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"GPTConfig.{name} must be a positive int or None, got {value!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_head != 0:
+                raise ValueError(
+                    f"GPTConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); "
+                    f"pick n_head among the divisors of d_model, or set head_dim"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.kv_heads != 0:
             raise ValueError(
-                f"GPTConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); "
-                f"pick n_head among the divisors of d_model"
+                f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head}): each key/value "
+                f"head serves an equal group of query heads; pick n_kv_head among the divisors of n_head"
             )
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"GPTConfig.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}"
+                )
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"GPTConfig.position_embedding={self.position_embedding!r} is unknown; "
@@ -69,12 +104,54 @@ class GPTConfig:
                 )
             if self.rope_base <= 1.0:
                 raise ValueError(f"GPTConfig.rope_base must be > 1, got {self.rope_base}")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
         if self.word_embed_proj_dim is not None and self.word_embed_proj_dim <= 0:
             raise ValueError(f"GPTConfig.word_embed_proj_dim must be positive or None, got {self.word_embed_proj_dim}")
 
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if self.position_embedding != "rope":
+            raise ValueError(f"GPTConfig.rope_scaling applies to rope positions, not {self.position_embedding!r}")
+        if not isinstance(scaling, dict):
+            raise ValueError(f"GPTConfig.rope_scaling must be a dict or None, got {scaling!r}")
+        kind = scaling.get("rope_type")
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(
+                f"rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_SCALINGS)} "
+                f"(or no rope_scaling for plain RoPE)"
+            )
+        missing = [k for k in LLAMA3_KEYS if k not in scaling]
+        unknown = sorted(set(scaling) - {"rope_type", *LLAMA3_KEYS})
+        if missing or unknown:
+            raise ValueError(
+                f"llama3 rope_scaling needs exactly the keys {', '.join(LLAMA3_KEYS)}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        bad = [k for k in LLAMA3_KEYS if isinstance(scaling[k], bool) or not isinstance(scaling[k], (int, float))]
+        if bad or scaling["factor"] <= 0 or scaling["original_max_position_embeddings"] <= 0:
+            raise ValueError(f"llama3 rope_scaling values must be positive numbers, got {scaling}")
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ValueError(
+                f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+                f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}"
+            )
+
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head without grouped-query attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the positions can serve: the table's size for learned / sinusoidal positions,
+        None (no limit) for rope / alibi / none."""
+        return self.max_position_embeddings if self.position_embedding in TABLE_POSITIONS else None
+
+    @property
+    def gated(self) -> bool:
+        """A Llama-style block (gated MLP, `o_proj`): module names follow it."""
+        return self.mlp == "gated"
 
     @property
     def rotary_dim(self) -> int:

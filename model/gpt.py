@@ -1,6 +1,6 @@
 """The GPT: token embeddings (+ learned / sinusoidal positions, or RoPE / ALiBi inside attention), a stack of
-pre-LN (or post-LN) blocks, final norm, lm_head. Leaf names match OPT's (q_proj ... fc2) so LoRA targets and
-PEFT adapters line up."""
+pre-LN (or post-LN) blocks, final norm, lm_head. Leaf names match the checkpoint family's (OPT: q_proj ... out_proj,
+fc1, fc2; Llama: q_proj ... o_proj, mlp.gate_proj/up_proj/down_proj) so LoRA targets and PEFT adapters line up."""
 
 from __future__ import annotations
 
@@ -16,29 +16,77 @@ from .config import GPTConfig
 from .loss import chunked_cross_entropy
 from .positions import alibi_bias, alibi_slopes, rope_tables, sinusoidal_table
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+
+
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps), no bias (Llama). Computed in float32 for lower-precision inputs and
+    cast back before the weight, as transformers does; a float64 input stays float64 (transformers would round
+    it to float32), so float64 checks stay exact."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class GatedMLP(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)): the Llama-family MLP (act = SiLU there)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        bias = config.bias if config.mlp_bias is None else config.mlp_bias
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=bias)
+        self.act = _ACTIVATIONS[config.activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
 
 class Block(nn.Module):
-    """One transformer layer. Pre-LN: x + f(norm(x)). Post-LN (OPT-350m): norm(x + f(x))."""
+    """One transformer layer. Pre-LN: x + f(norm(x)). Post-LN (OPT-350m): norm(x + f(x)). The MLP is
+    fc1/act/fc2 (OPT names) or, with config.mlp == "gated", `mlp` holding gate/up/down_proj (Llama names)."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.pre_norm = config.pre_norm
-        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn_norm = _norm(config, config.d_model)
         self.self_attn = CausalSelfAttention(config, layer_idx)
-        self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.act = _ACTIVATIONS[config.activation]()
-        self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.mlp_norm = _norm(config, config.d_model)
+        if config.gated:
+            self.mlp = GatedMLP(config)
+        else:
+            bias = config.bias if config.mlp_bias is None else config.mlp_bias
+            self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=bias)
+            self.act = _ACTIVATIONS[config.activation]()
+            self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) if hasattr(self, "mlp") else self.fc2(self.act(self.fc1(x)))
 
     def forward(self, x, rope=None, attn_mask=None, cache=None):
         if self.pre_norm:
             x = x + self.dropout(self.self_attn(self.attn_norm(x), rope, attn_mask, cache))
-            return x + self.dropout(self.fc2(self.act(self.fc1(self.mlp_norm(x)))))
+            return x + self.dropout(self._mlp(self.mlp_norm(x)))
         x = self.attn_norm(x + self.dropout(self.self_attn(x, rope, attn_mask, cache)))
-        return self.mlp_norm(x + self.dropout(self.fc2(self.act(self.fc1(x)))))
+        return self.mlp_norm(x + self.dropout(self._mlp(x)))
 
 
 class GPT(nn.Module):
@@ -63,14 +111,16 @@ class GPT(nn.Module):
         if kind == "sinusoidal":
             self.register_buffer("sinusoidal", sinusoidal_table(config.max_position_embeddings, d), persistent=False)
         if kind == "rope":
-            cos, sin = rope_tables(config.max_position_embeddings, config.rotary_dim, config.rope_base)
+            cos, sin = rope_tables(
+                config.max_position_embeddings, config.rotary_dim, config.rope_base, config.rope_scaling
+            )
             self.register_buffer("rope_cos", cos, persistent=False)  # (P, rot)
             self.register_buffer("rope_sin", sin, persistent=False)
         if kind == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)  # (H,)
             self.register_buffer("alibi", empty, persistent=False)  # (H, P, P), built on first use
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.final_norm else None
+        self.final_norm = _norm(config, d) if config.final_norm else None
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
         self.lm_head = nn.Linear(e, config.vocab_size, bias=False)
         self._init_weights()
@@ -87,8 +137,13 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.layers:
-            nn.init.normal_(block.self_attn.out_proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.fc2.weight, mean=0.0, std=std)
+            out, down = (
+                (block.self_attn.o_proj, block.mlp.down_proj)
+                if self.config.gated
+                else (block.self_attn.out_proj, block.fc2)
+            )
+            nn.init.normal_(out.weight, mean=0.0, std=std)
+            nn.init.normal_(down.weight, mean=0.0, std=std)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (a tied head counts once), as transformers' num_parameters()."""
@@ -100,13 +155,13 @@ class GPT(nn.Module):
         """For T new tokens at absolute positions [start, start + T): add table positions to x, or return the
         RoPE (cos, sin) / ALiBi bias the attention needs. Tables are sliced, never rebuilt, on the common path."""
         T, end, cfg = x.shape[1], start + x.shape[1], self.config
-        kind = cfg.position_embedding
+        kind, limit = cfg.position_embedding, cfg.max_seq_len
         rope = attn_mask = None
-        if kind in ("learned", "sinusoidal") and end > cfg.max_position_embeddings:
+        if limit is not None and end > limit:
             raise ValueError(
-                f"sequence length {end} exceeds max_position_embeddings={cfg.max_position_embeddings} of "
-                f"'{kind}' positions: feed at most {cfg.max_position_embeddings} tokens (a pretrained checkpoint's "
-                f"table is fixed), or build the model with a larger max_position_embeddings or rope/alibi/none"
+                f"sequence length {end} exceeds max_position_embeddings={limit} of '{kind}' positions: feed at most "
+                f"{limit} tokens (a pretrained checkpoint's table is fixed), or build the model with a larger "
+                f"max_position_embeddings or rope/alibi/none"
             )
         self._grow_tables(end)
         if kind == "learned":
@@ -115,11 +170,16 @@ class GPT(nn.Module):
         elif kind == "sinusoidal":
             x = x + self.sinusoidal[start:end]
         elif kind == "rope":
-            dtype = _compute_dtype(x)  # q/k dtype: a no-op cast unless autocast runs a lower precision
-            rope = self.rope_cos[start:end, None].to(dtype), self.rope_sin[start:end, None].to(dtype)  # (T, 1, rot)
+            rope = self.rope_cos[start:end, None], self.rope_sin[start:end, None]  # (T, 1, rot)
         elif kind == "alibi":
-            attn_mask = self.alibi[:, start:end, :end].to(_compute_dtype(x))  # (H, T, S)
-        if attn_mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal, offset by start
+            attn_mask = self.alibi[:, start:end, :end]  # (H, T, S)
+        window = cfg.sliding_window
+        if window is not None and end > window:  # query i sees keys j with i - window < j <= i
+            i = torch.arange(start, end, device=x.device)[:, None]
+            j = torch.arange(end, device=x.device)[None, :]
+            allowed = (j <= i) & (j > i - window)  # (T, S)
+            attn_mask = allowed if attn_mask is None else attn_mask.masked_fill(~allowed, float("-inf"))
+        elif attn_mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal, offset by start
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         return x, rope, attn_mask
 
@@ -127,7 +187,8 @@ class GPT(nn.Module):
         """RoPE / ALiBi run at any length: rebuild their tables when a longer sequence arrives (rare)."""
         kind = self.config.position_embedding
         if kind == "rope" and self.rope_cos.shape[0] < n:
-            cos, sin = rope_tables(max(n, 2 * self.rope_cos.shape[0]), self.config.rotary_dim, self.config.rope_base)
+            cfg = self.config
+            cos, sin = rope_tables(max(n, 2 * self.rope_cos.shape[0]), cfg.rotary_dim, cfg.rope_base, cfg.rope_scaling)
             self.rope_cos = cos.to(self.rope_cos)
             self.rope_sin = sin.to(self.rope_sin)
         elif kind == "alibi" and self.alibi.shape[-1] < n:
@@ -195,8 +256,8 @@ class GPT(nn.Module):
             )
         B, T0 = input_ids.shape
         total = T0 + max_new_tokens
-        kind, limit = self.config.position_embedding, self.config.max_position_embeddings
-        if kind in ("learned", "sinusoidal") and total > limit:
+        kind, limit = self.config.position_embedding, self.config.max_seq_len
+        if limit is not None and total > limit:
             raise ValueError(
                 f"prompt {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
                 f"max_position_embeddings={limit} of '{kind}' positions; shorten the prompt or lower max_new_tokens "
@@ -228,10 +289,3 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torc
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype Linear outputs will have: autocast's when it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype

@@ -17,13 +17,31 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def rope_tables(n_positions: int, rotary_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    n_positions: int, rotary_dim: int, base: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (n_positions, rotary_dim) float32, rotate-half layout: frequency i sits at dims i
-    and i + rotary_dim/2 (the GPT-NeoX / Llama convention)."""
+    and i + rotary_dim/2 (the GPT-NeoX / Llama convention). `scaling`: GPTConfig.rope_scaling (llama3)."""
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # (rot/2,)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angle = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq  # (P, rot/2)
     angle = torch.cat((angle, angle), dim=-1)  # (P, rot)
     return angle.cos().float(), angle.sin().float()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency scaling: wavelengths shorter than original_max / high_freq_factor stay, those
+    longer than original_max / low_freq_factor are divided by `factor`, and the band between is interpolated
+    smoothly, so the model serves contexts `factor` times longer than it was pretrained on."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)  # in [0, 1] inside the band where it is used
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(
+        wavelen < old_len / high, inv_freq, torch.where(wavelen > old_len / low, inv_freq / factor, scaled)
+    )
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from .config import GPTConfig
 from .gpt import GPT
 from .hub import resolve_checkpoint
 
-SUPPORTED_MODEL_TYPES = ("opt", "gpt2", "slm-gpt")
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("opt", "gpt2", *LLAMA_FAMILY, "slm-gpt")
 # Weight layouts `from_pretrained` reads, in the order it looks for them.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -23,58 +24,79 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_HF_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+}
+# Where our top-level modules sit in transformers' module tree of each family (for adapter files PEFT reads).
+_HF_MODULE_PREFIX = {"opt": "model.decoder.", "llama": "model.", "qwen2": "model.", "mistral": "model."}
 
 
 def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT from a checkpoint folder of model_type opt, gpt2 or slm-gpt, or from a Hugging Face model name
-    (`facebook/opt-125m`, see model.hub.resolve_checkpoint). The returned model is in eval mode;
+    """A GPT from a checkpoint folder of model_type opt, gpt2, llama, qwen2, mistral or slm-gpt, or from a Hugging
+    Face model name (`facebook/opt-125m`, see model.hub.resolve_checkpoint). The returned model is in eval mode;
     `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none;
-    `model.hf_module_prefix` is "model.decoder." for OPT (our `layers.0.fc1` is transformers'
-    `model.decoder.layers.0.fc1`), "" otherwise."""
+    `model.hf_module_prefix` is where our modules sit in transformers' model ("model.decoder." for OPT: our
+    `layers.0.fc1` is transformers' `model.decoder.layers.0.fc1`; "model." for the Llama family), "" otherwise."""
     folder = resolve_checkpoint(name_or_path)
-    model_type, config = read_config(folder)
-    raw = _read_tensors(folder)
-    if model_type == "opt":
-        tensors = _opt_tensors(raw)
-    elif model_type == "gpt2":
-        tensors = _gpt2_tensors(raw, config)
-    else:
-        tensors = dict(raw)
-    model = GPT(config)
-    _load_checked(model, tensors, source=str(folder))
+    hf = _read_json(folder)
+    config_from_hf(hf, str(folder / "config.json"))  # a bad config names its file, before any weight is read
+    model = from_hf(hf, _read_tensors(folder), source=str(folder))
     tokenizer = folder / "tokenizer.json"
     model.tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
-    model.hf_module_prefix = "model.decoder." if model_type == "opt" else ""  # GPT-2's leaf names differ anyway
-    return model.to(dtype).eval()
+    return model.to(dtype)
+
+
+def from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT (eval mode, float32 unless the tensors say otherwise) from a config dict in transformers' config.json
+    format and tensors under transformers' names (`model.layers.0.self_attn.q_proj.weight`), e.g. read from a
+    folder or a GGUF file. `source` names where they came from in every error. Checks the config and every
+    tensor's name and shape before loading; sets `hf_module_prefix`, not `tokenizer_path`."""
+    model_type, config = config_from_hf(hf_config, source)
+    if model_type == "opt":
+        mapped = _opt_tensors(tensors)
+    elif model_type == "gpt2":
+        mapped = _gpt2_tensors(tensors, config)
+    elif model_type in LLAMA_FAMILY:
+        mapped = _llama_tensors(tensors)
+    else:
+        mapped = dict(tensors)
+    model = GPT(config)
+    _load_checked(model, mapped, source=source)
+    model.hf_module_prefix = _HF_MODULE_PREFIX.get(model_type, "")  # GPT-2's leaf names differ anyway
+    return model.eval()
 
 
 def read_config(folder: str | Path) -> tuple[str, GPTConfig]:
     """(model_type, our GPTConfig) from a checkpoint folder's config.json, mapped as `from_pretrained` maps it,
     without reading weights. Errors name the file: missing, unreadable, unsupported model_type, missing keys."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
-    try:
-        hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file} cannot be read as JSON: {e}") from None
+    return config_from_hf(_read_json(Path(folder)), str(Path(folder) / "config.json"))
+
+
+def config_from_hf(hf: dict, source: str) -> tuple[str, GPTConfig]:
+    """(model_type, our GPTConfig) from a config dict in transformers' config.json format. Errors name `source`:
+    an unsupported model_type (listing the supported), a missing key, a value our GPT refuses."""
     model_type = hf.get("model_type") if isinstance(hf, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not supported; "
-            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{source}: model_type {model_type!r} is not supported; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     try:
         if model_type == "opt":
             return model_type, _opt_config(hf)
         if model_type == "gpt2":
             return model_type, _gpt2_config(hf)
+        if model_type in LLAMA_FAMILY:
+            return model_type, _llama_config(hf, model_type)
         return model_type, GPTConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
     except KeyError as e:
-        raise ValueError(f"{config_file} lacks the key {e} that a {model_type} config has") from None
+        raise ValueError(f"{source} lacks the key {e} that a {model_type} config has") from None
     except (TypeError, ValueError) as e:  # GPTConfig's own checks, or a value of the wrong type
-        raise ValueError(f"{config_file}: {e}") from None
+        raise ValueError(f"{source}: {e}") from None
 
 
 def has_weights(folder: str | Path) -> bool:
@@ -106,6 +128,17 @@ def save_pretrained(model: GPT, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------- reading files
+
+
+def _read_json(folder: Path) -> dict | object:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; expected a folder written by save_pretrained")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} cannot be read as JSON: {e}") from None
+    return hf  # not a dict: config_from_hf names the file and the supported model types
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -272,4 +305,76 @@ def _gpt2_tensors(raw: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
             out[f"layers.{i}.{block[module]}.{param}"] = t
         else:
             out[k] = t
+    return out
+
+
+# ---------------------------------------------------------------------- Llama, Qwen2, Mistral
+
+
+def _rope(hf: dict) -> tuple[float, dict | None, float]:
+    """(rope_theta, our rope_scaling, rotary fraction) from either transformers >= 5's `rope_parameters` or the
+    older `rope_theta` + `rope_scaling` keys. "default" is plain RoPE; other types are refused by GPTConfig."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        params = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+    if not isinstance(params, dict) or not isinstance(params.get("rope_theta", 10000.0), (int, float)):
+        raise ValueError(f"rope_parameters must be one dict with a numeric rope_theta, got {params!r}")
+    kind = params.get("rope_type", params.get("type", "default"))
+    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    theta = float(params.get("rope_theta", 10000.0))
+    if kind == "default":
+        return theta, None, fraction
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    return theta, {**scaling, "rope_type": kind}, fraction
+
+
+def _llama_config(hf: dict, model_type: str) -> GPTConfig:
+    """LlamaConfig / Qwen2Config / MistralConfig keys -> ours; absent optional keys take those classes' defaults.
+    Llama: `attention_bias` on q/k/v/o, `mlp_bias`; Qwen2: q/k/v biases, none elsewhere; Mistral: none."""
+    d, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if model_type == "qwen2" and (hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)")
+    theta, scaling, fraction = _rope(hf)
+    attention_bias = bool(hf.get("attention_bias", False)) if model_type == "llama" else False
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        d_model=d,
+        d_ff=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        position_embedding="rope",
+        dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        bias=False,
+        attn_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
+        activation=_activation(hf, "silu"),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_base=theta,
+        rotary_fraction=fraction,
+        norm="rmsnorm",
+        mlp="gated",
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or d // n_head,
+        rope_scaling=scaling,
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+    )
+
+
+def _llama_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM-style keys (`model.layers.0.input_layernorm.weight`, with or without `model.`) -> ours.
+    Names inside attention and MLP are the same; older checkpoints' rotary_emb.inv_freq buffers are derived
+    tables, not weights, and are dropped."""
+    out = {}
+    for key, t in raw.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        k = key.removeprefix("model.")
+        k = k.replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".mlp_norm.")
+        if k.startswith("norm."):
+            k = "final_norm." + k.removeprefix("norm.")
+        out[k] = t
     return out
