@@ -8,9 +8,8 @@ import platform
 import torch
 
 from bench.train.compare import nested
+from experiments.report.fmt import MIB, md_table
 from training.distributed import device_name
-
-MB = 2**20
 
 
 def environment(device: torch.device, precision: str) -> dict:
@@ -32,14 +31,14 @@ def environment(device: torch.device, precision: str) -> dict:
     }
 
 
-def _mb(x) -> str:
-    return "-" if x is None else f"{x / MB:.1f}"
+def _mib(x: float | None) -> str | None:
+    return None if x is None else f"{x / MIB:.1f}"
 
 
-def _versus_peer(r: dict | None, cuda: bool) -> str:
+def _versus_peer(r: dict | None, cuda: bool) -> str | None:
     """The "x peer" cell: speed-up (and CPU-time speed-up) and the memory ratio of the device's main figure."""
     if not r:
-        return ""
+        return None
     parts = []
     if r["speedup"]:
         cpu_time = f" (cpu-time {r['speedup_cpu_time']:.2f}x)" if "speedup_cpu_time" in r else ""
@@ -54,10 +53,10 @@ def table(result: dict, device: torch.device) -> str:
     """One comparison as a markdown table: a row per contender; CUDA shows allocator peaks, CPU saved bytes and RSS."""
     cuda = device.type == "cuda"
     head = ["contender", "trainable", "ms/step", "tokens/s", "x peer", "MFU"]
-    head += ["peak alloc MB", "peak rsvd MB"] if cuda else ["saved MB", "RSS delta MB"]
+    head += ["peak alloc MiB", "peak rsvd MiB"] if cuda else ["saved MiB", "RSS delta MiB"]
     head += ["loss0", "loss_after"]
     speed = {r["ours"]: r for r in result["ratios"]}
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in result["rows"]:
         m = row["memory"]
         mem_keys = (
@@ -67,13 +66,13 @@ def table(result: dict, device: torch.device) -> str:
         cells = [
             row["label"],
             f"{row['trainable']:,}",
-            f"{row['step_s'] * 1e3:.1f}" if timed else "-",
-            f"{row['tokens_per_s']:,.0f}" if timed else "-",
+            f"{row['step_s'] * 1e3:.1f}" if timed else None,
+            f"{row['tokens_per_s']:,.0f}" if timed else None,
             _versus_peer(speed.get(row["label"]), cuda),
-            f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "-",
-            *[_mb(nested(m, k)) for k in mem_keys],
+            f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else None,
+            *[_mib(nested(m, k)) for k in mem_keys],
             f"{row['loss_initial']:.4f}",
             f"{row['loss_after']:.4f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return md_table(head, rows)
