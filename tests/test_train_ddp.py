@@ -22,6 +22,13 @@ def losses(run_dir: Path, key: str) -> list[float]:
     return [r[key] for r in recs if key in r]
 
 
+# Two processes against one, measured on CPU (Xeon, AMX, 2 cores): train losses differ by 1.2e-7 relative, validation
+# losses by 7.9e-9 (the gradient average adds the same numbers in another order), adapter weights (|w| <= 0.2) by
+# 3.0e-8 absolute. The bounds are ~4x that.
+LOSS_RTOL = 5e-7
+ADAPTER_ATOL = 1e-7
+
+
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, tiny_config, toy_corpora):
     toy_corpora(tmp_path)
     monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "cache"))
@@ -70,9 +77,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, tiny_config
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["steps"] == one["steps"] == 6 and two["train_tokens"] == one["train_tokens"]
 
-    assert losses(tmp_path / "two", "train_loss") == pytest.approx(losses(tmp_path / "one", "train_loss"), rel=1e-5)
-    assert losses(tmp_path / "two", "val_loss") == pytest.approx(losses(tmp_path / "one", "val_loss"), rel=1e-5)
+    for key in ("train_loss", "val_loss"):
+        assert losses(tmp_path / "two", key) == pytest.approx(losses(tmp_path / "one", key), rel=LOSS_RTOL, abs=0)
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=ADAPTER_ATOL)
