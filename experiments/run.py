@@ -41,7 +41,7 @@ from experiments.config.schema import flatten
 from experiments.config.yamlfile import read_yaml
 from experiments.sweep.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
 from experiments.sweep.plan import RunSpec, plan_runs, plan_states
-from experiments.sweep.preflight import preflight
+from experiments.sweep.preflight import check_data, preflight
 from experiments.sweep.results import RESULTS_JSONL, ResultsFileError, value_label
 from experiments.sweep.runners import inprocess_runner, subprocess_runner
 from experiments.sweep.sweep import run_sweep
@@ -172,9 +172,9 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
         quick = read_yaml(QUICK_FILE) or {}
         items += [(k, v, str(QUICK_FILE)) for k, v in flatten(quick).items()]
     if args.base_model:
-        items.append(("model.base", _base_flag(args.base_model), "--base_model"))
+        items.append(("model.base", _base_flag(args.base_model), f"--base_model {args.base_model}"))
     if args.data:
-        items.append(("data.finetune", _path_flag("--data", args.data), "--data"))
+        items.append(("data.finetune", _path_flag("--data", args.data), f"--data {args.data}"))
     for text in args.overrides:
         key, eq, value = text.partition("=")
         if not eq or not key.strip():
@@ -190,11 +190,12 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
     return items
 
 
-def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
-    """Configs -> overrides -> the runs. Raises ConfigError for anything a user must fix."""
+def resolve_runs(args: argparse.Namespace, items: list[tuple[str, Any, str]] | None = None) -> list[RunSpec]:
+    """Configs -> overrides (`items`, default `_overrides(args)`) -> the runs. Raises ConfigError for anything a
+    user must fix."""
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: must be at least 1.")
-    items = _overrides(args)
+    items = _overrides(args) if items is None else items
     if args.config:
         paths = list(args.config)
     else:  # value flags without --config pick the built-in ablations of those keys
@@ -339,9 +340,12 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
     """Check everything (exit 2), then prepare the data, run the sweep and write the report; the exit code."""
     try:
         check_executor_flags(args.jobs, args.executor, args.ray_address, int(os.environ.get("WORLD_SIZE", "1")))
-        specs = resolve_runs(args)
+        items = _overrides(args)
+        specs = resolve_runs(args, items)
         states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
         notes = preflight(specs, out_dir)
+        pending = [s for s, st in zip(specs, states) if st not in ("done", "reuse")]
+        check_data(pending, given={resolve_key(key): source for key, _, source in items})
     except ResultsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -364,7 +368,6 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
         dist.barrier()  # no rank tears the group down while another is still in its last collective
         dist.destroy_process_group()
     else:
-        pending = [s for s, st in zip(specs, states) if st not in ("done", "reuse")]
         with executor_from_flags(args, pending, out_dir, subprocess_runner, progress) as executor:
             try:  # leaving this block (Ctrl-C, SIGTERM, an error) stops every run in flight
                 _prepare(specs, states, progress)

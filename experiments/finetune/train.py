@@ -121,6 +121,18 @@ class RunTokens(NamedTuple):
     tune: np.ndarray | None  # the tune split an lr grid chooses by (data.tune_fraction > 0); None otherwise
 
 
+def finetune_splits(cfg: Config) -> tuple[Corpus, Corpus, Corpus, Corpus | None]:
+    """The fine-tuning corpus and its (train, validation, tune) documents; tune is None without data.tune_fraction.
+    Reads text only: the sweep's preflight calls it too, so unusable text fails before any tokenizing."""
+    corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
+    train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
+    if cfg.data.tune_fraction <= 0:
+        return corpus, train_docs, val_docs, None
+    # held out of training only: validation stays what it is without a grid
+    train_docs, tune_docs = split_tune(train_docs, cfg.data.val_fraction, cfg.data.tune_fraction)
+    return corpus, train_docs, val_docs, tune_docs
+
+
 def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) -> RunTokens:
     """The fine-tuning corpus, its (train, validation) token arrays and the source set, from the token cache
     (tokenized on first use). The sweep calls this once before its runs, so no run's peak memory carries the
@@ -129,12 +141,8 @@ def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) ->
     The source set is eval.source_data if given, else the base folder's own held-out pretraining tokens
     (SOURCE_VAL_FILE, which the built-in base carries), else None."""
     tok = load_tokenizer(base_dir)
-    corpus = load_corpus(cfg.data.finetune, cfg.data.text_field, builtin="finetune")
-    train_docs, val_docs = split_corpus(corpus, cfg.data.val_fraction)
-    tune = None
-    if cfg.data.tune_fraction > 0:  # held out of training only: validation stays what it is without a grid
-        train_docs, tune_docs = split_tune(train_docs, cfg.data.val_fraction, cfg.data.tune_fraction)
-        tune = token_array(tune_docs, tok, "finetune tune", progress)
+    corpus, train_docs, val_docs, tune_docs = finetune_splits(cfg)
+    tune = None if tune_docs is None else token_array(tune_docs, tok, "finetune tune", progress)
     train_ids = token_array(train_docs, tok, "finetune train", progress)
     val_ids = token_array(val_docs, tok, "finetune val", progress)
     source = None

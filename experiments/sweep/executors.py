@@ -36,6 +36,9 @@ Runner = Callable[[RunSpec, Path, bool], dict]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE_FILE = ".shared-probe"  # in --out and the cache while a Ray sweep runs: proof that a node sees them
+# A Ray address must accept a TCP connection within this time; ray.init would retry one with nothing behind it
+# forever. A reachable host answers (or refuses) in milliseconds, so this only bounds an unreachable one.
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
 class ExecutorError(RuntimeError):
@@ -186,6 +189,8 @@ def check_executor_flags(jobs: int | str, executor: str, ray_address: str | None
             "under torchrun each run is data-parallel over the torchrun processes; --jobs and --executor ray run "
             "several runs at once instead: use one or the other."
         )
+    if executor == "ray":
+        check_ray_address(ray_address)
 
 
 def cpu_cores() -> int:
@@ -282,6 +287,37 @@ def import_ray() -> Any:
     except ImportError:
         raise ExecutorError("--executor ray needs Ray: pip install ray (it is in requirements-dev.txt).") from None
     return ray
+
+
+def check_ray_address(address: str | None) -> None:
+    """The Ray cluster a sweep joins must answer now, before any work: `ray.init` retries an address with nothing
+    behind it forever. The address is probed as given; "auto" (and no address at all) as `ray.init` resolves it
+    (the cluster `ray start` recorded, if any: without one a local Ray instance is started, which needs no probe)."""
+    ray = import_ray()
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    label = f"--ray-address {address}" if address else f"$RAY_ADDRESS={given}" if given else "the recorded Ray cluster"
+    if given in (None, "auto"):
+        try:
+            target = ray._private.services.canonicalize_bootstrap_address(given)
+        except (ConnectionError, ValueError) as e:
+            raise ExecutorError(f"{label}: {e}") from None
+        if target is None:
+            return
+    elif given == "local":
+        return
+    else:
+        target = given.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ExecutorError(f"{label}: not HOST:PORT (e.g. 10.0.0.5:6379, ray://10.0.0.5:10001, or auto).")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = f"no answer within {RAY_CONNECT_TIMEOUT_S:g} s" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise ExecutorError(
+            f"{label}: no Ray cluster answers at {target} ({why}). Start one there (ray start --head), or give the "
+            "address `ray start` printed."
+        ) from None
 
 
 class RayExecutor(Executor):

@@ -5,24 +5,27 @@ The config itself (every key, and the rules between keys) is checked when it is 
 `preflight` checks what needs more than the config, before the base is pretrained, text is tokenized or a row
 is written: the results folder, the base model's folder, its position table and module names (the built-in
 base's from its `pretrain:` section, a checkpoint's from its config.json, both built on the meta device, so
-nothing is allocated or loaded), and the device. `check_text` needs tokens: the sweep calls it once the text is
-tokenized, still before any run starts or any row is written.
+nothing is allocated or loaded), and the device. `check_data` reads (never tokenizes) every text of the user's the
+runs need and splits it as they will. `check_text` needs tokens: the sweep calls it once the text is tokenized,
+still before any run starts or any row is written.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from data import load_tokenizer
+from data import load_corpus, load_tokenizer
 from data.tokenizer import tokenizer_files
-from experiments.base.pretrain import base_gpt_config
+from experiments.base.pretrain import base_gpt_config, pretrain_split
 from experiments.config.config import Config
 from experiments.config.schema import ConfigError
+from experiments.finetune.train import finetune_splits
 from experiments.sweep.plan import RunSpec
 from experiments.sweep.results import value_label
 from lora import LoRAConfig, inject_lora
@@ -100,6 +103,46 @@ def base_config(cfg: Config) -> tuple[GPTConfig, str]:
         names = " + ".join(str(f) for f in files)
         raise ConfigError(f"model.base: {names} cannot be read as a tokenizer ({e}).") from None
     return gcfg, f"{folder} ({model_type})"
+
+
+def check_data(specs: Sequence[RunSpec], given: Mapping[str, str] | None = None) -> None:
+    """Read every text of the user's that `specs` train or evaluate on (data.finetune, eval.source_data, and the
+    built-in base's pretrain.corpus) and split it as the runs will, before any tokenizer is trained, text tokenized
+    or base pretrained: a file without usable text (empty, binary, not UTF-8, .jsonl lines without the text field)
+    or a single line with nothing to hold out costs one message, not minutes of work. The built-in corpora are
+    not read. `given` maps a key to the command-line input that set it ("data.finetune" -> "--data notes.txt"),
+    which the message names; a key a config file set is named with its run."""
+    seen: set[str] = set()
+    for s in specs:
+        for key, ident, read in _user_texts(s.cfg):
+            if ident in seen:
+                continue
+            seen.add(ident)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # skipped files, a one-document split: the run itself says them
+                    read()
+            except (OSError, ValueError) as e:
+                source = (given or {}).get(key) or f"{_what(s)}: '{key}'"
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def _user_texts(cfg: Config) -> list[tuple[str, str, Callable[[], object]]]:
+    """(key, identity of what is read, the read) for each text of the user's that a run of `cfg` reads."""
+    d, out = cfg.data, []
+    if d.finetune != "builtin":
+        ident = repr(("finetune", d.finetune, d.text_field, d.val_fraction, d.tune_fraction))
+        out.append(("data.finetune", ident, lambda: finetune_splits(cfg)))
+    source = cfg.eval.source_data
+    if source is not None and source != "builtin":
+        out.append(
+            ("eval.source_data", repr(("source", source, d.text_field)), lambda: load_corpus(source, d.text_field))
+        )
+    corpus = cfg.pretrain.corpus
+    if cfg.model.base == "builtin" and corpus != "builtin":
+        ident = repr(("pretrain", corpus, d.text_field))
+        out.append(("pretrain.corpus", ident, lambda: pretrain_split(load_corpus(corpus, d.text_field))))
+    return out
 
 
 def check_text(s: RunSpec, n_train: int, n_val: int) -> None:

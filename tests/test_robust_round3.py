@@ -1,0 +1,134 @@
+"""Bad input, round three: what a new user still hit on the newer surfaces (the lr grid, Ray, --data, --set, --out).
+Each case fails with exit code 2 and one message naming the input the user gave, before any work: no tokenizer
+trained, no text tokenized, no base pretrained, nothing written. In-process, each in about a second."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+import experiments.base.pretrain
+from experiments.run import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+RANK = ["--config", str(CONFIGS / "abl_lora_rank.yaml"), "--lora_rank", "4"]
+
+
+@pytest.fixture
+def no_work(monkeypatch, isolated_cache):
+    """Any pretraining fails the test (not just the exit code): the checks must come first. Returns the cache,
+    which must stay empty (no tokenizer, no token arrays, no base)."""
+
+    def pretrain(*args, **kwargs):
+        raise AssertionError("the base was built before the input was checked")
+
+    monkeypatch.setattr(experiments.base.pretrain, "ensure_base", pretrain)
+    monkeypatch.setattr(experiments.base.pretrain, "pretrain_base", pretrain)
+    return isolated_cache
+
+
+def refused(argv: list[str], out: Path, capsys, cache: Path) -> str:
+    """Run the sweep; assert exit 2 with one line and no traceback, and that nothing was written anywhere."""
+    rc = main([*argv, "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not cache.exists(), err
+    return err.strip()
+
+
+# ----------------------------------------------------------------------------- text without usable text
+
+
+def _empty(f: Path) -> str:
+    f.write_bytes(b"")
+    return "empty"
+
+
+def _binary(f: Path) -> str:
+    f.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)))
+    return "binary (NUL bytes)"
+
+
+def _latin1(f: Path) -> str:
+    f.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\nsecond line\n".encode("latin-1"))
+    return "not UTF-8 (byte 3)"
+
+
+def _jsonl_without_text(f: Path) -> str:
+    f.write_text("".join(json.dumps({"body": f"line {i}"}) + "\n" for i in range(5)), encoding="utf-8")
+    return "no field 'text' (found ['body']). Set data.text_field"
+
+
+def _one_line(f: Path) -> str:
+    f.write_text("x = 1  # the only line of the only document", encoding="utf-8")
+    return "has a single line: nothing to hold out for validation"
+
+
+UNUSABLE = [_empty, _binary, _latin1, _jsonl_without_text, _one_line]
+
+
+@pytest.mark.parametrize("damage", UNUSABLE, ids=lambda d: d.__name__.strip("_"))
+def test_data_without_usable_text_fails_before_any_work(tmp_path, capsys, no_work, damage):
+    f = tmp_path / ("text.jsonl" if damage is _jsonl_without_text else "text.txt")
+    needle = damage(f)
+    err = refused([*RANK, "--data", str(f)], tmp_path / "out", capsys, no_work)
+    assert err.startswith(f"config error: --data {f}: ") and needle in err
+
+
+@pytest.mark.parametrize("damage", [_empty, _binary, _latin1, _jsonl_without_text], ids=lambda d: d.__name__.strip("_"))
+def test_source_data_without_usable_text_fails_before_any_work(tmp_path, capsys, no_work, damage):
+    f = tmp_path / ("text.jsonl" if damage is _jsonl_without_text else "text.txt")
+    needle = damage(f)
+    err = refused([*RANK, "--set", f"eval.source_data={f}"], tmp_path / "out", capsys, no_work)
+    assert err.startswith(f"config error: --set eval.source_data={f}: ") and needle in err
+
+
+def test_pretrain_corpus_without_usable_text_fails_before_any_work(tmp_path, capsys, no_work):
+    needle = _latin1(tmp_path / "pt.txt")
+    err = refused([*RANK, "--set", f"pretrain.corpus={tmp_path / 'pt.txt'}"], tmp_path / "out", capsys, no_work)
+    assert err.startswith(f"config error: --set pretrain.corpus={tmp_path / 'pt.txt'}: ") and needle in err
+
+
+def test_data_set_in_a_config_file_is_named_with_its_run(tmp_path, capsys, no_work):
+    _empty(tmp_path / "empty.txt")
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"data:\n  finetune: {tmp_path / 'empty.txt'}\n", encoding="utf-8")
+    err = refused(["--config", str(cfg)], tmp_path / "out", capsys, no_work)
+    assert err.startswith("config error: mine: 'data.finetune': ") and "no text found" in err
+
+
+# ----------------------------------------------------------------------------- Ray address that does not answer
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound by this process, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("form", ["{}", "ray://{}", "RAY_ADDRESS={}"])
+def test_ray_address_with_nothing_behind_it_fails_at_once(tmp_path, capsys, no_work, monkeypatch, form):
+    address = f"127.0.0.1:{_closed_port()}"
+    given = form.format(address)
+    if given.startswith("RAY_ADDRESS="):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        argv, label = [], f"$RAY_ADDRESS={address}"
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        argv, label = ["--ray-address", given], f"--ray-address {given}"
+    err = refused([*RANK, "--executor", "ray", *argv], tmp_path / "out", capsys, no_work)
+    assert err == (
+        f"error: {label}: no Ray cluster answers at {address} (Connection refused). Start one there "
+        "(ray start --head), or give the address `ray start` printed."
+    )
+
+
+def test_ray_address_that_is_no_address(tmp_path, capsys, no_work, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    err = refused([*RANK, "--executor", "ray", "--ray-address", "headnode"], tmp_path / "out", capsys, no_work)
+    assert err.startswith("error: --ray-address headnode: not HOST:PORT")
