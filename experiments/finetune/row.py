@@ -31,6 +31,7 @@ class Col(NamedTuple):
 
 FAILED = "empty when the run did not finish ok"
 NO_CUDA = "empty on CPU"
+NO_PROCESS = "empty when the run's training process never started"
 
 
 class Row(TypedDict, total=False):
@@ -58,7 +59,7 @@ class Row(TypedDict, total=False):
     status: Annotated[
         str, Col("—", "`ok`, `diverged` (non-finite loss), `oom` (out of memory) or `failed`", run=True, identity=True)
     ]
-    error: Annotated[str | None, Col("—", "the error of a run that did not finish ok", "empty when ok", run=True)]
+    error: Annotated[str | None, Col("—", "why a run failed or ran out of memory", "empty when it did not", run=True)]
     diverged_step: Annotated[
         int | None, Col("optimizer steps", "the step whose loss was not finite", "empty unless diverged", run=True)
     ]
@@ -200,10 +201,12 @@ class Row(TypedDict, total=False):
     base_fingerprint: Annotated[
         str | None, Col("16 hex", "content hash of the base model folder", "empty when the run failed early", run=True)
     ]
-    device: Annotated[str | None, Col("—", "the GPU's name, or the CPU and its thread count", run=True)]
-    dtype: Annotated[str | None, Col("—", "what it trained in: `float32` or `bfloat16 autocast`", run=True)]
-    world_size: Annotated[int | None, Col("processes", "data-parallel processes (torchrun), 1 without", run=True)]
-    torch_version: Annotated[str | None, Col("—", "`torch.__version__`", run=True)]
+    device: Annotated[str | None, Col("—", "the GPU's name, or the CPU and its thread count", NO_PROCESS, run=True)]
+    dtype: Annotated[str | None, Col("—", "what it trained in: `float32` or `bfloat16 autocast`", NO_PROCESS, run=True)]
+    world_size: Annotated[
+        int | None, Col("processes", "data-parallel processes (torchrun), 1 without", NO_PROCESS, run=True)
+    ]
+    torch_version: Annotated[str | None, Col("—", "`torch.__version__`", NO_PROCESS, run=True)]
     git_commit: Annotated[str, Col("—", "HEAD of the checkout that ran it, or `unknown`")]
     run_dir: Annotated[str, Col("path", "the run's folder, relative to the results folder")]
     reused_from: Annotated[
