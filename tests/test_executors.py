@@ -4,10 +4,11 @@ probe, and the flags. Fake runners stand in for training; tests/test_run_e2e.py 
 from __future__ import annotations
 
 import os
-import random
+import signal
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from experiments.config.config import load_config
 from experiments.finetune.row import RESULT_KEYS
 from experiments.run import DEFAULT_STUDY, main
+from experiments.sweep import sweep as sweep_module
 from experiments.sweep.executors import (
     PROBE_FILE,
     ExecutorError,
@@ -26,6 +28,7 @@ from experiments.sweep.executors import (
     plan_slots,
 )
 from experiments.sweep.plan import plan_runs, plan_states
+from experiments.sweep.results import append_row as real_append_row
 from experiments.sweep.results import read_rows
 from experiments.sweep.runners import subprocess_runner
 from experiments.sweep.sweep import run_sweep
@@ -50,22 +53,31 @@ def test_one_job_is_the_sequential_sweep_of_before():
     assert isinstance(ex, LocalPool) and made[1]["threads"] == 1 and made[1]["progress"] is False
 
 
-class SlowRunner:
-    """A thread-safe fake run that takes a random few milliseconds (`slow` ones 0.3 s); records what ran, in which
-    order runs finished, and how many ran at once."""
+class OrderedRunner:
+    """A thread-safe fake run whose finishing order the test fixes by events, not by sleeps: the `slow` run (the
+    first submitted) ends only once the rows of `slow_after` runs that started after it are on disk (so they ran
+    beside it), and every run ends only once the row of the run that ended before it has been written (so no two
+    runs finish "together"). Records what ran, in which order runs finished, and how many ran at once."""
 
-    def __init__(self, log: dict, fail_on: str, slow: str):
-        self.log, self.fail_on, self.slow = log, fail_on, slow
+    def __init__(self, log: dict, fail_on: str, slow: str, slow_after: int = 3):
+        self.log, self.fail_on, self.slow, self.slow_after = log, fail_on, slow, slow_after
 
     def __call__(self, spec, run_dir: Path, resume: bool) -> dict:
-        with self.log["lock"]:
-            self.log["started"].append(spec.config_hash)
-            self.log["now"] += 1
-            self.log["most"] = max(self.log["most"], self.log["now"])
-        time.sleep(0.3 if spec.name == self.slow else random.uniform(0.01, 0.04))
-        with self.log["lock"]:
-            self.log["now"] -= 1
-            self.log["finished"].append(spec.name)
+        log = self.log
+        with log["lock"]:
+            log["started"].append(spec.config_hash)
+            log["start"][spec.name] = len(log["started"])
+            log["now"] += 1
+            log["most"] = max(log["most"], log["now"])
+        with log["rows_written"]:
+            if spec.name == self.slow:
+                mine = log["start"][spec.name]
+                later = lambda: sum(log["start"][name] > mine for name in log["rows"]) >= self.slow_after
+                assert log["rows_written"].wait_for(later, timeout=120)
+            # the previous finisher's row first (run_sweep appends a row only after its run has returned)
+            assert log["rows_written"].wait_for(lambda: not log["finished"] or log["finished"][-1] in log["rows"], 120)
+            log["now"] -= 1
+            log["finished"].append(spec.name)
         failed = self.fail_on in spec.cfg.lora.target_modules
         return {
             **dict.fromkeys(RESULT_KEYS),
@@ -76,21 +88,29 @@ class SlowRunner:
         }
 
 
-def test_pool_runs_each_config_once_appends_in_finish_order_and_reuses_after_the_twin(tmp_path):
-    random.seed(3)
+def test_pool_runs_each_config_once_appends_in_finish_order_and_reuses_after_the_twin(tmp_path, monkeypatch):
     specs = [s for p in DEFAULT_STUDY for s in plan_runs(load_config(p), name=p.stem)]
-    log = {"lock": threading.Lock(), "started": [], "finished": [], "now": 0, "most": 0}
-    runners = [SlowRunner(log, fail_on="fc1", slow=specs[0].name) for _ in range(2)]
+    cond = threading.Condition()
+    log = {"lock": threading.Lock(), "rows_written": cond, "started": [], "finished": [], "rows": [], "now": 0}
+    log.update(most=0, start={})
+
+    def append_row(out_dir: Path, row: dict) -> None:  # the sweep's own writer; the runners wait on what it wrote
+        real_append_row(out_dir, row)
+        with cond:
+            if not row["reused_from"]:
+                log["rows"].append(f"{row['ablation']}={row['value']}-seed{row['seed']}")
+            cond.notify_all()
+
+    monkeypatch.setattr(sweep_module, "append_row", append_row)
+    runners = [OrderedRunner(log, fail_on="fc1", slow=specs[0].name) for _ in range(2)]
     with LocalPool(runners, threading.Event()) as pool:
         rows = run_sweep(specs, tmp_path, pool, say=lambda s: None)
-    assert log["most"] == 2  # two at once, never more
+    assert log["most"] == 2  # two at once (the slow run beside the others), never more
     assert len(log["started"]) == 11 == len(set(log["started"]))  # the shared baseline trained once
     on_disk = read_rows(tmp_path)
     assert on_disk == rows and len(rows) == 13
     names = [f"{r['ablation']}={r['value']}-seed{r['seed']}" for r in on_disk if not r["reused_from"]]
-    assert names[0] != specs[0].name  # the slow first run's row comes when it finishes, not first
-    for i, name in enumerate(names):  # in the order runs finished (two that finish together may swap)
-        assert abs(log["finished"].index(name) - i) <= 1, (names, log["finished"])
+    assert names == log["finished"] and names.index(specs[0].name) >= 3  # in finishing order; the slow one's late
     baseline = next(i for i, r in enumerate(on_disk) if r["ablation"] == "lora_rank" and r["value"] == 16)
     reused = [i for i, r in enumerate(on_disk) if r["reused_from"]]
     assert len(reused) == 2 and min(reused) > baseline  # a twin's row only once its run has finished
@@ -108,18 +128,31 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+def _wait_until(ready: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Poll for an event the code under test produces (a file, a process gone); the deadline only bounds a failure."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.02)
+
+
 def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
-    """Ctrl-C in the sweep closes the pool: each slot interrupts its training process and waits for it."""
+    """Ctrl-C in the sweep closes the pool: each slot interrupts its training process (SIGINT, which the fake run
+    records) and waits for it. The fake never ends on its own, so only an interrupt ends it."""
     fake = tmp_path / "fakepkg" / "experiments_forever.py"
     fake.parent.mkdir()
     fake.write_text(
         textwrap.dedent("""
-        import os, pathlib, sys, time
+        import os, pathlib, sys, threading
         run_dir = pathlib.Path(sys.argv[sys.argv.index("--run-dir") + 1])
         (run_dir / "argv").write_text(" ".join(sys.argv))
         (run_dir / "pid.tmp").write_text(str(os.getpid()))
         (run_dir / "pid.tmp").rename(run_dir / "pid")  # whole or absent: the test may read it at any moment
-        time.sleep(600)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            (run_dir / "interrupted").touch()
+            raise
     """)
     )
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
@@ -128,20 +161,24 @@ def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
     runners = [subprocess_runner(False, False, "experiments_forever", threads=1, stop=stop) for _ in range(2)]
     pool = LocalPool(runners, stop)
     dirs = [s.run_dir(tmp_path) for s in specs]
+    pids: list[int] = []
     try:
         for spec, d in zip(specs, dirs):
             d.mkdir(parents=True)
             pool.submit(spec, d, False)
-        deadline = time.time() + 60
-        while not all((d / "pid").exists() for d in dirs):
-            assert time.time() < deadline
-            time.sleep(0.05)
+        _wait_until(lambda: all((d / "pid").exists() for d in dirs), "both fake runs started")
         pids = [int((d / "pid").read_text()) for d in dirs]
         assert all(_alive(p) for p in pids)
-        t0 = time.time()
-    finally:
-        pool.close()  # also when an assertion above failed: the fake runs would otherwise sleep on for 10 minutes
-    assert not any(_alive(p) for p in pids) and time.time() - t0 < 20
+    finally:  # also when an assertion above failed: the fake runs would otherwise wait forever
+        closer = threading.Thread(target=pool.close, daemon=True)
+        closer.start()
+        closer.join(timeout=120)  # a bound on a failure only: close() returns as soon as both children ended
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    assert not closer.is_alive(), "pool.close() did not return within 120 s"
+    assert not any(_alive(p) for p in pids)  # close() waited for its children
+    assert all((d / "interrupted").exists() for d in dirs)  # stopped by the SIGINT close() sent, not killed
     assert all("--no-progress --threads 1" in (d / "argv").read_text() for d in dirs)
 
 
