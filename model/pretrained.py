@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
+from .gguf import read_gguf
 from .gpt import GPT
 from .hub import resolve_checkpoint
 
@@ -37,12 +38,18 @@ _HF_MODULE_PREFIX = {"opt": "model.decoder.", "llama": "model.", "qwen2": "model
 
 
 def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT from a checkpoint folder of model_type opt, gpt2, llama, qwen2, mistral or slm-gpt, or from a Hugging
-    Face model name (`facebook/opt-125m`, see model.hub.resolve_checkpoint). The returned model is in eval mode;
+    """A GPT from a checkpoint folder of model_type opt, gpt2, llama, qwen2, mistral or slm-gpt, a GGUF file
+    (model.gguf: llama / qwen2, dequantized to float32), a named base (`smollm2-135m`) or a Hugging Face model name
+    (`facebook/opt-125m`, see model.hub.resolve_checkpoint). The returned model is in eval mode;
     `model.tokenizer_path` is the folder's tokenizer.json, or None when it has none;
     `model.hf_module_prefix` is where our modules sit in transformers' model ("model.decoder." for OPT: our
     `layers.0.fc1` is transformers' `model.decoder.layers.0.fc1`; "model." for the Llama family), "" otherwise."""
     folder = resolve_checkpoint(name_or_path)
+    if folder.suffix == ".gguf" and folder.is_file():  # its tokenizer: data.load_tokenizer(the same file)
+        hf, tensors = read_gguf(folder, check=lambda config: config_from_hf(config, str(folder)))
+        model = from_hf(hf, tensors, source=str(folder))
+        model.tokenizer_path = None
+        return model.to(dtype)
     hf = _read_json(folder)
     config_from_hf(hf, str(folder / "config.json"))  # a bad config names its file, before any weight is read
     model = from_hf(hf, _read_tensors(folder), source=str(folder))

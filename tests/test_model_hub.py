@@ -262,8 +262,9 @@ def test_neither_a_folder_nor_a_name(hf_cache, tmp_path, monkeypatch, text):
         resolve_checkpoint(text)
     assert not isinstance(err.value, CheckpointNotFoundError)
     assert str(err.value) == (
-        f"{text!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m. "
-        "Give the folder of an OPT / GPT-2 checkpoint (config.json + weights) or an org/name from the Hub."
+        f"{text!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m, nor a .gguf file or a named "
+        "base (smollm2-135m). Give the folder of a checkpoint (config.json + weights), an org/name from the Hub, a "
+        "GGUF file, or a named base."
     )
 
 

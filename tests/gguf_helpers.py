@@ -1,0 +1,165 @@
+"""Write tiny GGUF files as llama.cpp's convert_hf_to_gguf.py writes them, from a random transformers Llama / Qwen2
+and a tiny byte-level BPE trained here, for the GGUF tests (tests/test_gguf*.py). Kept apart from the tests so that
+the bad-input tests can write variants of one file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SAMPLE_TEXTS = [
+    "def total(items):\n    return sum(x * 2 for x in items)  # 12345 + 67\n",
+    "  leading spaces,\ttabs\t\tand\n\n\n   blank lines   \n",
+    "héllo ünïcode — 日本語 🙂 Ωμέγα ß",
+    "<|im_start|>user\nhi there<|im_end|>\n<|endoftext|>next doc 2024-12-05",
+    "It's 3.14159; they'll say we've (don't) 'quote' \"double\" 1,000,000 x1y2z3",
+]
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def tiny_bpe(vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE (digits cut apart first, as SmolLM's) trained on code-like text, with SPECIALS at ids 0-2."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    words = ["alpha", "beta", "gamma", "total", "items", "return", "value", "héllo", "naïve"]
+    text = [f"def {a}({b}):\n    return {b} + {i}\n" for i, a in enumerate(words) for b in words]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(text, trainer=trainer)
+    return tok
+
+
+def hf_model(arch: str, vocab_size: int, tie: bool = True, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A random transformers LlamaForCausalLM (GQA: 4 heads, 2 KV heads) or Qwen2ForCausalLM (q/k/v biases), float32,
+    weights drawn wide enough that quantization keeps them distinct from zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**kw)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers' halves -> interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(
+    path: Path,
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    qtype: str = "Q8_0",
+    pre: str = "smollm",
+    drop_keys: tuple[str, ...] = (),
+    extra_tensors: dict[str, tuple[np.ndarray, str]] | None = None,
+    architecture: str | None = None,
+) -> Path:
+    """`model` (transformers Llama / Qwen2) and `tok` as a GGUF: 2-D weights quantized to `qtype`, norms and biases
+    F32, q/k rows permuted for llama; `drop_keys` leaves metadata keys out, `extra_tensors` adds {name: (array,
+    type)}, `architecture` overrides general.architecture (for the bad-input tests)."""
+    import gguf
+
+    cfg = model.config
+    arch = cfg.model_type
+    writer = gguf.GGUFWriter(str(path), architecture or arch)
+    kv = {
+        "context_length": (writer.add_context_length, cfg.max_position_embeddings),
+        "embedding_length": (writer.add_embedding_length, cfg.hidden_size),
+        "block_count": (writer.add_block_count, cfg.num_hidden_layers),
+        "feed_forward_length": (writer.add_feed_forward_length, cfg.intermediate_size),
+        "attention.head_count": (writer.add_head_count, cfg.num_attention_heads),
+        "attention.head_count_kv": (writer.add_head_count_kv, cfg.num_key_value_heads),
+        "rope.freq_base": (writer.add_rope_freq_base, float(cfg.rope_parameters["rope_theta"])),
+        "attention.layer_norm_rms_epsilon": (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+        "rope.dimension_count": (writer.add_rope_dimension_count, cfg.hidden_size // cfg.num_attention_heads),
+        "vocab_size": (writer.add_vocab_size, cfg.vocab_size),
+    }
+    for key, (add, value) in kv.items():
+        if key not in drop_keys:
+            add(value)
+    if "tokenizer" not in drop_keys:
+        spec = json.loads(tok.to_str())
+        vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+        specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list([t for t, _ in vocab])
+        writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+        writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+        writer.add_bos_token_id(cfg.bos_token_id)
+        writer.add_eos_token_id(cfg.eos_token_id)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = t.detach().numpy().astype(np.float32)
+        gname = _gguf_name(name)
+        if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            w = _permute(w, cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads)
+        if w.ndim == 2:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(gname, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gname, w)
+    for name, (array, kind) in (extra_tensors or {}).items():
+        qt = gguf.GGMLQuantizationType[kind]
+        data = array if kind in ("F32", "F64") else gguf.quants.quantize(array, qt)
+        writer.add_tensor(name, data, raw_dtype=None if kind in ("F32", "F64") else qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_name(name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if name in top:
+        return top[name]
+    if name == "lm_head.weight":
+        return "output.weight"
+    _, _, i, rest = name.split(".", 3)
+    module, param = rest.rsplit(".", 1)
+    return f"blk.{i}.{_HF_TO_GGUF[module]}.{param}"
