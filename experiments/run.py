@@ -31,6 +31,7 @@ from typing import Any
 from experiments.config.config import (
     ABLATION_ALIASES,
     CONFIG_DIR,
+    DEFAULTS_FILE,
     ConfigError,
     load_config,
     parse_value,
@@ -39,7 +40,10 @@ from experiments.config.config import (
 )
 from experiments.config.schema import flatten
 from experiments.config.yamlfile import read_yaml
+from experiments.report.grid import add_budget_flags, budget_from_args
 from experiments.sweep.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
+from experiments.sweep.grid import add_grid_flags, check_not_swept, with_grid
+from experiments.sweep.halving import run_halving
 from experiments.sweep.plan import RunSpec, plan_runs, plan_states
 from experiments.sweep.preflight import check_data, preflight
 from experiments.sweep.results import RESULTS_JSONL, ResultsFileError, value_label
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved runs and whether each is done, then exit",
     )
     ap.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
+    add_grid_flags(ap)
+    add_budget_flags(ap)
     add_executor_flags(ap)
     return ap
 
@@ -182,6 +188,8 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
         items.append((key.strip(), parse_value(value), f"--set {text}"))
     if args.lr_grid:
         items.append(("ablation.lr_grid", args.lr_grid, f"--lr-grid {args.lr_grid}"))
+    if args.halving:
+        items.append(("ablation.halving", True, "--halving"))
     for alias in ABLATION_ALIASES:
         if getattr(args, alias) is not None:
             items.append((alias, parse_value(getattr(args, alias)), f"--{alias} {getattr(args, alias)}"))
@@ -201,15 +209,21 @@ def resolve_runs(args: argparse.Namespace, items: list[tuple[str, Any, str]] | N
     else:  # value flags without --config pick the built-in ablations of those keys
         named = {resolve_key(a) for a in ABLATION_ALIASES if getattr(args, a) is not None}
         picked = [p for p in DEFAULT_STUDY if named and resolve_key(load_config(p).ablation.key) in named]
-        paths = picked or DEFAULT_STUDY
+        paths = picked or ([DEFAULTS_FILE] if args.grid else DEFAULT_STUDY)  # --grid alone: a grid on the defaults
     specs: list[RunSpec] = []
     for path in paths:
-        cfg = load_config(path)
-        swept = resolve_key(cfg.ablation.key, str(path)) if cfg.ablation is not None else None
+        cfg = with_grid(load_config(path), args.grid, name="grid")
+        check_not_swept(cfg, items)  # a grid's keys are set by its cells (and chosen with --grid)
+        swept = resolve_key(cfg.ablation.key, str(path)) if cfg.ablation is not None and cfg.ablation.key else None
         # A value given for this config's own swept key selects that value; every other item sets a key.
         chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and s != str(QUICK_FILE)]
         rest = [(k, v, s) for k, v, s in items if not (swept and resolve_key(k) == swept)]
         cfg = with_values(cfg, rest) if rest else cfg
+        if cfg.ablation is not None and cfg.ablation.halving and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"{path}: --halving (ablation.halving) runs a grid rung by rung in one process; under torchrun run the "
+                "grid without it."
+            )
         values = [chosen[-1][0]] if chosen else None
         source = chosen[-1][1] if chosen else str(path)
         specs += plan_runs(cfg, name=Path(path).stem, values=values, seeds=args.seeds, source=source)
@@ -342,8 +356,8 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
         check_executor_flags(args.jobs, args.executor, args.ray_address, int(os.environ.get("WORLD_SIZE", "1")))
         items = _overrides(args)
         specs = resolve_runs(args, items)
+        notes = preflight(specs, out_dir)  # first --out itself: results.jsonl may be a folder
         states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
-        notes = preflight(specs, out_dir)
         pending = [s for s, st in zip(specs, states) if st not in ("done", "reuse")]
         check_data(pending, given={resolve_key(key): source for key, _, source in items})
     except ResultsFileError as e:
@@ -376,12 +390,12 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
                     raise
                 print(f"error: {e}", file=sys.stderr)  # nothing has run yet
                 return 2
-            rows = run_sweep(specs, out_dir, executor, progress=progress)
+            rows, specs = run_halving(specs, out_dir, executor, progress=progress)  # a plain sweep without halving
     if not is_main:
         return 0
     from experiments.report.markdown import write_report
 
-    print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}))
+    print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}, budget=budget_from_args(args)))
     return _exit_code(specs, rows, out_dir)
 
 

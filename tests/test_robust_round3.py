@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,69 @@ def test_ray_address_that_is_no_address(tmp_path, capsys, no_work, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     err = refused([*RANK, "--executor", "ray", "--ray-address", "headnode"], tmp_path / "out", capsys, no_work)
     assert err.startswith("error: --ray-address headnode: not HOST:PORT")
+
+
+# ----------------------------------------------------------------------------- --out and what the sweep writes there
+
+
+def _can_write(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+@pytest.fixture
+def unwritable():
+    """Make a folder refuse writes, for this user too: chmod a-w (which root ignores), else the immutable
+    attribute (chattr +i, which root may set), else a link to /proc, where nobody creates files. Undone after."""
+    immutable: list[Path] = []
+    locked: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        folder.chmod(0o555)
+        locked.append(folder)
+        if _can_write(folder) and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+            immutable.append(folder)
+        if _can_write(folder):
+            folder.rmdir()
+            folder.symlink_to("/proc")
+        assert not _can_write(folder)
+        return folder
+
+    yield make
+    for folder in immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    for folder in locked:
+        if not folder.is_symlink():
+            folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["out", "plots", "runs"])
+def test_out_or_its_plots_that_cannot_be_written(tmp_path, capsys, no_work, unwritable, where):
+    out = tmp_path / "out"
+    folder = unwritable(out if where == "out" else out / where)
+    rc = main([*RANK, "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith(f"config error: --out {out}: cannot write in {folder} (")
+    assert not no_work.exists() and not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["plots", "runs", "results.jsonl", "results.csv", "report.md"])
+def test_a_file_where_a_folder_goes_or_a_folder_where_a_file_goes(tmp_path, capsys, no_work, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    if "." in name:
+        (out / name).mkdir()
+        what = "a folder where the sweep writes a file"
+    else:
+        (out / name).write_text("mine")
+        what = "a file where the sweep writes a folder"
+    rc = main([*RANK, "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"config error: --out {out}: {out / name} is {what}; move it away.\n"
+    assert sorted(p.name for p in out.iterdir()) == [name] and not no_work.exists()

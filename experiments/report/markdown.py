@@ -20,7 +20,7 @@ from experiments.report.expectations import expectations
 from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
 from experiments.report.recommend import RULE, recommend
 from experiments.report.studies import LEVEL, Study, Value, load_studies
-from experiments.sweep.results import RESULTS_JSONL, ResultsFileError
+from experiments.sweep.results import PLOTS_DIR, REPORT_FILE, RESULTS_JSONL, ResultsFileError
 
 
 def _status(v: Value) -> str:
@@ -270,10 +270,10 @@ def write_report(out_dir: Path, ablations: set[tuple[str, str]] | None = None, p
     if plots and studies:
         from experiments.report.plots import plot_all
 
-        files = plot_all(studies, out_dir / "plots")
-    (out_dir / "report.md").write_text(render(studies, files, out_dir), encoding="utf-8")
+        files = plot_all(studies, out_dir / PLOTS_DIR)
+    (out_dir / REPORT_FILE).write_text(render(studies, files, out_dir), encoding="utf-8")
     shown = [s for s in studies if ablations is None or (s.ablation, s.study_hash) in ablations]
-    return terminal_summary(shown) + f"report: {out_dir / 'report.md'}"
+    return terminal_summary(shown) + f"report: {out_dir / REPORT_FILE}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from experiments.config.config import Config
 from experiments.config.schema import ConfigError
 from experiments.finetune.train import finetune_splits
 from experiments.sweep.plan import RunSpec
-from experiments.sweep.results import value_label
+from experiments.sweep.results import PLOTS_DIR, REPORT_FILE, RESULTS_CSV, RESULTS_JSONL, RESULTS_LOCK, value_label
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
 from model.pretrained import WEIGHT_FILES, has_weights, read_config
@@ -37,7 +37,7 @@ from training.loop import plan_batches
 def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
     """Raise ConfigError for the first problem any of `specs` would meet; return notes worth printing with the
     plan (a step size that differs from train.batch_tokens)."""
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, [s.run_dir(out_dir).parent for s in specs])
     bases: dict[str, tuple[GPTConfig, str]] = {}
     checked: set[str] = set()
     notes: list[str] = []
@@ -61,20 +61,41 @@ def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
     return notes
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """--out must be a folder, or creatable as one, that this process can write in."""
+def check_out_dir(out_dir: Path, run_folders: Sequence[Path] = ()) -> None:
+    """--out must be a folder, or creatable as one, that this process can write in; so must the folders the sweep
+    and its report write in (`run_folders`, PLOTS_DIR) where they exist, and the files they rewrite must be files.
+    Writing is tried, not read off permission bits: root ignores those, yet an immutable (chattr +i) folder or a
+    read-only mount refuses even root."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder. Give a folder (it is created if missing).")
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made under it.")
+    _check_writable(out, existing)
+    for folder in (*dict.fromkeys(run_folders), out / PLOTS_DIR):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {out}: {folder} is a file where the sweep writes a folder; move it away.")
+        if folder.is_dir():
+            _check_writable(out, folder)
+    for name in (RESULTS_JSONL, RESULTS_CSV, RESULTS_LOCK, REPORT_FILE):
+        f = out / name
+        if f.exists() and not f.is_file():
+            raise ConfigError(f"--out {out}: {f} is a folder where the sweep writes a file; move it away.")
+        try:
+            if f.exists():
+                f.open("ab").close()  # opened for appending, nothing written
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write {f} ({e.strerror}). Make it writable.") from None
+
+
+def _check_writable(out: Path, folder: Path) -> None:
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ConfigError(
-            f"--out {out}: cannot write in {existing} ({e.strerror}). Give a folder you can write to."
+            f"--out {out}: cannot write in {folder} ({e.strerror}). Give a folder you can write to."
         ) from None
 
 

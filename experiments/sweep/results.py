@@ -32,6 +32,8 @@ RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 
 RESULTS_LOCK = "results.jsonl.lock"
+REPORT_FILE = "report.md"  # written by experiments.report, as are the plots in PLOTS_DIR
+PLOTS_DIR = "plots"
 
 
 def value_label(value: Any) -> Any:
