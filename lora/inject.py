@@ -1,8 +1,18 @@
-"""Put LoRALinear into a model: matching target names, wrapping, freezing, merge/unmerge, counting."""
+"""Put LoRALinear into a model: matching target names, wrapping, freezing, merge/unmerge, counting.
+
+Target names in a list resolve against the model before matching (`resolve_targets`), from one table:
+- role names: `attention` (every attention projection), `mlp` (every MLP Linear), `all-linear` (every Linear but
+  the output head); a role name means the role even where a module has that name (the Llama block's `mlp`);
+- the seed's OPT names keep working on a Llama-family model, where they stand for its own modules:
+  q_proj, k_proj, v_proj -> the same; out_proj -> o_proj; fc1 -> gate_proj + up_proj; fc2 -> down_proj.
+Any other name is used as given. A name that matches nothing is refused before any module is touched, with a
+did-you-mean and the Linear names the model has.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 
 from torch import nn
@@ -11,6 +21,25 @@ from .config import LoRAConfig
 from .layer import LoRALinear
 
 TargetSpec = list[str] | str
+
+# The one table of target names: each of the seed's OPT module names, its role, and the Llama-family modules it
+# stands for on a model that has those instead.
+TARGET_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "q_proj": ("attention", ("q_proj",)),
+    "k_proj": ("attention", ("k_proj",)),
+    "v_proj": ("attention", ("v_proj",)),
+    "out_proj": ("attention", ("o_proj",)),
+    "fc1": ("mlp", ("gate_proj", "up_proj")),
+    "fc2": ("mlp", ("down_proj",)),
+}
+SEED_TARGETS = tuple(TARGET_TABLE)  # the seed's six names, valid on every base
+ROLE_NAMES = ("attention", "mlp", "all-linear")
+
+
+def _role_members(role: str) -> list[str]:
+    """Leaf names of a role in either family, OPT's first: attention -> q, k, v, out_proj, o_proj."""
+    opt = [name for name, (r, _) in TARGET_TABLE.items() if r == role]
+    return opt + [m for name in opt for m in TARGET_TABLE[name][1] if m not in opt]
 
 
 def _is_head(name: str, module: nn.Module, model: nn.Module) -> bool:
@@ -24,17 +53,80 @@ def _matches(name: str, module: nn.Module, spec: TargetSpec, model: nn.Module) -
         return isinstance(module, (nn.Linear, LoRALinear)) and not _is_head(name, module, model)
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
+    return any(_named(name, t) for t in spec)
+
+
+def _named(name: str, target: str) -> bool:
+    """PEFT's rule for a target name: the dotted name equals it or ends with "." + it (never `xq_proj`)."""
+    return name == target or name.endswith("." + target)
+
+
+def fold_names(names: list[str]) -> list[str]:
+    """Dotted module names with layer indices folded to '*', sorted, without repeats:
+    ['layers.0.self_attn.q_proj', 'layers.1.self_attn.q_proj'] -> ['layers.*.self_attn.q_proj']."""
+    return sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", n) for n in names})
 
 
 def _linear_summary(model: nn.Module) -> str:
     """Linear module names with layer indices folded to '*', e.g. 'layers.*.self_attn.q_proj'."""
-    names = {
-        re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", n)
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, LoRALinear))
-    }
-    return ", ".join(sorted(names)) or "(none)"
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    return ", ".join(fold_names(names)) or "(none)"
+
+
+def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """The module names `names` stand for on this model, in order, without repeats: a role name expands to the
+    model's modules of that role, a seed OPT name the model lacks becomes its Llama-family equivalents, any other
+    name stays. Raises ValueError for a name that matches no module, with a did-you-mean and the model's Linear
+    names."""
+    modules = [n for n, _ in model.named_modules() if n]
+    has = lambda target: any(_named(n, target) for n in modules)
+    resolved: list[str] = []
+    unmatched: list[str] = []
+    for name in names:
+        if name == "all-linear":
+            found = [
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if n and isinstance(m, (nn.Linear, LoRALinear)) and not _is_head(n, m, model)
+            ]
+        elif name in ROLE_NAMES:
+            found = [m for m in _role_members(name) if has(m)]
+        elif has(name) or name not in TARGET_TABLE:
+            found = [name] if has(name) else []
+        else:
+            found = [m for m in TARGET_TABLE[name][1] if has(m)]
+        if not found:
+            unmatched.append(name)
+        resolved += [f for f in found if f not in resolved]
+    if unmatched:
+        raise ValueError(
+            f"target_modules={names!r}: {', '.join(map(repr, unmatched))} matched no module"
+            f"{_did_you_mean(unmatched, modules)}. Linear modules in the model: {_linear_summary(model)}"
+        )
+    return resolved
+
+
+def _did_you_mean(unmatched: list[str], modules: list[str]) -> str:
+    """' (did you mean 'out_proj' for 'o_proj'?)': the model's own name for a Llama-family name of the table,
+    else the closest of the model's leaf names and the role names (difflib), else nothing."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
+    guesses = []
+    for name in unmatched:
+        seed = [opt for opt, (_, llama) in TARGET_TABLE.items() if name in llama and opt in leaves]
+        close = seed or difflib.get_close_matches(name.lower(), [*leaves, *ROLE_NAMES], n=1, cutoff=0.6)
+        if close:
+            guesses.append(f"{close[0]!r} for {name!r}")
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
+def _resolved(model: nn.Module, cfg: LoRAConfig) -> LoRAConfig:
+    """cfg with its list of target names resolved against the model (resolve_targets); a regex string or
+    "all-linear" is PEFT's own spec and stays."""
+    if not isinstance(cfg, LoRAConfig):
+        raise TypeError(f"expected a LoRAConfig, got {type(cfg).__name__}")
+    if isinstance(cfg.target_modules, str):
+        return cfg
+    return dataclasses.replace(cfg, target_modules=resolve_targets(model, cfg.target_modules))
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -43,9 +135,9 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """The dotted names cfg would wrap; raises (and changes nothing) if the match is empty or invalid."""
-    if not isinstance(cfg, LoRAConfig):
-        raise TypeError(f"expected a LoRAConfig, got {type(cfg).__name__}")
+    """The dotted names cfg would wrap; raises (and changes nothing) if a name or the whole match is empty, or
+    a match is not an nn.Linear."""
+    cfg = _resolved(model, cfg)
     names = []
     for name, module in model.named_modules():
         if not name or not _matches(name, module, cfg.target_modules, model):
@@ -85,9 +177,12 @@ def _freeze(model: nn.Module, bias: str) -> None:
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Replace each matched nn.Linear by a LoRALinear sharing its weight/bias; freeze the rest.
 
-    Returns the wrapped dotted names. The config is kept as `model.lora_config` for save_adapter; a
-    second injection (into other modules) must use the same hyperparameters.
+    Returns the wrapped dotted names. The config is kept as `model.lora_config` for save_adapter, its list of
+    target names resolved (role and seed names replaced by the model's own: PEFT then reads the saved adapter on
+    the transformers model of the same architecture); a second injection (into other modules) must use the same
+    hyperparameters.
     """
+    cfg = _resolved(model, cfg)
     names = find_targets(model, cfg)
     previous = getattr(model, "lora_config", None)
     if previous is not None:
@@ -101,9 +196,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        layer = LoRALinear(
-            base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, init=cfg.init
-        )
+        layer = LoRALinear(base, cfg)
         layer.train(base.training)  # a model in eval mode stays there: no LoRA dropout at inference
         setattr(parent, child, layer)
     if previous is not None:  # record exactly what is wrapped now, so the saved config re-matches it

@@ -16,7 +16,9 @@ the base weight's rounding (2^-9 of |W| for bf16) instead of being rounded on it
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +27,12 @@ from torch import nn
 from .config import LoRAConfig
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+LAYER_OPTIONS = ("rank", "alpha", "dropout", "use_rslora", "init")  # the LoRAConfig fields one layer uses
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype nn.Linear would compute in: autocast's dtype when it is on for x's device, else x's."""
+    """The dtype nn.Linear would compute in: autocast's dtype when autocast is on for x's device and casts x's
+    dtype (float32/16, bfloat16; a float64 input stays float64), else x's."""
     device_type = x.device.type
     if x.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -111,19 +115,16 @@ class LoRALinear(nn.Module):
 
     fused: bool = True
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "kaiming",
-    ) -> None:
+    def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, **options: Any) -> None:
+        """`config` (LoRAConfig's defaults when None) with `options` among LAYER_OPTIONS overriding it, e.g.
+        LoRALinear(linear, rank=4, alpha=8.0). The config's target fields play no part in one layer."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        unknown = sorted(set(options) - set(LAYER_OPTIONS))
+        if unknown:
+            raise TypeError(f"LoRALinear got unknown options {unknown}; it takes {', '.join(LAYER_OPTIONS)}")
+        cfg = dataclasses.replace(config or LoRAConfig(), **options)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.use_rslora, self.init = cfg.rank, cfg.alpha, cfg.use_rslora, cfg.init
         self.scaling = cfg.scaling

@@ -185,12 +185,12 @@ def test_shape_mismatch_names_module_and_both_shapes(tmp_path):
 def test_targets_that_do_not_fit(tmp_path):
     saved(tmp_path)
 
-    class NoQ(nn.Module):
+    class Flat(nn.Module):  # the adapter's module names, at other paths
         def __init__(self):
             super().__init__()
-            self.fc1, self.k_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.fc1, self.q_proj = nn.Linear(8, 8), nn.Linear(8, 8)
 
-    assert error_of(lambda: load_adapter(NoQ(), tmp_path)) == (
+    assert error_of(lambda: load_adapter(Flat(), tmp_path)) == (
         f"{tmp_path / 'adapter_model.safetensors'} has no tensor for 'fc1.lora_A'; the adapter was trained on "
         "other modules than this model's targets"
     )
@@ -201,7 +201,7 @@ def test_targets_that_do_not_fit(tmp_path):
             self.k_proj = nn.Linear(8, 8)
 
     msg = error_of(lambda: load_adapter(Other(), tmp_path))
-    assert msg.endswith("matched no module. Linear modules in the model: k_proj")
+    assert msg.endswith("matched no module (did you mean 'k_proj' for 'q_proj'?). Linear modules in the model: k_proj")
 
 
 def test_tensors_for_modules_not_targeted(tmp_path):

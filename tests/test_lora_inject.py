@@ -208,10 +208,18 @@ def error_of(fn, error=ValueError) -> str:
 
 
 def test_target_matching_nothing_names_targets_and_lists_linears():
-    msg = error_of(lambda: names_for(["k_proj", "o_proj"], exclude=["fc2"]))
+    msg = error_of(lambda: names_for(["fc2"], exclude=["fc2"]))
     assert msg == (
-        "target_modules=['k_proj', 'o_proj'] (exclude_modules=['fc2']) matched no module. "
-        f"Linear modules in the model: {LINEARS}"
+        f"target_modules=['fc2'] (exclude_modules=['fc2']) matched no module. Linear modules in the model: {LINEARS}"
+    )
+
+
+def test_each_target_name_must_match_a_module():
+    """One name that matches nothing is refused, even when the others match (PEFT would ignore it)."""
+    msg = error_of(lambda: names_for(["q_proj", "vproj", "dense"]))
+    assert msg == (
+        "target_modules=['q_proj', 'vproj', 'dense']: 'vproj', 'dense' matched no module (did you mean 'v_proj' "
+        f"for 'vproj'?). Linear modules in the model: {LINEARS}"
     )
 
 
