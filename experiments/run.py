@@ -41,7 +41,13 @@ from experiments.config.config import (
 from experiments.config.schema import flatten
 from experiments.config.yamlfile import read_yaml
 from experiments.report.grid import add_budget_flags, budget_from_args
-from experiments.sweep.executors import ExecutorError, add_executor_flags, check_executor_flags, executor_from_flags
+from experiments.sweep.executors import (
+    ExecutorError,
+    add_executor_flags,
+    check_executor_flags,
+    executor_from_flags,
+    given,
+)
 from experiments.sweep.grid import add_grid_flags, check_not_swept, with_grid
 from experiments.sweep.halving import run_halving
 from experiments.sweep.plan import RunSpec, plan_runs, plan_states
@@ -72,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--config",
         action="append",
-        type=Path,
+        type=lambda text: Path(given(text)),
         metavar="YAML",
         help="an ablation config (repeatable); default: the three built-in ablations",
     )
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-grid",
         "--lr_grid",
         dest="lr_grid",
+        type=given,
         metavar="LR,LR,...",
         help="train every value at each learning rate and report each value at the lr its tune split prefers "
         "(sets ablation.lr_grid)",
@@ -110,15 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--base_model",
         "--base-model",
+        type=given,
         metavar="PATH_OR_NAME",
         help="an OPT / GPT-2 checkpoint folder, or a Hugging Face model name (facebook/opt-125m) found in the HF cache "
         "or downloaded when online, to adapt (sets model.base)",
     )
     ap.add_argument(
-        "--data", metavar="PATH", help="your fine-tuning text: a file, glob, folder or .jsonl (sets data.finetune)"
+        "--data",
+        type=given,
+        metavar="PATH",
+        help="your fine-tuning text: a file, glob, folder or .jsonl (sets data.finetune)",
     )
     ap.add_argument(
-        "--out", type=Path, metavar="DIR", help="results folder (default runs/default, or runs/quick with --quick)"
+        "--out",
+        type=lambda text: Path(given(text)),
+        metavar="DIR",
+        help="results folder (default runs/default, or runs/quick with --quick)",
     )
     ap.add_argument(
         "--quick", action="store_true", help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name})"

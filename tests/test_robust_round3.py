@@ -199,3 +199,30 @@ def test_a_file_where_a_folder_goes_or_a_folder_where_a_file_goes(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and err == f"config error: --out {out}: {out / name} is {what}; move it away.\n"
     assert sorted(p.name for p in out.iterdir()) == [name] and not no_work.exists()
+
+
+# ----------------------------------------------------------------------------- empty values
+
+
+@pytest.mark.parametrize(
+    "flag", ["--lr-grid", "--data", "--base_model", "--out", "--config", "--ray-address"], ids=lambda f: f.strip("-")
+)
+@pytest.mark.parametrize("value", ["", " ", ","], ids=["empty", "blank", "comma"])
+def test_an_empty_flag_value_is_an_error_not_a_default(tmp_path, capsys, no_work, flag, value):
+    """`--lr-grid ""` used to run without a grid, `--out ""` in the current folder, `--data ""` on the built-in
+    text: each silently something else than asked."""
+    argv = [*RANK, "--executor", "ray"] if flag == "--ray-address" else RANK
+    with pytest.raises(SystemExit) as e:
+        main(
+            [*argv, f"{flag}={value}", "--out", str(tmp_path / "out")] if flag != "--out" else [*argv, f"--out={value}"]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: argument {flag}" in err and f"{value!r} is empty; give a value" in err
+    assert not (tmp_path / "out").exists() and not no_work.exists()
+
+
+@pytest.mark.parametrize("setting", ["ablation.lr_grid=,", "lora.target_modules=,", "ablation.lr_grid= , "])
+def test_a_list_set_to_nothing_is_an_error(tmp_path, capsys, no_work, setting):
+    key, _, value = setting.partition("=")
+    err = refused([*RANK, "--set", setting], tmp_path / "out", capsys, no_work)
+    assert err == f"config error: --set {setting}: '{key}': {value!r} lists nothing; give comma-separated values."

@@ -68,8 +68,10 @@ def check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where(source, key)} must be a non-empty string, got {value!r}.")
     elif origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "a,b" on the command line; "" or "," is a mistake, not an empty list
+            text, value = value, [v.strip() for v in value.split(",") if v.strip()]
+            if not value:
+                raise ConfigError(f"{where(source, key)}: {text!r} lists nothing; give comma-separated values.")
         if not isinstance(value, list):
             raise ConfigError(f"{where(source, key)} must be a list, got {value!r}.")
         (item,) = typing.get_args(tp) or (Any,)

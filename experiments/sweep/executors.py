@@ -153,6 +153,14 @@ def parse_jobs(text: str) -> int | str:
     return int(text)
 
 
+def given(text: str) -> str:
+    """A flag's value that must say something: an empty one (`--lr-grid ""`, `--data "$UNSET"`) is a mistake, never
+    a silent default."""
+    if not text.strip(" ,"):
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a value or leave the flag out")
+    return text
+
+
 def add_executor_flags(ap: argparse.ArgumentParser) -> None:
     """--jobs, --executor and --ray-address, checked by `check_executor_flags`, used by `executor_from_flags`."""
     ap.add_argument(
@@ -173,6 +181,7 @@ def add_executor_flags(ap: argparse.ArgumentParser) -> None:
         "--ray-address",
         "--ray_address",
         dest="ray_address",
+        type=given,
         metavar="ADDR",
         help="the Ray cluster to join (auto, or ray://HOST:10001); default: $RAY_ADDRESS, else a local Ray",
     )
