@@ -7,11 +7,10 @@ import os
 import signal
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from proc_helpers import FAILURE_BOUND_S, alive, wait_until
 
 from experiments.config.config import load_config
 from experiments.finetune.row import RESULT_KEYS
@@ -73,9 +72,10 @@ class OrderedRunner:
             if spec.name == self.slow:
                 mine = log["start"][spec.name]
                 later = lambda: sum(log["start"][name] > mine for name in log["rows"]) >= self.slow_after
-                assert log["rows_written"].wait_for(later, timeout=120)
+                assert log["rows_written"].wait_for(later, timeout=FAILURE_BOUND_S)
             # the previous finisher's row first (run_sweep appends a row only after its run has returned)
-            assert log["rows_written"].wait_for(lambda: not log["finished"] or log["finished"][-1] in log["rows"], 120)
+            previous_recorded = lambda: not log["finished"] or log["finished"][-1] in log["rows"]
+            assert log["rows_written"].wait_for(previous_recorded, timeout=FAILURE_BOUND_S)
             log["now"] -= 1
             log["finished"].append(spec.name)
         failed = self.fail_on in spec.cfg.lora.target_modules
@@ -120,22 +120,6 @@ def test_pool_runs_each_config_once_appends_in_finish_order_and_reuses_after_the
     assert plan_states(specs, tmp_path).count("done") == 13 - len(failed)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-
-
-def _wait_until(ready: Callable[[], bool], what: str, seconds: float = 120) -> None:
-    """Poll for an event the code under test produces (a file, a process gone); the deadline only bounds a failure."""
-    deadline = time.monotonic() + seconds
-    while not ready():
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.02)
-
-
 def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
     """Ctrl-C in the sweep closes the pool: each slot interrupts its training process (SIGINT, which the fake run
     records) and waits for it. The fake never ends on its own, so only an interrupt ends it."""
@@ -166,18 +150,18 @@ def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
         for spec, d in zip(specs, dirs):
             d.mkdir(parents=True)
             pool.submit(spec, d, False)
-        _wait_until(lambda: all((d / "pid").exists() for d in dirs), "both fake runs started")
+        wait_until(lambda: all((d / "pid").exists() for d in dirs), "both fake runs started")
         pids = [int((d / "pid").read_text()) for d in dirs]
-        assert all(_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
     finally:  # also when an assertion above failed: the fake runs would otherwise wait forever
         closer = threading.Thread(target=pool.close, daemon=True)
         closer.start()
-        closer.join(timeout=120)  # a bound on a failure only: close() returns as soon as both children ended
+        closer.join(timeout=FAILURE_BOUND_S)  # a bound on a failure only: close() returns once both children end
         for p in pids:
-            if _alive(p):
+            if alive(p):
                 os.kill(p, signal.SIGKILL)
-    assert not closer.is_alive(), "pool.close() did not return within 120 s"
-    assert not any(_alive(p) for p in pids)  # close() waited for its children
+    assert not closer.is_alive(), f"pool.close() did not return within {FAILURE_BOUND_S} s"
+    assert not any(alive(p) for p in pids)  # close() waited for its children
     assert all((d / "interrupted").exists() for d in dirs)  # stopped by the SIGINT close() sent, not killed
     assert all("--no-progress --threads 1" in (d / "argv").read_text() for d in dirs)
 

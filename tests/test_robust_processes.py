@@ -10,10 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from proc_helpers import alive, training_children, wait_until
 
 from experiments import run
 from experiments.config.config import load_config
@@ -78,13 +78,22 @@ SWEEP = textwrap.dedent("""
         assert time.time() < give_up
         time.sleep(0.001)
 
+    def say(text):
+        print(text, flush=True)
+        if "being trained by another process" in text:
+            (out / f"met-{me}").touch()
+
     def train(spec, run_dir, resume):
         with open(run_dir / "trained.txt", "a") as f:
             f.write(me + "\\n")
-        time.sleep(1.0)
+        # The first run ends only once a sweep has stepped aside from a run the other holds: both sweeps plan the
+        # same first run, so one of them meets the other's lock there, however the two are scheduled.
+        while not list(out.glob("met-*")):
+            assert time.time() < give_up
+            time.sleep(0.001)
         return {"status": "ok", "val_ppl": 7.0}
 
-    run_sweep(specs, out, train)
+    run_sweep(specs, out, train, say=say)
 """)
 
 
@@ -96,10 +105,9 @@ def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
         for me in ("a", "b")
     }
     try:
-        deadline = time.time() + 600  # importing torch twice on a busy machine
-        while not all((tmp_path / f"ready-{me}").exists() for me in procs):
-            assert time.time() < deadline and all(p.poll() is None for p in procs.values())
-            time.sleep(0.01)
+        ready = lambda: all((tmp_path / f"ready-{me}").exists() for me in procs)
+        wait_until(lambda: ready() or any(p.poll() is not None for p in procs.values()), "both sweeps ready")
+        assert all(p.poll() is None for p in procs.values())
         (tmp_path / "go").touch()
         said = {me: p.communicate(timeout=600)[0] for me, p in procs.items()}
     finally:
@@ -111,7 +119,7 @@ def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
     assert len(trained) == 5 and all(len(f.read_text().split()) == 1 for f in trained)  # once each
     assert sorted(r["value"] for r in read_rows(tmp_path)) == [4, 8, 16, 32, 64]  # one row each, none doubled
     skips = {me: said[me].count("being trained by another process") for me in procs}
-    assert sum(skips.values()) >= 1, said  # they met, and stepped aside
+    assert sum(skips.values()) >= 1, said  # they met, and stepped aside (and said so)
     for me, other in (("a", "b"), ("b", "a")):
         if skips[me]:
             assert f"(pid {procs[other].pid}); skipped" in said[me]
@@ -158,30 +166,9 @@ def _steps(out: Path) -> list[int]:
 
 
 def _wait_for_step(out: Path, proc: subprocess.Popen, step: int) -> None:
-    deadline = time.time() + 300
-    while not _steps(out) or max(_steps(out)) < step:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-
-
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (from /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-    except OSError:
-        return False
+    """Until the run has logged `step` (its training process is then running), or the sweep ended (a failure)."""
+    wait_until(lambda: proc.poll() is not None or max(_steps(out), default=0) >= step, f"step {step} logged")
+    assert proc.poll() is None, f"the sweep ended (exit code {proc.returncode}) before step {step}"
 
 
 def _start(argv: list[str], env: dict, **kw) -> subprocess.Popen:
@@ -207,14 +194,13 @@ def test_killed_sweep_takes_its_training_process_and_a_rerun_trains_alone(tiny_s
     rerun = None
     try:
         _wait_for_step(out, sweep, 3)
-        (child,) = _children(sweep.pid)
+        (child,) = training_children(sweep.pid)
         sweep.kill()  # SIGKILL to the sweep alone: no handler runs in it, nothing signals its training process
         sweep.wait()
-        deadline = time.time() + 5  # it polls its parent every 0.5 s; its own training has ~100,000 steps to go
-        while _alive(child):
-            assert time.time() < deadline, "the training process outlived its sweep"
-            time.sleep(0.05)
+        # It polls its parent every 0.5 s; its own training has ~100,000 steps to go, far longer than the bound.
+        wait_until(lambda: not alive(child), "the training process outlived its sweep")
         killed_at = max(_steps(out))  # after the orphan is gone: it may log a few steps in its last half second
+        assert killed_at < 100_000 and not list(out.glob("runs/*/result.json"))  # it stopped, it did not finish
 
         # The same command at once: it resumes the run from its checkpoint and is the only process writing to it.
         rerun = _start(argv(out), env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -254,11 +240,11 @@ def test_sigterm_stops_the_sweep_and_its_run_resumably(tiny_sweep, tmp_path):
     sweep = _start(argv(out), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(out, sweep, 3)
-        (child,) = _children(sweep.pid)
+        (child,) = training_children(sweep.pid)
         sweep.terminate()
         text = sweep.communicate(timeout=120)[0]
     finally:
         _stop(sweep)
-    assert sweep.returncode == 130 and not _alive(child), text[-3000:]
+    assert sweep.returncode == 130 and not alive(child), text[-3000:]
     assert "Traceback" not in text and "re-run the same command to resume" in text, text[-3000:]
     assert list(out.glob(f"runs/*/{CHECKPOINT_FILE}"))
