@@ -72,8 +72,8 @@ def _no_config(f: Path) -> None:
     (f / "config.json").unlink()
 
 
-def _llama(f: Path) -> None:
-    (f / "config.json").write_text(json.dumps({**OPT_CONFIG, "model_type": "llama"}))
+def _bert(f: Path) -> None:
+    (f / "config.json").write_text(json.dumps({**OPT_CONFIG, "model_type": "bert"}))
 
 
 def _bad_config(f: Path) -> None:
@@ -92,7 +92,7 @@ def _no_weights(f: Path) -> None:
     "damage,needles",
     [
         (_no_config, ["has no config.json"]),
-        (_llama, ["model_type 'llama' is not supported", "opt, gpt2, slm-gpt"]),
+        (_bert, ["model_type 'bert' is not supported", "opt, gpt2, llama, qwen2, mistral"]),
         (_bad_config, ["config.json cannot be read as JSON"]),
         (_bad_tokenizer, ["tokenizer.json cannot be read as a tokenizer"]),
         (_no_weights, ["has no weights", "model.safetensors", "pytorch_model.bin"]),

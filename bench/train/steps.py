@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora.inject import SEED_TARGETS
+
 TARGETS_QV = ("q_proj", "v_proj")
-TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+TARGETS_ALL = SEED_TARGETS  # the six Linears of an OPT block
 LR = 1e-4
 
 

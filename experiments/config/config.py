@@ -17,6 +17,7 @@ from typing import Any
 from data.cache import json_hash
 from experiments.config.schema import (
     ConfigError,
+    Sources,
     build,
     check_value,
     choices,
@@ -27,13 +28,15 @@ from experiments.config.schema import (
     where,
 )
 from experiments.config.yamlfile import load_yaml, read_yaml
+from lora.inject import ROLE_NAMES, SEED_TARGETS
 from model import resolve_checkpoint
 from model.config import POSITION_EMBEDDINGS
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 
-TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# The names every base resolves (lora.inject's one table): the seed's OPT names and the role names.
+TARGET_NAMES = (*SEED_TARGETS, *ROLE_NAMES)
 ALPHA_POLICIES = ("fixed", "double_rank", "rslora")
 
 
@@ -230,6 +233,11 @@ def _check_semantics(cfg: Config, source: str) -> None:
             "Give text of the base model's own domain (.txt/.md/.py files, a folder, a glob, or a .jsonl), or leave "
             "it unset: the built-in base then uses its held-out pretraining documents."
         )
+    if cfg.ablation is not None and cfg.ablation.lr_grid and cfg.data.val_fraction + cfg.ablation.tune_fraction >= 1:
+        raise ConfigError(
+            f"{where(source, 'ablation.tune_fraction')} ({cfg.ablation.tune_fraction}) + data.val_fraction "
+            f"({cfg.data.val_fraction}) must stay below 1: an lr grid holds out both, and training needs documents."
+        )
     if cfg.ablation is not None and (cfg.ablation.grid or cfg.ablation.halving):
         _check_grid(cfg, source)
     elif cfg.ablation is not None:
@@ -355,9 +363,10 @@ def with_values(cfg: Config, items: list[tuple[str, Any, str]]) -> Config:
     (and every ablation value) are checked once all are set, so `batch_tokens` and `micro_batch_tokens` can be
     lowered together in either order.
     """
-    data = cfg.to_dict()
+    data, by_key = cfg.to_dict(), {}
     for key, value, source in items:
         path = resolve_key(key, source)
+        by_key[path] = source
         *sections, leaf = path.split(".")
         cls: Any = Config
         for s in sections:
@@ -367,7 +376,7 @@ def with_values(cfg: Config, items: list[tuple[str, Any, str]]) -> Config:
         if data.get(sections[0]) is None:  # a config without an `ablation:` block
             raise ConfigError(f"{where(source, path)}: this config has no '{sections[0]}' section to set it in.")
         set_dotted(data, path, checked)
-    return from_dict(data, source=", ".join(dict.fromkeys(s for _, _, s in items)) or "command line")
+    return from_dict(data, source=Sources(by_key))
 
 
 def get_value(cfg: Config, key: str) -> Any:

@@ -33,7 +33,7 @@ from experiments.config.config import Config, ConfigError, from_dict
 from experiments.finetune.locks import RunLock, exit_with_parent
 from experiments.finetune.row import RESULT_FILE, RESULT_KEYS
 from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
-from model import from_pretrained
+from model import GPTConfig, from_pretrained
 from training import distributed, loop, memory
 from training.checkpoint import CHECKPOINT_FILE
 from training.distributed import amp_dtype, device_name
@@ -50,12 +50,19 @@ def _set_dropout(model: nn.Module, p: float) -> None:
             m.attn_dropout = p
 
 
-def _check_context(model: nn.Module, seq_len: int, base: str) -> None:
-    kind, limit = model.config.position_embedding, model.config.max_position_embeddings
-    if kind in ("learned", "sinusoidal") and seq_len > limit:
-        raise ValueError(
-            f"model.max_position_embeddings={seq_len} exceeds the {limit} positions of the base "
-            f"model's {kind} position table ({base}); use at most {limit}."
+def check_context(cfg: Config, gcfg: GPTConfig, label: str) -> None:
+    """The run's context must fit the base's position table (GPTConfig.max_seq_len; rope/alibi/none have none).
+    Preflight calls it on the base's config before any work, the run again on the model it loaded."""
+    seq, limit = cfg.model.max_position_embeddings, gcfg.max_seq_len
+    if limit is not None and seq > limit:
+        fix = (
+            ", or pretrain longer sequences (pretrain.long_seq_len), or use pretrain.position_embedding=rope"
+            if cfg.model.base == "builtin"
+            else ""
+        )
+        raise ConfigError(
+            f"model.max_position_embeddings={seq} is longer than the {limit}-position {gcfg.position_embedding} "
+            f"position table of {label}; use at most {limit}{fix}."
         )
 
 
@@ -172,7 +179,7 @@ def _fine_tune(
     if not dist.is_main:
         base_dir = ensure_base(cfg, progress=False)
     model = from_pretrained(base_dir)
-    _check_context(model, seq_len, str(base_dir))
+    check_context(cfg, model.config, str(base_dir))
 
     # 2. The fine-tuning text, tokenized with the base's tokenizer; validation split by document.
     corpus, train_ids, val_ids, source_ids, tune_ids = finetune_tokens(cfg, base_dir, progress)

@@ -25,7 +25,7 @@ from data.tokenizer import tokenizer_files
 from experiments.base.pretrain import base_gpt_config, pretrain_split
 from experiments.config.config import Config
 from experiments.config.schema import ConfigError
-from experiments.finetune.train import finetune_splits
+from experiments.finetune.train import check_context, finetune_splits
 from experiments.sweep.plan import RunSpec
 from experiments.sweep.results import PLOTS_DIR, REPORT_FILE, RESULTS_CSV, RESULTS_JSONL, RESULTS_LOCK, value_label
 from lora import LoRAConfig, inject_lora
@@ -48,7 +48,7 @@ def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
                 bases[cfg.model.base] = base_config(cfg)
             gcfg, label = bases[cfg.model.base]
             _check_device(cfg)
-            _check_positions(cfg, gcfg, label)
+            check_context(cfg, gcfg, label)
             key = repr((gcfg, cfg.lora.target_modules))
             if key not in checked:  # a meta model per distinct (base, targets), not per run
                 checked.add(key)
@@ -190,20 +190,6 @@ def _check_device(cfg: Config) -> None:
         raise ConfigError(
             f"train.device is cuda, but torch {torch.__version__} sees no CUDA device (built for CUDA "
             f"{torch.version.cuda or 'none'}). Use train.device=auto or cpu, or install a CUDA build of torch."
-        )
-
-
-def _check_positions(cfg: Config, gcfg: GPTConfig, label: str) -> None:
-    seq, kind, limit = cfg.model.max_position_embeddings, gcfg.position_embedding, gcfg.max_position_embeddings
-    if kind in ("learned", "sinusoidal") and seq > limit:
-        fix = (
-            ", or pretrain longer sequences (pretrain.long_seq_len), or use pretrain.position_embedding=rope"
-            if cfg.model.base == "builtin"
-            else ""
-        )
-        raise ConfigError(
-            f"model.max_position_embeddings={seq} is longer than the {limit}-position {kind} position table of "
-            f"{label}; use at most {limit}{fix}."
         )
 
 
