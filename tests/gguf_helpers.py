@@ -96,10 +96,12 @@ def write_gguf(
     drop_keys: tuple[str, ...] = (),
     extra_tensors: dict[str, tuple[np.ndarray, str]] | None = None,
     architecture: str | None = None,
+    tokenizer_model: str = "gpt2",
 ) -> Path:
     """`model` (transformers Llama / Qwen2) and `tok` as a GGUF: 2-D weights quantized to `qtype`, norms and biases
     F32, q/k rows permuted for llama; `drop_keys` leaves metadata keys out, `extra_tensors` adds {name: (array,
-    type)}, `architecture` overrides general.architecture (for the bad-input tests)."""
+    type)}, `architecture` and `tokenizer_model` override general.architecture and tokenizer.ggml.model (for the
+    bad-input tests)."""
     import gguf
 
     cfg = model.config
@@ -124,7 +126,7 @@ def write_gguf(
         spec = json.loads(tok.to_str())
         vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
         specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model(tokenizer_model)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list([t for t, _ in vocab])
         writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])

