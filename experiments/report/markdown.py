@@ -18,6 +18,7 @@ from pathlib import Path
 from experiments.report.checks import Check
 from experiments.report.expectations import expectations
 from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
+from experiments.report.grid import Budget, add_budget_flags, budget_from_args, grid_section, is_rung, plot_grids
 from experiments.report.recommend import RULE, recommend
 from experiments.report.studies import LEVEL, Study, Value, load_studies
 from experiments.sweep.results import PLOTS_DIR, REPORT_FILE, RESULTS_JSONL, ResultsFileError
@@ -194,8 +195,14 @@ def _image(plots: dict[str, Path], name: str, alt: str, out_dir: Path | None) ->
     return [f"![{alt}]({rel.as_posix()})", ""]
 
 
-def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: Path | None = None) -> str:
+def render(
+    studies: list[Study],
+    plots: dict[str, Path] | None = None,
+    out_dir: Path | None = None,
+    budget: Budget | None = None,
+) -> str:
     plots = plots or {}
+    everything, studies = studies, [s for s in studies if not is_rung(s)]  # halving's early rungs: in their grid's part
     parts = ["# LoRA ablation report", "", "## Answers", "", RULE, "", *answers(studies), ""]
     parts += [
         f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {sum(len(s.rows) for s in studies)} runs "
@@ -218,6 +225,7 @@ def render(studies: list[Study], plots: dict[str, Path] | None = None, out_dir: 
         parts += _image(plots, f"{st.slug}_tradeoff", f"{title}: perplexity against cost", out_dir)
         parts += _image(plots, f"{st.slug}_forgetting", f"{title}: learning against forgetting", out_dir)
         parts += _image(plots, f"{st.slug}_lr", f"{title}: validation perplexity against learning rate", out_dir)
+        parts += grid_section(st, everything, plots, out_dir, budget)  # a grid study's two-way tables; else nothing
         checks = expectations(st)
         if checks:
             single = (
@@ -261,7 +269,9 @@ def terminal_summary(studies: list[Study]) -> str:
     return "\n".join(parts)
 
 
-def write_report(out_dir: Path, ablations: set[tuple[str, str]] | None = None, plots: bool = True) -> str:
+def write_report(
+    out_dir: Path, ablations: set[tuple[str, str]] | None = None, plots: bool = True, budget: Budget | None = None
+) -> str:
     """Write out_dir/report.md (+ plots/*.png) from every study in the folder. Returns the terminal summary of
     the studies in `ablations` ((name, study hash) pairs; all if None)."""
     out_dir = Path(out_dir)
@@ -270,9 +280,9 @@ def write_report(out_dir: Path, ablations: set[tuple[str, str]] | None = None, p
     if plots and studies:
         from experiments.report.plots import plot_all
 
-        files = plot_all(studies, out_dir / PLOTS_DIR)
-    (out_dir / REPORT_FILE).write_text(render(studies, files, out_dir), encoding="utf-8")
-    shown = [s for s in studies if ablations is None or (s.ablation, s.study_hash) in ablations]
+        files = plot_all(studies, out_dir / PLOTS_DIR) | plot_grids(studies, out_dir / PLOTS_DIR)
+    (out_dir / REPORT_FILE).write_text(render(studies, files, out_dir, budget), encoding="utf-8")
+    shown = [s for s in studies if (ablations is None or (s.ablation, s.study_hash) in ablations) and not is_rung(s)]
     return terminal_summary(shown) + f"report: {out_dir / REPORT_FILE}"
 
 
@@ -283,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-plots", action="store_true", help="tables only")
+    add_budget_flags(ap)
     args = ap.parse_args(argv)
     if not (args.run_dir / RESULTS_JSONL).exists():
         print(
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        print(write_report(args.run_dir, plots=not args.no_plots))
+        print(write_report(args.run_dir, plots=not args.no_plots, budget=budget_from_args(args)))
     except ResultsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any
 from experiments.config.schema import flatten
 from experiments.report.fmt import MIB
 from experiments.report.stats import Difference, Summary, compare, mean_ci
+from experiments.sweep.grid import SEP, is_grid, split_key
 from experiments.sweep.results import latest, read_rows
 
 LEVEL = 0.95
@@ -79,7 +80,9 @@ class Value:
 
     @property
     def short(self) -> str:
-        """Short label for plots and prose: "q,v,fc1,fc2" for module lists."""
+        """Short label for plots and prose: "q,v,fc1,fc2" for module lists; "16 × q,v" for a grid's cell."""
+        if isinstance(self.value, str) and SEP in self.value:
+            return SEP.join(Value(p, None, False).short for p in self.value.split(SEP))
         if isinstance(self.value, str) and "," in self.value or self.value in SHORT:
             return ",".join(SHORT.get(m, m) for m in str(self.value).split(","))
         return self.label
@@ -123,7 +126,10 @@ class Study:
         return all(isinstance(v.value, (int, float)) and not isinstance(v.value, bool) for v in self.values)
 
     def named(self, v: Value) -> str:
-        """A value as prose names it: "rank 8", "context 1024", "q,v,fc1,fc2"."""
+        """A value as prose names it: "rank 8", "context 1024", "q,v,fc1,fc2"; a grid's cell "rank 8 × q,v"."""
+        if is_grid(self.key):
+            parts = zip(split_key(self.key), str(v.value).split(SEP))
+            return SEP.join(Study("", k, "", []).named(Value(p, None, False)) for k, p in parts)
         return f"{NOUN[self.key]} {v.short}" if self.key in NOUN else v.short
 
     @property

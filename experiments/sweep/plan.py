@@ -15,6 +15,7 @@ from typing import Any
 from data.cache import json_hash
 from experiments.config.config import Config, get_value, resolve_key, set_dotted, with_value, with_values
 from experiments.finetune.row import read_result
+from experiments.sweep.grid import grid_cells, grid_key, split_key
 from experiments.sweep.results import latest, read_rows, value_label
 from training.checkpoint import CHECKPOINT_FILE
 
@@ -55,8 +56,8 @@ def study_hash(cfg: Config, key: str) -> str:
     d["train"]["seed"] = None
     if has_lr_grid(cfg):
         d["train"]["lr"] = None
-    if key:
-        set_dotted(d, key, None)
+    for k in split_key(key):  # a grid's key names several
+        set_dotted(d, k, None)
     return json_hash(d)
 
 
@@ -72,15 +73,16 @@ def plan_runs(
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     a = cfg.ablation
-    key = resolve_key(a.key) if a is not None else ""
+    grid = a is not None and bool(a.grid)  # several keys swept jointly: each cell is one value (experiments.sweep.grid)
+    key = grid_key(a.grid) if grid else resolve_key(a.key) if a is not None else ""
     listed = list(a.values) if a is not None else [None]
     chosen = list(values) if values is not None else listed
-    baseline = (a.baseline if a.baseline is not None else listed[0]) if a is not None else None
-    if a is not None and a.lr_grid:
+    baseline = (a.baseline if a.baseline is not None else listed[0]) if a is not None and not grid else None
+    if a is not None and (a.lr_grid or a.halving):  # halving, too, keeps cells by their loss on the tune split
         cfg = with_value(cfg, "data.tune_fraction", a.tune_fraction, source=source)
     lrs: list[float | None] = list(a.lr_grid) if a is not None and a.lr_grid else [None]  # None: the config's own
-    per_value = []
-    for v in chosen:
+    per_value = [(c.cfg, c.label, c.index, c.is_baseline) for c in grid_cells(cfg, source)] if grid else []
+    for v in [] if grid else chosen:
         vcfg = with_value(cfg, key, v, source=source) if key else cfg
         norm = get_value(vcfg, key) if key else None  # "q_proj,v_proj" -> ["q_proj", "v_proj"]
         idx = next((i for i, lv in enumerate(listed) if lv == norm), None)

@@ -1,0 +1,173 @@
+"""Successive halving over a grid's cells (`--halving`, `ablation.halving: true`): a grid multiplies runs, so train
+every cell on a fraction of the token budget, keep the better half by the loss on the tune split (never the
+validation split, which the report shows), train those on twice the tokens, and so on up to the full budget.
+
+With RUNGS = 3 and ETA = 2 a grid of n cells trains n cells on 1/4 of the tokens, ceil(n/2) on 1/2 and ceil(n/4) on
+all of them: 9 cells cost 2.25 + 2.5 + 3 = 7.75 full runs instead of 9. Each rung is an ordinary sweep (resume, locks,
+executors), its runs fresh short runs with their own learning-rate schedule; the last rung's runs are exactly the
+full grid's runs of the kept cells, so a full grid run later in the same folder reuses them. The price: a cell that
+learns slowly but ends best (a late bloomer) can be dropped at an early rung; the report says so.
+
+Rows of an earlier rung k go to the ablation "<name>.rung<k>"; the last rung's rows to the study itself. Every
+decision (which cells a rung kept) is written to RUN_DIR/halving.json as soon as it is made, and a later run of the
+same command takes it from there, so a sweep killed in the middle of a rung resumes that rung with the same cells
+and runs nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from data.cache import write_json_atomic
+from experiments.config.config import with_values
+from experiments.sweep.executors import Executor, Runner
+from experiments.sweep.plan import RunSpec, study_hash
+from experiments.sweep.results import latest, read_rows
+from experiments.sweep.sweep import run_sweep
+
+HALVING_FILE = "halving.json"
+RUNGS = 3  # budgets 1/4, 1/2, 1 of train.tokens
+ETA = 2  # each rung keeps ceil(1/ETA) of its cells and trains them on ETA times the tokens
+
+
+def rung_name(ablation: str, rung: int) -> str:
+    """The ablation name of an earlier rung's rows (the last rung's rows keep the study's own name)."""
+    return f"{ablation}.rung{rung}"
+
+
+def rung_tokens(tokens: int, batch_tokens: int, rungs: int = RUNGS, eta: int = ETA) -> list[int]:
+    """Each rung's token budget: tokens / eta^(rungs-1-k), in whole optimizer steps, at least one; the last is
+    `tokens` itself."""
+    steps = [round(tokens / eta ** (rungs - 1 - k) / batch_tokens) for k in range(rungs - 1)]
+    return [max(1, n) * batch_tokens for n in steps] + [tokens]
+
+
+def kept(n: int, eta: int = ETA) -> int:
+    return max(1, math.ceil(n / eta))
+
+
+def _at_budget(spec: RunSpec, rung: int, last: bool, tokens: int) -> RunSpec:
+    """The spec trained on `tokens` under the rung's ablation name (the last rung: the spec itself)."""
+    if last:
+        return spec
+    cfg = with_values(spec.cfg, [("train.tokens", tokens, "--halving")])
+    return dataclasses.replace(
+        spec,
+        ablation=rung_name(spec.ablation, rung),
+        cfg=cfg,
+        config_hash=cfg.hash(),
+        study_hash=study_hash(cfg, spec.key),
+    )
+
+
+def cell_scores(specs: Sequence[RunSpec], rows: dict[tuple[str, str], dict]) -> dict[str, float | None]:
+    """Cell label -> its tune loss (mean over seeds; with an lr grid the best lr's mean), math.inf for a cell with a
+    run that did not end ok, None for a cell with a run that has no row yet (the rung is not over)."""
+    by_cell: dict[str, dict[float, list[float]]] = {}
+    missing, failed = set(), set()
+    for s in specs:
+        row = rows.get((s.ablation, s.config_hash))
+        label = str(s.value)
+        by_cell.setdefault(label, {})
+        if row is None:
+            missing.add(label)
+        elif row["status"] != "ok" or row.get("tune_loss") is None:
+            failed.add(label)
+        else:
+            by_cell[label].setdefault(s.cfg.train.lr, []).append(float(row["tune_loss"]))
+    scores: dict[str, float | None] = {}
+    for label, per_lr in by_cell.items():
+        if label in missing:
+            scores[label] = None
+        elif label in failed:
+            scores[label] = math.inf
+        else:
+            scores[label] = min(sum(xs) / len(xs) for xs in per_lr.values())
+    return scores
+
+
+def choose(scores: dict[str, float], order: Sequence[str], eta: int = ETA) -> list[str]:
+    """The better ceil(n/eta) cells by tune loss (ties: grid order), in grid order."""
+    best = sorted(order, key=lambda c: (scores[c], order.index(c)))[: kept(len(order), eta)]
+    return [c for c in order if c in best]
+
+
+def read_record(out_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(out_dir) / HALVING_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def study_id(spec: RunSpec) -> str:
+    """The halving record's key of a study: its name and study hash."""
+    return f"{spec.ablation}/{spec.study_hash}"
+
+
+def run_halving(
+    specs: Sequence[RunSpec],
+    out_dir: Path,
+    runner: Runner | Executor,
+    *,
+    say: Callable[[str], None] = print,
+    progress: bool = False,
+) -> tuple[list[dict], list[RunSpec]]:
+    """Run `specs` (every cell x seed of one or more studies at the full budget) rung by rung for the studies with
+    `ablation.halving`, as one plain sweep for the rest. Returns the new rows and every spec the rungs planned."""
+    out_dir = Path(out_dir)
+    halved = [s.cfg.ablation is not None and s.cfg.ablation.halving for s in specs]
+    plain = [s for s, h in zip(specs, halved) if not h]
+    rows = run_sweep(plain, out_dir, runner, say=say, progress=progress) if plain else []
+    planned = list(plain)
+    studies: dict[str, list[RunSpec]] = {}
+    for s, h in zip(specs, halved):
+        if h:
+            studies.setdefault(study_id(s), []).append(s)
+    for sid, group in studies.items():
+        new, done = _halve(sid, group, out_dir, runner, say, progress)
+        rows += new
+        planned += done
+    return rows, planned
+
+
+def _halve(
+    sid: str, specs: list[RunSpec], out_dir: Path, runner: Runner | Executor, say: Callable[[str], None], progress: bool
+) -> tuple[list[dict], list[RunSpec]]:
+    order = list(dict.fromkeys(str(s.value) for s in specs))  # cells in grid order
+    budgets = rung_tokens(specs[0].cfg.train.tokens, specs[0].cfg.train.batch_tokens)
+    record = read_record(out_dir).get(sid, {"rungs": []})
+    cells, rows, planned = order, [], []
+    for k, tokens in enumerate(budgets):
+        last = k == len(budgets) - 1
+        rung = [_at_budget(s, k, last, tokens) for s in specs if str(s.value) in cells]
+        say(f"halving {sid.split('/')[0]}: rung {k + 1}/{len(budgets)}, {len(cells)} cells on {tokens:,} tokens")
+        rows += run_sweep(rung, out_dir, runner, say=say, progress=progress)
+        planned += rung
+        if last:
+            break
+        done = record["rungs"][k] if k < len(record["rungs"]) else None
+        if done is not None and done["cells"] == cells:  # decided before this sweep was stopped: keep to it
+            cells = done["kept"]
+            continue
+        scores = cell_scores(rung, latest(read_rows(out_dir)))
+        if any(v is None for v in scores.values()):  # another process holds some runs: decide once they are in
+            say(f"halving {sid.split('/')[0]}: rung {k + 1} is not complete; run the command again to continue")
+            break
+        nxt = choose(scores, cells)
+        record["rungs"] = record["rungs"][:k] + [
+            {"tokens": tokens, "cells": cells, "kept": nxt, "tune_loss": {c: scores[c] for c in cells}}
+        ]
+        _write_record(out_dir, sid, record)
+        cells = nxt
+    return rows, planned
+
+
+def _write_record(out_dir: Path, sid: str, record: dict) -> None:
+    everything = read_record(out_dir)
+    everything[sid] = record
+    write_json_atomic(out_dir / HALVING_FILE, everything)
