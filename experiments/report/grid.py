@@ -216,7 +216,8 @@ def _cell_text(g: Grid, at: tuple[Any, ...], stopped: dict[str, int]) -> str:
     delta = "baseline" if v is base else _d(v.vs(base, METRIC)) if base is not None and base.metric(METRIC) else None
     t = v.mean("train_time_s")
     cost = f"{integer(v.mean('trainable_params'))} params, {EMPTY if t is None else f'{t:.0f} s'}"
-    return "<br>".join(x for x in (ci(v.summary(METRIC), 2), delta and f"Δ {delta}", cost) if x)
+    delta = delta if delta in (None, "baseline") else f"Δ {delta}"
+    return "<br>".join(x for x in (ci(v.summary(METRIC), 2), delta, cost) if x)
 
 
 def pairs(g: Grid) -> list[tuple[int, int]]:
@@ -276,12 +277,13 @@ def in_words(g: Grid, i: int, j: int) -> str:
     each = "; ".join(f"with {g.name(j, b)}: {_d(d)}" for b, d in effects)
     matters = [g.name(j, b) for b, d in effects if d.significant]
     flat = [g.name(j, b) for b, d in effects if d.significant is False]
+    verb = "matter" if word.endswith("s") else "matters"
     if matters and flat:
-        gist = f"{word} matters with {', '.join(matters)} but not with {', '.join(flat)}"
+        gist = f"{word} {verb} with {', '.join(matters)} but not with {', '.join(flat)}"
     elif matters:
-        gist = f"{word} matters with every {where} value tested"
+        gist = f"{word} {verb} with every {where} value tested"
     elif flat:
-        gist = f"{word} is within noise with every {where} value tested"
+        gist = f"{word}: within noise with every {where} value tested"
     else:
         gist = f"{word}'s effect, one seed per cell (direction only)"
     text = f"{gist} (Δ {g.name(i, lo)} → {g.name(i, hi)} {each})"
@@ -563,9 +565,7 @@ def grid_section(
         lines += [
             "### Expected vs observed: interactions in the literature",
             "",
-            md_table(
-                ["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.text}**"] for c in checks]
-            ),
+            md_table(["expected", "observed", "verdict"], [[c.expected, c.observed, f"**{c.text}**"] for c in checks]),
             "",
         ]
     return lines
@@ -631,7 +631,19 @@ def _heatmaps(g: Grid, i: int, j: int, path: Path) -> Path:
         ax.set_ylabel(key_word(g.keys[i]))
         ax.set_title(title, fontsize=9)
         for (r, c), note in notes.items():
-            ax.text(c, r, note[k], ha="center", va="center", fontsize=8, fontweight="bold" if k and note[2] else None)
+            red, green, blue, _ = im.cmap(im.norm(data[r, c]))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text where the colour is dark
+            weight = "bold" if k and note[2] else None
+            ax.text(
+                c,
+                r,
+                note[k],
+                ha="center",
+                va="center",
+                fontsize=8,
+                fontweight=weight,
+                color="white" if dark else "black",
+            )
     fig.suptitle(f"{g.study.ablation}: {key_word(g.keys[i])} × {key_word(g.keys[j])}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
