@@ -307,4 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable report.md or plots/ (permissions, an immutable file, a full disk)
+        print(f"error: {unwritable(args.run_dir, e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def unwritable(out_dir: Path, e: OSError) -> str:
+    """One line for a report that could not be written: the file, why, and the way out."""
+    where = e.filename or out_dir
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return f"cannot write the report: {where} is a file where the report writes a folder; move it away."
+    if isinstance(e, IsADirectoryError):
+        return f"cannot write the report: {where} is a folder where the report writes a file; move it away."
+    return (
+        f"cannot write the report: {where}: {e.strerror or e}. Make {out_dir} and its {PLOTS_DIR}/ (and the files "
+        "in them) writable, or pass --no-plots to write report.md alone."
+    )

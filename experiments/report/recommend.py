@@ -56,6 +56,17 @@ def _diff(d: Difference) -> str:
     return diff_text(d, digits=2, unit=" ppl", verdict=False)
 
 
+def _unknown_costs(st: Study, done: list[Value]) -> str:
+    """Values ranked as most costly because their rows lack a cost other values have (a row of an older version,
+    or edited by hand): said in the evidence, never silent."""
+    parts = []
+    for m, word in COST_WORDS.items():
+        unknown = [v for v in done if v.mean(m) is None]
+        if unknown and len(unknown) < len(done):
+            parts.append(f"{word} unknown for {', '.join(st.named(v) for v in unknown)} (rows without `{m}`)")
+    return "".join(f"; {p}, ranked as the most costly" for p in parts)
+
+
 def recommend(st: Study) -> Recommendation | None:
     """RULE applied to a study; None when no value has a finished run."""
     done = [v for v in st.values if v.metric(METRIC)]
@@ -85,6 +96,7 @@ def recommend(st: Study) -> Recommendation | None:
         )
     else:
         evidence = f"{name}: the best perplexity ({num(best.mean(METRIC), 2)}) and the cheapest value"
+    evidence += _unknown_costs(st, done)
     if provisional:
         evidence += "; provisional: one seed per value cannot tell a difference from noise (rerun with --seeds 3)"
     return Recommendation(pick, best, diffs.get(id(pick)), provisional, evidence)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from experiments.config.schema import flatten
 from experiments.report.fmt import MIB
 from experiments.report.stats import Difference, Summary, compare, mean_ci
 from experiments.sweep.grid import SEP, is_grid, split_key
-from experiments.sweep.results import latest, read_rows
+from experiments.sweep.results import RESULTS_JSONL, ResultsFileError, latest, numbered_rows
 
 LEVEL = 0.95
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
@@ -45,10 +45,11 @@ class Value:
         return [r for runs in self.grid.values() for r in runs] if self.grid else self.rows
 
     def choose_lr(self) -> None:
-        """Keep the runs at the lr with the lowest mean tune loss (never the validation split, which is reported)."""
+        """Keep the runs at the lr with the lowest mean tune loss (never the validation split, which is reported).
+        No lr has a finished run: keep every run, so the table shows them all as not ok."""
         scored = {lr: loss for lr in self.grid if (loss := self.tune_loss(lr)) is not None}
         self.chosen_lr = min(scored, key=scored.get) if scored else None
-        self.rows = self.grid.get(self.chosen_lr, [])
+        self.rows = self.grid[self.chosen_lr] if scored else self.all_rows
 
     @property
     def ok(self) -> list[dict]:
@@ -204,10 +205,48 @@ def run_config(out_dir: Path, row: dict) -> dict:
         return {}
 
 
+class Need(NamedTuple):
+    """What a feature of the report needs of a study's rows. A row of an older version, or edited by hand, may lack
+    it: the row is named (ResultsFileError: file, line, key), never dropped or pooled with others silently."""
+
+    keys: tuple[str, ...]
+    finished_only: bool  # needed of the rows that finished ok; else of every row of the study
+    why: str  # "...lacks `lr`, which <why>"
+    fix: str
+
+
+NEEDS = {
+    "table": Need(
+        ("val_ppl",),
+        True,
+        "the table's mean over seeds and the recommendation compare values by",
+        "delete those lines and run the same sweep again to retrain those runs",
+    ),
+    "lr grid": Need(
+        ("lr",),
+        False,
+        "tells apart the runs of one value at one seed (an lr grid); without it they would be pooled into one mean",
+        "add each run's train.lr (its runs/<config_hash>/config.json has it) to its row, or delete those lines and "
+        "run the same sweep again",
+    ),
+    "lr choice": Need(
+        ("tune_loss",),
+        True,
+        "an lr grid chooses each value's learning rate by (the loss on the tune split; validation plays no part)",
+        "delete those lines and run the same sweep again to retrain and measure those runs",
+    ),
+}
+# Reported without, and said: the source set's columns (source_val_ppl, ...; Study.source_note) and the costs the
+# recommendation ranks by (recommend.COSTS; Study.notes).
+
+
 def load_studies(out_dir: Path) -> list[Study]:
-    """The latest row per (ablation, config hash), grouped into studies, in the order they first appear."""
+    """The latest row per (ablation, config hash), grouped into studies, in the order they first appear. A row that
+    lacks what its study needs (NEEDS) raises ResultsFileError naming it."""
     out_dir = Path(out_dir)
-    rows = list(latest(read_rows(out_dir)).values())
+    numbered = numbered_rows(out_dir)
+    line = {id(r): n for n, r in numbered}
+    rows = list(latest(r for _, r in numbered).values())
     studies: dict[tuple[str, str], Study] = {}
     for r in rows:
         st = studies.setdefault((r["ablation"], r["study_hash"]), Study(r["ablation"], r["key"], r["study_hash"], []))
@@ -216,12 +255,20 @@ def load_studies(out_dir: Path) -> list[Study]:
             v = Value(r["value"], r.get("value_index"), bool(r.get("is_baseline")))
             st.values.append(v)
         v.rows.append(r)
+    path = out_dir / RESULTS_JSONL
     for st in studies.values():
         for v in st.values:
             v.rows.sort(key=lambda r: r["seed"])
-            if len({r.get("lr") for r in v.rows}) > 1:  # an lr grid: report each value at its chosen lr
+            _require(path, line, v.rows, NEEDS["table"])
+            # Several runs of this value at one seed, or at several learning rates: an lr grid. Each value is then
+            # reported at its chosen lr, so every run must say its lr and the finished ones their tune loss.
+            if len({r.get("lr") for r in v.rows}) > 1 or len({r["seed"] for r in v.rows}) < len(v.rows):
+                _require(path, line, v.rows, NEEDS["lr grid"])
+                _require(path, line, v.rows, NEEDS["lr choice"])
                 for r in v.rows:
                     v.grid.setdefault(r["lr"], []).append(r)
+                for lr, runs in v.grid.items():
+                    _distinct_seeds(path, line, st, v, lr, runs)
                 v.choose_lr()
         if st.numeric:
             st.values.sort(key=lambda v: v.value)
@@ -229,6 +276,41 @@ def load_studies(out_dir: Path) -> list[Study]:
             st.values.sort(key=lambda v: (v.index is None, v.index if v.index is not None else 0, v.label))
     _mark_differences(out_dir, list(studies.values()))
     return list(studies.values())
+
+
+def _lines(ns: list[int]) -> str:
+    """ "line 4", "lines 4, 9 and 12" (the first six, then how many more)."""
+    ns = sorted(ns)
+    if len(ns) == 1:
+        return f"line {ns[0]}"
+    shown = ", ".join(map(str, ns[:6])) + (f" and {len(ns) - 6} more" if len(ns) > 6 else "")
+    return f"lines {shown}"
+
+
+def _require(path: Path, line: dict[int, int], rows: list[dict], need: Need) -> None:
+    """ResultsFileError naming the first key of `need` that some of `rows` lack, and the lines that lack it."""
+    for key in need.keys:
+        lacking = [line[id(r)] for r in rows if key not in r and (r["status"] == "ok" or not need.finished_only)]
+        if lacking:
+            raise ResultsFileError(
+                f"{path}, {_lines(lacking)} lack{'s' if len(lacking) == 1 else ''} `{key}`, which {need.why} "
+                f"(rows of ablation {rows[0]['ablation']!r}, written by an older version or edited by hand). "
+                f"Nothing was written: {need.fix}."
+            )
+
+
+def _distinct_seeds(path: Path, line: dict[int, int], st: Study, v: Value, lr: Any, runs: list[dict]) -> None:
+    """Two latest rows of one value, seed and lr in one study are runs their rows do not tell apart: refuse to pool."""
+    by_seed: dict[int, list[int]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(line[id(r)])
+    twins = next((ns for ns in by_seed.values() if len(ns) > 1), None)
+    if twins:
+        raise ResultsFileError(
+            f"{path}, {_lines(twins)} are runs of {st.ablation} value {v.label} at one seed and lr {lr} with "
+            "different config hashes, which no column of their rows tells apart; they would be pooled into one mean. "
+            "Nothing was written: delete the lines that do not belong to this study."
+        )
 
 
 def _mark_differences(out_dir: Path, studies: list[Study]) -> None:
