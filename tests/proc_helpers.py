@@ -54,6 +54,16 @@ def training_children(pid: int) -> list[int]:
     return [p for p in processes_with("experiments.finetune") if (_stat(p) or ["", "0"])[1] == str(pid) and alive(p)]
 
 
+def pending(pid: int, sig: int) -> bool:
+    """Whether `sig` has been sent to the process and waits to be taken (as it does while the process is stopped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (sig - 1) & 1 for mask in masks)
+
+
 def stop(pid: int) -> None:
     """SIGSTOP, then wait until every thread of the process has stopped (the signal takes effect asynchronously):
     from then on its files cannot change under the test. A process that has ended meanwhile counts as stopped."""
