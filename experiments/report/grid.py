@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,11 +134,13 @@ class Grid:
         return Study("", self.keys[i], "", []).named(Value(x, None, False))
 
 
-def grid_of(st: Study) -> Grid:
-    """The cells of a grid study by key values; numeric keys in ascending order, the others in grid order."""
+def grid_of(st: Study, stopped: Sequence[str] = ()) -> Grid:
+    """The cells of a grid study by key values; numeric keys in ascending order, the others in grid order.
+    `stopped`: labels of cells without rows of their own (halving stopped them), placed on the axes all the same."""
     keys = split_key(st.key)
     cells = {tuple(split_value(v.value)): v for v in st.values}
     by_index = sorted(cells, key=lambda c: cells[c].index if cells[c].index is not None else math.inf)
+    by_index += [tuple(split_value(c)) for c in stopped]
     axes = []
     for i in range(len(keys)):
         xs = list(dict.fromkeys(c[i] for c in by_index))
@@ -273,7 +276,7 @@ def in_words(g: Grid, i: int, j: int) -> str:
     effects = [(b, simple_effect(g, i, lo, hi, _set(at, {j: b}))) for b in g.axes[j]]
     effects = [(b, d) for b, d in effects if d is not None]
     if not effects:
-        return f"{word} {g.name(i, lo)} → {g.name(i, hi)}: no {where} value has both cells finished."
+        return f"{g.name(i, lo)} → {g.name(i, hi)}: no {where} value has both cells finished."
     each = "; ".join(f"with {g.name(j, b)}: {_d(d)}" for b, d in effects)
     matters = [g.name(j, b) for b, d in effects if d.significant]
     flat = [g.name(j, b) for b, d in effects if d.significant is False]
@@ -470,6 +473,7 @@ def halving_text(st: Study, studies: list[Study], out_dir: Path | None) -> list[
         "was behind at a fraction of the budget: a late bloomer (a cell that learns slowly but ends best) can be "
         "stopped this way."
     )
+    lines.append("")
     finished = [v for v in st.values if v.metric(METRIC)]
     if len(finished) == n_cells:  # the full grid ran too (same configs as the last rung): compare the picks
         full_pick = recommend(st)
@@ -539,9 +543,9 @@ def grid_section(
     interactions in numbers and words, the Pareto front, the choice under a budget, halving, the literature."""
     if not is_grid(st.key):
         return []
-    g = grid_of(st)
-    plots = plots or {}
     stopped, _ = stopped_cells(st, out_dir)
+    g = grid_of(st, list(stopped))
+    plots = plots or {}
     lines = [
         "### Two-way tables",
         "",
