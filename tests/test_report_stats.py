@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+from scipy import stats
 from scipy.stats import t as student_t
 
 from experiments.report.stats import PAIRED, WELCH, _is_constant, compare, mean_ci, paired, spearman, welch
@@ -93,6 +94,14 @@ def test_spearman():
     assert spearman([1, 2, 3], [1, 2]) is None  # unequal lengths: no pairs
 
 
+def test_spearman_is_none_when_either_side_alone_is_constant():
+    """Each side's constancy is enough on its own (scipy would give nan): kills `len(xs) < 2 or _is_constant(xs)`
+    mutated to `and`, which lets a constant xs through."""
+    assert spearman([5, 5], [1, 2]) is None
+    assert spearman([5.0, 5.0, 5.0], [1.0, 3.0, 2.0]) is None
+    assert spearman([1, 2], [5, 5]) is None
+
+
 def test_welch_edge_cases_are_exact():
     one = welch([1.0], [2.0, 4.0])  # one seed on a side: the difference, but no test
     assert (one.diff, one.half, one.df, one.p, one.significant, one.test, one.n) == (
@@ -111,7 +120,9 @@ def test_welch_edge_cases_are_exact():
     one_flat = welch([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])  # one side flat: still a real Welch test, df = n_b - 1
     assert one_flat.test == WELCH and one_flat.n == 3 and one_flat.df == pytest.approx(2.0)
     assert one_flat.half == pytest.approx(student_t.ppf(0.975, 2) * math.sqrt(1.0 / 3)) and one_flat.half > 0
-    assert one_flat.significant is (abs(one_flat.diff) > one_flat.half)
+    scipy_ci = stats.ttest_ind([1.0, 1.0, 1.0], [2.0, 3.0, 4.0], equal_var=False).confidence_interval(0.95)
+    assert scipy_ci.low < 0 < scipy_ci.high  # scipy's own interval holds zero: -2 ± 2.48 is within noise
+    assert one_flat.significant is False
 
 
 def test_paired_edge_cases_are_exact():
@@ -141,3 +152,9 @@ def test_constant_means_equal_up_to_float_rounding_of_the_values_size():
     assert _is_constant([1000.0, 1000.0 + 1e-10])  # relative: 1e-13 of the values
     assert not _is_constant([0.0, 1.5e-12])  # absolute below 1: 1.5e-12 is a real spread
     assert not _is_constant([1000.0, 1000.001])
+
+
+def test_a_spread_exactly_at_the_tolerance_counts_as_constant():
+    """1e-12 below 1 is the absolute tolerance itself, and the bound is inclusive (kills `<=` mutated to `<`)."""
+    assert _is_constant([0.0, 1e-12])
+    assert not _is_constant([0.0, 2e-12])

@@ -54,7 +54,9 @@ def test_means_intervals_and_paired_difference_from_the_baseline():
     assert r16["delta_val_ppl"] == pytest.approx(statistics.fmean(diffs))
     assert r16["delta_val_ppl_ci"] == pytest.approx(half_t(diffs))
     assert r16["delta_test"] == "paired" and r16["delta_p"] == pytest.approx(stats.ttest_rel(PPL[16], PPL[8]).pvalue)
-    assert r16["delta_significant"] is (abs(r16["delta_val_ppl"]) > r16["delta_val_ppl_ci"])
+    scipy_ci = stats.ttest_rel(PPL[16], PPL[8]).confidence_interval(0.95)  # scipy's own paired interval
+    assert scipy_ci.high < 0  # excludes zero: rank 16 is better than rank 8 beyond noise at every reading
+    assert r16["delta_significant"] is True
     assert base["delta_val_ppl"] is None and base["delta_test"] is None
     assert r16["train_time_s"] == pytest.approx(11.0) and r16["train_time_s_ci"] == pytest.approx(half_t([10, 11, 12]))
     assert r16["tokens_per_s"] == pytest.approx(2000.0)
