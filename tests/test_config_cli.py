@@ -31,7 +31,7 @@ def write(tmp_path, text, name="abl.yaml"):
         (["--lora_rank", "2.5"], ["must be an integer", "2.5"]),
         (["--max_position_embeddings", "4"], ["'model.max_position_embeddings' must be in [8"]),
         (["--target_modules", ""], ["'lora.target_modules' must be a list"]),
-        (["--target_modules", ","], ["'lora.target_modules' is empty", "q_proj"]),
+        (["--target_modules", ","], ["--target_modules ,: 'lora.target_modules' is empty: ',' lists nothing"]),
         (["--set", "train.lrr=1e-3"], ["--set train.lrr=1e-3", "Did you mean 'train.lr'?"]),
         (["--set", "lora_rnk=8"], ["Did you mean 'lora_rank'?"]),
         (["--set", "train.lr"], ["expected KEY=VALUE"]),

@@ -225,4 +225,66 @@ def test_an_empty_flag_value_is_an_error_not_a_default(tmp_path, capsys, no_work
 def test_a_list_set_to_nothing_is_an_error(tmp_path, capsys, no_work, setting):
     key, _, value = setting.partition("=")
     err = refused([*RANK, "--set", setting], tmp_path / "out", capsys, no_work)
-    assert err == f"config error: --set {setting}: '{key}': {value!r} lists nothing; give comma-separated values."
+    assert (
+        err == f"config error: --set {setting}: '{key}' is empty: {value!r} lists nothing; give comma-separated values."
+    )
+
+
+# ----------------------------------------------------------------------------- an error names the input the user gave
+
+GRID = ["--lr-grid", "1e-2,3e-2"]
+QUICK = str(CONFIGS / "quick.yaml")
+
+
+@pytest.mark.parametrize(
+    "argv,blamed,rest",
+    [
+        (
+            ["--lr-grid", "1e-2,0.01", "--quick"],
+            "--lr-grid 1e-2,0.01: 'ablation.lr_grid'",
+            "needs at least two distinct",
+        ),
+        (["--lr-grid", "1e-2", "--quick"], "--lr-grid 1e-2: 'ablation.lr_grid'", "needs at least two distinct"),
+        (
+            [*RANK, *GRID, "--set", "ablation.tune_fraction=0.9"],
+            "--set ablation.tune_fraction=0.9, --lr-grid 1e-2,3e-2: 'ablation.tune_fraction'",
+            "(0.9) + data.val_fraction (0.1) must stay below 1",
+        ),
+        (
+            [*RANK, *GRID, "--quick", "--set", "data.val_fraction=0.95"],
+            "--set data.val_fraction=0.95, --lr-grid 1e-2,3e-2: 'ablation.tune_fraction'",
+            "(0.1) + data.val_fraction (0.95) must stay below 1",
+        ),
+        (
+            [*RANK, "--quick", "--set", "train.micro_batch_tokens=256", "--set", "train.batch_tokens=256"],
+            "--set train.batch_tokens=256: 'model.max_position_embeddings'",
+            "(512) is longer than train.batch_tokens (256)",
+        ),
+        (
+            ["--config", str(CONFIGS / "abl_context_length.yaml"), "--quick"]
+            + ["--set", "train.micro_batch_tokens=1024", "--set", "train.batch_tokens=1024"],
+            "ablation value 2048, --set train.batch_tokens=1024: 'model.max_position_embeddings'",
+            "(2048) is longer than train.batch_tokens (1024)",
+        ),
+        (
+            [*RANK, "--set", "pretrain.n_head=3"],
+            "--set pretrain.n_head=3: 'pretrain.d_model'",
+            "(128) must be divisible by pretrain.n_head (3)",
+        ),
+    ],
+    ids=["lr-grid-twice", "lr-grid-one", "tune_fraction", "val_fraction", "batch_tokens", "batch-vs-value", "n_head"],
+)
+def test_a_rule_between_keys_blames_the_input_that_set_one(tmp_path, capsys, no_work, argv, blamed, rest):
+    err = refused(argv, tmp_path / "out", capsys, no_work)
+    assert err.startswith(f"config error: {blamed} ") and rest in err and QUICK not in err
+
+
+def test_an_ablation_without_a_name_is_named_after_its_file(tmp_path, capsys, isolated_cache):
+    """Its unset name used to fail every value's check ('ablation.name' must be a non-empty string)."""
+    (tmp_path / "lr_study.yaml").write_text("ablation:\n  key: train.lr\n  values: [0.01, 0.02]\n", encoding="utf-8")
+    assert main(["--config", str(tmp_path / "lr_study.yaml"), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in plan[1:3]] == [
+        ["lr_study", "train.lr", "0.01"],
+        ["lr_study", "train.lr", "0.02"],
+    ]

@@ -139,7 +139,7 @@ class EvalConfig:
 class AblationConfig:
     """The swept key (a dotted path or one of ABLATION_ALIASES) and its values."""
 
-    name: str = ""
+    name: str | None = None  # None: the config file's name
     key: str | None = None  # None in a grid study, which names its keys in `grid`
     values: list[Any] = field(default_factory=list)
     baseline: Any = None
@@ -192,39 +192,43 @@ def _check_semantics(cfg: Config, source: str) -> None:
         if not isinstance(t, str) or not t:
             raise ConfigError(f"{where(source, 'lora.target_modules')} entries must be module names, got {t!r}.")
     if cfg.data.val_fraction + cfg.data.tune_fraction >= 1.0:
-        raise ConfigError(
-            f"{where(source, 'data.tune_fraction')} + data.val_fraction must stay below 1 (training needs documents)."
-        )
+        at = where(source, "data.tune_fraction", "data.val_fraction")
+        raise ConfigError(f"{at} + data.val_fraction must stay below 1 (training needs documents).")
     if cfg.train.micro_batch_tokens > cfg.train.batch_tokens:
         raise ConfigError(
-            f"{where(source, 'train.micro_batch_tokens')} ({cfg.train.micro_batch_tokens}) "
+            f"{where(source, 'train.micro_batch_tokens', 'train.batch_tokens')} ({cfg.train.micro_batch_tokens}) "
             f"must not exceed train.batch_tokens ({cfg.train.batch_tokens})."
         )
     p = cfg.pretrain
     # A step holds whole sequences: one longer than the step's budget would silently grow the step to its length.
     seq, budget = cfg.model.max_position_embeddings, cfg.train.batch_tokens
     if seq > budget:
+        at = where(source, "model.max_position_embeddings", "train.batch_tokens")
         raise ConfigError(
-            f"{where(source, 'model.max_position_embeddings')} ({seq}) is longer than train.batch_tokens ({budget}): "
-            f"an optimizer step holds whole sequences, so every step would train {seq} tokens instead of {budget}. "
+            f"{at} ({seq}) is longer than train.batch_tokens ({budget}): an optimizer step holds whole sequences, "
+            f"so every step would train {seq} tokens instead of {budget}. "
             f"Use a context of at most {budget} tokens, or raise train.batch_tokens (the same for every value of an "
             "ablation)."
         )
     if p.d_model % p.n_head:
-        raise ConfigError(
-            f"{where(source, 'pretrain.d_model')} ({p.d_model}) must be divisible by pretrain.n_head ({p.n_head})."
-        )
+        at = where(source, "pretrain.d_model", "pretrain.n_head")
+        raise ConfigError(f"{at} ({p.d_model}) must be divisible by pretrain.n_head ({p.n_head}).")
     if p.micro_batch_tokens > p.batch_tokens:
-        raise ConfigError(f"{where(source, 'pretrain.micro_batch_tokens')} must not exceed pretrain.batch_tokens.")
+        at = where(source, "pretrain.micro_batch_tokens", "pretrain.batch_tokens")
+        raise ConfigError(f"{at} must not exceed pretrain.batch_tokens.")
     if p.long_tokens and p.long_seq_len <= p.seq_len:
+        at = where(source, "pretrain.long_seq_len", "pretrain.seq_len", "pretrain.long_tokens")
         raise ConfigError(
-            f"{where(source, 'pretrain.long_seq_len')} ({p.long_seq_len}) must exceed pretrain.seq_len ({p.seq_len}): "
+            f"{at} ({p.long_seq_len}) must exceed pretrain.seq_len ({p.seq_len}): "
             "the second phase trains on longer sequences. Raise it, or set pretrain.long_tokens: 0 for one phase."
         )
     longest = max(p.seq_len, p.long_seq_len if p.long_tokens else 0)
     if longest > p.micro_batch_tokens:
+        at = where(
+            source, "pretrain.micro_batch_tokens", "pretrain.seq_len", "pretrain.long_seq_len", "pretrain.long_tokens"
+        )
         raise ConfigError(
-            f"{where(source, 'pretrain.micro_batch_tokens')} ({p.micro_batch_tokens}) is shorter than one "
+            f"{at} ({p.micro_batch_tokens}) is shorter than one "
             f"{longest}-token pretraining sequence; raise it (and pretrain.batch_tokens) to at least {longest}."
         )
     if cfg.eval.source_data is not None and _names_nothing(cfg.eval.source_data):
@@ -234,9 +238,10 @@ def _check_semantics(cfg: Config, source: str) -> None:
             "it unset: the built-in base then uses its held-out pretraining documents."
         )
     if cfg.ablation is not None and cfg.ablation.lr_grid and cfg.data.val_fraction + cfg.ablation.tune_fraction >= 1:
+        at = where(source, "ablation.tune_fraction", "data.val_fraction", "ablation.lr_grid")
         raise ConfigError(
-            f"{where(source, 'ablation.tune_fraction')} ({cfg.ablation.tune_fraction}) + data.val_fraction "
-            f"({cfg.data.val_fraction}) must stay below 1: an lr grid holds out both, and training needs documents."
+            f"{at} ({cfg.ablation.tune_fraction}) + data.val_fraction ({cfg.data.val_fraction}) must stay below 1: "
+            "an lr grid holds out both, and training needs documents."
         )
     if cfg.ablation is not None and (cfg.ablation.grid or cfg.ablation.halving):
         _check_grid(cfg, source)
@@ -254,9 +259,11 @@ def _check_semantics(cfg: Config, source: str) -> None:
                 f"{where(source, 'ablation.lr_grid')} needs at least two distinct learning rates, got {a.lr_grid}."
             )
         if a.lr_grid and resolve_key(a.key) == "train.lr":
-            raise ConfigError(f"{where(source, 'ablation.lr_grid')}: this ablation already sweeps train.lr.")
+            raise ConfigError(
+                f"{where(source, 'ablation.lr_grid', 'ablation.key')}: this ablation already sweeps train.lr."
+            )
         for v in a.values:  # every swept value must itself be a valid config
-            with_value(cfg, a.key, v, source=f"{source} (ablation value {v!r})")
+            with_value(cfg, a.key, v, source=_for_value(source, a.key, f"ablation value {v!r}", "ablation.values"))
 
 
 def _check_grid(cfg: Config, source: str) -> None:
@@ -278,7 +285,7 @@ def _check_grid(cfg: Config, source: str) -> None:
         if not isinstance(vs, list) or not vs or len({json_hash(v) for v in vs}) != len(vs):
             raise ConfigError(f"{where(source, f'ablation.grid.{k}')} must be a list of distinct values, got {vs!r}.")
         for v in vs:  # every grid value must itself be a valid config
-            with_value(cfg, k, v, source=f"{source} (ablation.grid value {k}={v!r})")
+            with_value(cfg, k, v, source=_for_value(source, k, f"ablation.grid value {k}={v!r}", "ablation.grid"))
     base = a.baseline if a.baseline is not None else {}
     if not isinstance(base, dict) or any(k not in a.grid or v not in a.grid[k] for k, v in base.items()):
         raise ConfigError(
@@ -290,6 +297,15 @@ def _check_grid(cfg: Config, source: str) -> None:
             f"{where(source, 'ablation.lr_grid')} needs two or more distinct learning rates and a grid without "
             f"train.lr, got {a.lr_grid}."
         )
+
+
+def _for_value(source: str, key: str, label: str, listed_in: str) -> str:
+    """The source of one swept value's config: `label` ("ablation value 16") for its key, after the input that
+    set the list it is in (`listed_in`) if the command line did; whatever set the other keys for those."""
+    if isinstance(source, Sources):
+        given = source.by_key.get(listed_in)
+        return Sources({**source.by_key, resolve_key(key, source): f"{given} ({label})" if given else label})
+    return f"{source} ({label})"
 
 
 def _resolve_base(cfg: Config, source: str) -> Config:
@@ -347,11 +363,15 @@ def parse_value(text: str) -> Any:
 
 def with_value(cfg: Config, key: str, value: Any, source: str = "command line") -> Config:
     """A copy of `cfg` with one dotted key set, validated like a file would be."""
-    data = cfg.to_dict()
-    set_dotted(data, resolve_key(key, source), value)
-    ablation = data.pop("ablation")
+    data, path = cfg.to_dict(), resolve_key(key, source)
+    set_dotted(data, path, value)
+    data.pop("ablation")
     new = _resolve_base(build(Config, data, source, ""), source)
-    new.ablation = cfg.ablation if ablation is None else build(AblationConfig, ablation, source, "ablation.")
+    new.ablation = cfg.ablation
+    section, _, leaf = path.partition(".")
+    if section == "ablation":  # only the key set is checked: an ablation may leave its name (and more) unset
+        checked = getattr(build(AblationConfig, {leaf: value}, source, "ablation."), leaf)
+        new.ablation = dataclasses.replace(cfg.ablation, **{leaf: checked})
     _check_semantics(dataclasses.replace(new, ablation=None), source)
     return new
 

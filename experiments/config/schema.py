@@ -26,7 +26,24 @@ def in_range(lo: float | None = None, hi: float | None = None, lo_open: bool = F
     return {"range": (lo, hi, lo_open, hi_open)}
 
 
-def where(source: str, key: str) -> str:
+class Sources(str):
+    """The source of a config several inputs set (a file, quick.yaml, --set ..., --lr-grid ...): reads as all of
+    them, and `where` names the one that set the key an error is about."""
+
+    by_key: dict[str, str]
+
+    def __new__(cls, by_key: dict[str, str], fallback: str = "command line") -> Sources:
+        self = super().__new__(cls, ", ".join(dict.fromkeys(by_key.values())) or fallback)
+        self.by_key = dict(by_key)
+        return self
+
+
+def where(source: str, key: str, *related: str) -> str:
+    """An error's prefix: the input(s) that set `key`, or the `related` keys of a rule between keys (a file, a
+    flag), and the key."""
+    if isinstance(source, Sources):
+        given = [source.by_key[k] for k in (key, *related) if k in source.by_key]
+        source = ", ".join(dict.fromkeys(given)) or str(source)
     return f"{source}: '{key}'" if key else source
 
 
@@ -71,7 +88,9 @@ def check_value(source: str, key: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, str):  # "a,b" on the command line; "" or "," is a mistake, not an empty list
             text, value = value, [v.strip() for v in value.split(",") if v.strip()]
             if not value:
-                raise ConfigError(f"{where(source, key)}: {text!r} lists nothing; give comma-separated values.")
+                raise ConfigError(
+                    f"{where(source, key)} is empty: {text!r} lists nothing; give comma-separated values."
+                )
         if not isinstance(value, list):
             raise ConfigError(f"{where(source, key)} must be a list, got {value!r}.")
         (item,) = typing.get_args(tp) or (Any,)
