@@ -22,12 +22,16 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (n_positions, rotary_dim) float32, rotate-half layout: frequency i sits at dims i
     and i + rotary_dim/2 (the GPT-NeoX / Llama convention). `scaling`: GPTConfig.rope_scaling (llama3)."""
-    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # (rot/2,)
-    if scaling is not None:
-        inv_freq = llama3_inv_freq(inv_freq, scaling)
+    inv_freq = rope_inv_freq(rotary_dim, base, scaling)
     angle = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq  # (P, rot/2)
     angle = torch.cat((angle, angle), dim=-1)  # (P, rot)
     return angle.cos().float(), angle.sin().float()
+
+
+def rope_inv_freq(rotary_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
+    """(rotary_dim/2,) float64 angular frequencies base^(-2i/rotary_dim), llama3-scaled when `scaling` says so."""
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    return inv_freq if scaling is None else llama3_inv_freq(inv_freq, scaling)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

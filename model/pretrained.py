@@ -200,12 +200,12 @@ def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> 
 # ---------------------------------------------------------------------- OPT
 
 
-def _activation(hf: dict, default: str) -> str:
-    """Our activation for transformers' activation_function; `default` is what transformers' config class assumes
-    when config.json has none (OPT: relu, GPT-2: gelu_new)."""
-    name = hf.get("activation_function", default)
+def _activation(hf: dict, default: str, key: str = "activation_function") -> str:
+    """Our activation for transformers' `key` (the Llama family calls it hidden_act); `default` is what
+    transformers' config class assumes when config.json has none (OPT: relu, GPT-2: gelu_new, Llama: silu)."""
+    name = hf.get(key, default)
     if name not in _HF_ACTIVATIONS:
-        raise ValueError(f"activation_function {name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
+        raise ValueError(f"{key} {name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
     return _HF_ACTIVATIONS[name]
 
 
@@ -357,7 +357,7 @@ def _llama_config(hf: dict, model_type: str) -> GPTConfig:
         attn_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
-        activation=_activation(hf, "silu"),
+        activation=_activation(hf, "silu", key="hidden_act"),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_base=theta,
