@@ -22,7 +22,7 @@ RESULT_FILE = "result.json"  # in a run folder: what the run reported (RESULT_KE
 class Col(NamedTuple):
     """What a column holds. `empty` says when the cell is empty (null in JSON, blank in the CSV; never 0)."""
 
-    unit: str  # "—" for names, labels and flags
+    unit: str  # "" for names, labels and flags
     meaning: str
     empty: str = ""  # when the cell is empty; "" for a column every row fills
     run: bool = False  # written by the training run (result.json); else by the sweep that ran it
@@ -39,27 +39,38 @@ class Row(TypedDict, total=False):
     added since; only the identity columns are in every row."""
 
     finished_at: Annotated[str, Col("ISO time, UTC", "when the row was written")]
-    ablation: Annotated[str, Col("—", "the study: its config's ablation name", identity=True)]
-    key: Annotated[str, Col("—", "the swept dotted key (`lora.rank`); empty string without an ablation", identity=True)]
+    ablation: Annotated[str, Col("", "the study: its config's ablation name", identity=True)]
+    key: Annotated[
+        str,
+        Col(
+            "",
+            "the swept dotted key (`lora.rank`); a grid's keys joined by ` × `; empty string without an ablation",
+            identity=True,
+        ),
+    ]
     value: Annotated[
         Any,
         Col(
-            "—",
-            "this run's value of the swept key (lists as `q_proj,v_proj`)",
+            "",
+            "this run's value of the swept key (lists as `q_proj,v_proj`); a grid's cell: its values joined by ` × `",
             "empty without an ablation",
             identity=True,
         ),
     ]
     value_index: Annotated[
         int | None,
-        Col("—", "the value's position in the config's list of values", "empty for a value given on the command line"),
+        Col(
+            "",
+            "the value's position in the config's list of values (a grid's cell: in the row-major product)",
+            "empty for a value given on the command line",
+        ),
     ]
-    is_baseline: Annotated[bool, Col("—", "whether the value is the study's baseline")]
-    seed: Annotated[int, Col("—", "`train.seed` of this run: the data order and LoRA's initial A", identity=True)]
+    is_baseline: Annotated[bool, Col("", "whether the value is the study's baseline")]
+    seed: Annotated[int, Col("", "`train.seed` of this run: the data order and LoRA's initial A", identity=True)]
     status: Annotated[
-        str, Col("—", "`ok`, `diverged` (non-finite loss), `oom` (out of memory) or `failed`", run=True, identity=True)
+        str, Col("", "`ok`, `diverged` (non-finite loss), `oom` (out of memory) or `failed`", run=True, identity=True)
     ]
-    error: Annotated[str | None, Col("—", "why a run failed or ran out of memory", "empty when it did not", run=True)]
+    error: Annotated[str | None, Col("", "why a run failed or ran out of memory", "empty when it did not", run=True)]
     diverged_step: Annotated[
         int | None, Col("optimizer steps", "the step whose loss was not finite", "empty unless diverged", run=True)
     ]
@@ -72,7 +83,7 @@ class Row(TypedDict, total=False):
             run=True,
         ),
     ]
-    val_ppl: Annotated[float | None, Col("—", "validation perplexity, exp(val_loss)", FAILED, run=True)]
+    val_ppl: Annotated[float | None, Col("", "validation perplexity, exp(val_loss)", FAILED, run=True)]
     best_val_loss: Annotated[
         float | None,
         Col(
@@ -82,7 +93,7 @@ class Row(TypedDict, total=False):
             run=True,
         ),
     ]
-    best_val_ppl: Annotated[float | None, Col("—", "exp(best_val_loss)", FAILED, run=True)]
+    best_val_ppl: Annotated[float | None, Col("", "exp(best_val_loss)", FAILED, run=True)]
     base_val_loss: Annotated[
         float | None,
         Col(
@@ -92,7 +103,7 @@ class Row(TypedDict, total=False):
             run=True,
         ),
     ]
-    base_val_ppl: Annotated[float | None, Col("—", "exp(base_val_loss)", "empty when base_val_loss is", run=True)]
+    base_val_ppl: Annotated[float | None, Col("", "exp(base_val_loss)", "empty when base_val_loss is", run=True)]
     source_val_loss: Annotated[
         float | None,
         Col(
@@ -102,9 +113,9 @@ class Row(TypedDict, total=False):
             run=True,
         ),
     ]
-    source_val_ppl: Annotated[float | None, Col("—", "exp(source_val_loss)", "empty when source_val_loss is", run=True)]
+    source_val_ppl: Annotated[float | None, Col("", "exp(source_val_loss)", "empty when source_val_loss is", run=True)]
     base_source_val_ppl: Annotated[
-        float | None, Col("—", "the source set's perplexity before fine-tuning", "empty without a source set", run=True)
+        float | None, Col("", "the source set's perplexity before fine-tuning", "empty without a source set", run=True)
     ]
     forgetting: Annotated[
         float | None, Col("ratio", "source_val_ppl / base_source_val_ppl − 1", "empty when either is", run=True)
@@ -178,14 +189,14 @@ class Row(TypedDict, total=False):
     total_params: Annotated[
         int | None, Col("parameters", "the whole model's parameters", "empty when the run failed early", run=True)
     ]
-    lora_rank: Annotated[int, Col("—", "`lora.rank`")]
-    lora_alpha: Annotated[float, Col("—", "LoRA's alpha after `lora.alpha_policy` is applied")]
-    alpha_policy: Annotated[str, Col("—", "`lora.alpha_policy`: fixed, double_rank or rslora")]
-    target_modules: Annotated[str, Col("—", "`lora.target_modules`, comma-separated")]
+    lora_rank: Annotated[int, Col("", "`lora.rank`")]
+    lora_alpha: Annotated[float, Col("", "LoRA's alpha after `lora.alpha_policy` is applied")]
+    alpha_policy: Annotated[str, Col("", "`lora.alpha_policy`: fixed, double_rank or rslora")]
+    target_modules: Annotated[str, Col("", "`lora.target_modules`, comma-separated")]
     context_length: Annotated[
         int, Col("tokens", "`model.max_position_embeddings`: the context trained and evaluated at")
     ]
-    lr: Annotated[float, Col("—", "`train.lr`: the peak learning rate of this run (in an lr grid, one of the grid's)")]
+    lr: Annotated[float, Col("", "`train.lr`: the peak learning rate of this run (in an lr grid, one of the grid's)")]
     config_hash: Annotated[str, Col("16 hex", "the run's identity: a hash of its full config", identity=True)]
     study_hash: Annotated[
         str,
@@ -201,18 +212,27 @@ class Row(TypedDict, total=False):
     base_fingerprint: Annotated[
         str | None, Col("16 hex", "content hash of the base model folder", "empty when the run failed early", run=True)
     ]
-    device: Annotated[str | None, Col("—", "the GPU's name, or the CPU and its thread count", NO_PROCESS, run=True)]
-    dtype: Annotated[str | None, Col("—", "what it trained in: `float32` or `bfloat16 autocast`", NO_PROCESS, run=True)]
+    device: Annotated[str | None, Col("", "the GPU's name, or the CPU and its thread count", NO_PROCESS, run=True)]
+    dtype: Annotated[str | None, Col("", "what it trained in: `float32` or `bfloat16 autocast`", NO_PROCESS, run=True)]
     world_size: Annotated[
         int | None, Col("processes", "data-parallel processes (torchrun), 1 without", NO_PROCESS, run=True)
     ]
-    torch_version: Annotated[str | None, Col("—", "`torch.__version__`", NO_PROCESS, run=True)]
-    git_commit: Annotated[str, Col("—", "HEAD of the checkout that ran it, or `unknown`")]
+    concurrency: Annotated[
+        int | None,
+        Col(
+            "runs",
+            "runs the sweep was training at once while this one trained (the peak, itself included): train times "
+            "compare only at equal concurrency",
+            "empty when unknown (rows written before this column, a copy whose original row is gone)",
+        ),
+    ]
+    torch_version: Annotated[str | None, Col("", "`torch.__version__`", NO_PROCESS, run=True)]
+    git_commit: Annotated[str, Col("", "HEAD of the checkout that ran it, or `unknown`")]
     run_dir: Annotated[str, Col("path", "the run's folder, relative to the results folder")]
     reused_from: Annotated[
         str | None,
         Col(
-            "—", "for a row copied from an identical config: where it came from", "empty for a run trained for this row"
+            "", "for a row copied from an identical config: where it came from", "empty for a run trained for this row"
         ),
     ]
 

@@ -14,7 +14,7 @@ END = "<!-- /columns -->"
 def column_table() -> str:
     """column | unit | meaning (and when it is empty), one line per column in file order."""
     rows = [
-        [f"`{name}`", col.unit, col.meaning + (f"; {col.empty}" if col.empty else "")]
+        [f"`{name}`", col.unit or None, col.meaning + (f"; {col.empty}" if col.empty else "")]
         for name, (_, col) in SCHEMA.items()
     ]
     return md_table(["column", "unit", "meaning"], rows)
