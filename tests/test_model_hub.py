@@ -18,9 +18,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import huggingface_hub as hub
+import peft
 import pytest
 import torch
 import transformers
+from run_eval import LOSS_RTOL, mean_loss, val_windows_by_hand
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import model.hub
@@ -311,7 +313,16 @@ def test_quick_sweep_by_name_from_the_offline_cache(hf_cache, isolated_cache, tm
     assert [(r["status"], r["lora_rank"]) for r in rows] == [("ok", 4)]
     run_config = json.loads((out / rows[0]["run_dir"] / "config.json").read_text())
     assert run_config["model"]["base"] == str(snapshot)  # the run used the folder the name resolved to
-    assert rows[0]["val_ppl"] > 1 and rows[0]["trainable_params"] == 2 * 2 * 4 * (32 + 32)
+    assert rows[0]["trainable_params"] == 2 * 2 * 4 * (32 + 32)
+    # The losses are transformers' own on the snapshot's weights: before (the base) and with the run's adapter (PEFT).
+    windows = val_windows_by_hand(snapshot, data, 0.25, 64, 512)
+    hf = transformers.AutoModelForCausalLM.from_pretrained("tiny-org/tiny-opt").eval().double()
+    base = mean_loss(lambda x: hf(x).logits, windows)
+    tuned_model = peft.PeftModel.from_pretrained(hf, str(out / rows[0]["run_dir"] / "adapter")).eval().double()
+    tuned = mean_loss(lambda x: tuned_model(x).logits, windows)
+    assert rows[0]["base_val_loss"] == pytest.approx(base, rel=LOSS_RTOL, abs=0)
+    assert rows[0]["val_loss"] == pytest.approx(tuned, rel=LOSS_RTOL, abs=0)
+    assert abs(tuned - base) > 100 * LOSS_RTOL * base  # the adapter was trained: lora_B moved away from zero
 
 
 def test_sweep_by_a_name_missing_from_the_offline_cache_stops_before_any_work(hf_cache, tmp_path, capsys):

@@ -4,7 +4,9 @@ tokenizer, and the OPT adapter loaded by PEFT onto transformers' model."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,12 +18,15 @@ import peft
 import pytest
 import torch
 import transformers
+from run_eval import LOSS_RTOL, mean_loss, val_windows_by_hand
+from safetensors.torch import load_file
 
 from data import load_corpus, train_bpe_tokenizer
 from data.tokenizer import EOT
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 300
+SEQ, EVAL_TOKENS, VAL_FRACTION = 64, 512, 0.25  # the runs' context, validation tokens and validation share
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def run(root: Path, folder: Path, out: Path, env: dict) -> dict:
         str(out),
         "--no-progress",
         "--set",
-        "model.max_position_embeddings=64",
+        f"model.max_position_embeddings={SEQ}",
         "--set",
         "train.tokens=1024",
         "--set",
@@ -65,9 +70,9 @@ def run(root: Path, folder: Path, out: Path, env: dict) -> dict:
         "--set",
         "train.micro_batch_tokens=256",
         "--set",
-        "eval.max_tokens=512",
+        f"eval.max_tokens={EVAL_TOKENS}",
         "--set",
-        "data.val_fraction=0.25",
+        f"data.val_fraction={VAL_FRACTION}",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,22 +105,22 @@ def test_own_opt_checkpoint(setup, tmp_path):
     n_hf = sum(p.numel() for p in hf.parameters())
     assert row["total_params"] == n_hf + row["trainable_params"]
     assert row["trainable_params"] == 2 * 2 * 4 * (32 + 32)  # 2 layers x (q, v) x rank (in + out)
-    assert row["lora_rank"] == 4 and row["val_ppl"] > 1 and row["base_val_ppl"] > 1
-    assert row["base_fingerprint"]
+    assert row["lora_rank"] == 4 and row["base_fingerprint"]
 
-    # The adapter the run saved is PEFT's: it loads onto transformers' OPT and changes its output.
-    adapter = Path(row["run_dir"]) / "adapter"
-    if not adapter.is_absolute():
-        adapter = tmp_path / "out" / adapter
-    peft_model = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+    # The row's losses are transformers' (base) and PEFT's (base + the adapter the run saved) on the same tokens,
+    # and its perplexities their exponentials. The adapter is PEFT's format: PeftModel reads it as it is.
+    windows = val_windows_by_hand(folder, root / "finetune", VAL_FRACTION, SEQ, EVAL_TOKENS)
+    base = mean_loss(lambda x: copy.deepcopy(hf).double()(x).logits, windows)
+    adapter = tmp_path / "out" / row["run_dir"] / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["peft_type"] == "LORA"
-    x = torch.randint(2, VOCAB, (1, 16))
-    with torch.no_grad():
-        tuned = peft_model(x).logits
-        with peft_model.disable_adapter():
-            plain = peft_model(x).logits
-    assert not torch.allclose(tuned, plain)  # training moved lora_B away from zero
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval().double()
+    tuned = mean_loss(lambda x: peft_model(x).logits, windows)
+    assert row["base_val_loss"] == pytest.approx(base, rel=LOSS_RTOL, abs=0)
+    assert row["val_loss"] == pytest.approx(tuned, rel=LOSS_RTOL, abs=0)
+    assert abs(tuned - base) > 100 * LOSS_RTOL * base  # training moved lora_B away from zero, measurably
+    assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-12)
+    assert row["base_val_ppl"] == pytest.approx(math.exp(row["base_val_loss"]), rel=1e-12)
 
 
 def test_own_gpt2_checkpoint_with_vocab_and_merges(setup, tmp_path):
@@ -133,7 +138,30 @@ def test_own_gpt2_checkpoint_with_vocab_and_merges(setup, tmp_path):
 
     row = run(root, folder, tmp_path / "out", env)
     assert row["total_params"] == sum(p.numel() for p in hf.parameters()) + row["trainable_params"]
-    assert row["val_ppl"] > 1
+
+    # The row's losses are transformers' GPT-2 on the same tokens: as saved, then with the run's adapter merged by
+    # hand into the fused c_attn (a Conv1D: (in, 3 * out), columns q | k | v) as W + scaling * B @ A.
+    windows = val_windows_by_hand(folder, root / "finetune", VAL_FRACTION, SEQ, EVAL_TOKENS)
+    tuned_hf = copy.deepcopy(hf).double()
+    base = mean_loss(lambda x: tuned_hf(x).logits, windows)
+    adapter = tmp_path / "out" / row["run_dir"] / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = saved["lora_alpha"] / (math.sqrt(saved["r"]) if saved["use_rslora"] else saved["r"])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            layer, module = int(key.split(".layers.")[1].split(".")[0]), key.split(".lora_A.")[0].rsplit(".", 1)[1]
+            delta = scaling * tensors[key.replace(".lora_A.", ".lora_B.")].double() @ a.double()  # (out, in)
+            part = {"q_proj": 0, "k_proj": 1, "v_proj": 2}[module]
+            tuned_hf.transformer.h[layer].attn.c_attn.weight[:, part * 32 : (part + 1) * 32] += delta.t()
+    assert sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in tensors}) == ["q_proj", "v_proj"]
+    tuned = mean_loss(lambda x: tuned_hf(x).logits, windows)
+    assert row["base_val_loss"] == pytest.approx(base, rel=LOSS_RTOL, abs=0)
+    assert row["val_loss"] == pytest.approx(tuned, rel=LOSS_RTOL, abs=0)
+    assert abs(tuned - base) > 100 * LOSS_RTOL * base
+    assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-12)
 
 
 def test_checkpoint_without_tokenizer_fails_before_any_run(setup, tmp_path):
