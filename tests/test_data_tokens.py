@@ -24,6 +24,12 @@ real_encode = data.tokens.encode_corpus
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
+def encoded_by_hand(corpus, tok) -> np.ndarray:
+    """The token stream the cache should hold, computed here: each document's tokens, then end-of-text."""
+    eot = eot_id(tok)
+    return np.array([i for _, text in corpus.docs for i in (*tok.encode(text, add_special_tokens=False).ids, eot)])
+
+
 @pytest.fixture
 def corpus_tok(tmp_path):
     root = tmp_path / "src"
@@ -75,7 +81,7 @@ def test_interrupted_write_leaves_no_cache(corpus_tok, monkeypatch):
     calls = []
     monkeypatch.setattr(data.tokens, "encode_corpus", lambda *a: calls.append(1) or real_encode(*a))
     ids = token_array(corpus, tok)
-    assert calls == [1] and len(ids) > len(corpus.docs)
+    assert calls == [1] and np.array_equal(ids, encoded_by_hand(corpus, tok))  # written whole the second time
 
 
 def test_checkpoint_tokenizer_bos_is_not_inserted(corpus_tok, tmp_path):
@@ -100,7 +106,15 @@ def test_builtin_pipeline_tiny_cut():
     train, val = split_corpus(corpus, 0.2)
     tok = train_bpe_tokenizer(train, vocab_size=512)
     ids, vids = token_array(train, tok), token_array(val, tok)
-    x, y = TrainSampler(ids, 64, 4, seed=0).batch(0)
-    xv, yv = val_windows(vids, 64, 1024)
-    assert x.shape == (4, 64) and xv.shape == (16, 64) and int(x.max()) < 512 and (yv != -100).sum() == 1024
+    assert np.array_equal(ids, encoded_by_hand(train, tok)) and np.array_equal(vids, encoded_by_hand(val, tok))
+    assert tok.get_vocab_size() == 512 and int(ids.max()) < 512
+    sampler = TrainSampler(ids, 64, 4, seed=0)
+    x, y = sampler.batch(0)
+    assert x.shape == y.shape == (4, 64)
+    for row, start in enumerate(sampler.offsets(0)):  # each row a window of the stream, targets one token on
+        assert np.array_equal(x[row].numpy(), ids[start : start + 64])
+        assert np.array_equal(y[row].numpy(), ids[start + 1 : start + 65])
+    xv, yv = val_windows(vids, 64, 1024)  # the first 1024 predictions of the stream, in order, each once
+    assert xv.shape == yv.shape == (16, 64)
+    assert np.array_equal(xv.flatten().numpy(), vids[:1024]) and np.array_equal(yv.flatten().numpy(), vids[1:1025])
     assert tok.decode(tok.encode(corpus.docs[0][1]).ids) == corpus.docs[0][1]
