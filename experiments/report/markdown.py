@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.report.checks import Check
+from experiments.report.concurrency import concurrency_note
 from experiments.report.expectations import expectations
 from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
 from experiments.report.grid import Budget, add_budget_flags, budget_from_args, grid_section, is_rung, plot_grids
@@ -140,6 +141,7 @@ def study_header(st: Study) -> str:
         f"torch {', '.join(sorted({str(r.get('torch_version')) for r in ok})) or EMPTY}; "
         f"git {', '.join(sorted({str(r.get('git_commit'))[:10] for r in rows}))}",
     ]
+    lines += [note] if (note := concurrency_note(ok)) else []  # train times compare only at equal concurrency
     if any(str(r.get("device", "")).startswith("cpu") for r in ok):
         lines.append(
             "- on CPU, peak memory is the process's peak RSS: Python, torch, the data pipeline and the model "

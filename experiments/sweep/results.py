@@ -79,6 +79,7 @@ def make_row(
     result: dict,
     run_dir: str,
     reused_from: str | None = None,
+    concurrency: int | None = None,
 ) -> Row:
     """One flat row: who (ablation, value, seed, hashes), what came out (result), and the knobs worth a column;
     every column of Row, in order."""
@@ -102,6 +103,7 @@ def make_row(
         "git_commit": git_commit(),
         "run_dir": run_dir,
         "reused_from": reused_from,
+        "concurrency": concurrency,
     }
     for k in RESULT_KEYS:
         row[k] = finite_or_none(result.get(k))

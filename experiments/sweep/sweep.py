@@ -35,10 +35,18 @@ from experiments.sweep.results import append_row, latest, make_row, read_rows, v
 from training.checkpoint import CHECKPOINT_FILE
 
 
-def _row(spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None) -> dict:
+def _row(
+    spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None, concurrency: int | None = None
+) -> dict:
     who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # ablation, value, seed, hashes, cfg
     run_dir = str(spec.run_dir(out_dir).relative_to(out_dir))
-    return make_row(**who, result=result, run_dir=run_dir, reused_from=reused_from)
+    return make_row(**who, result=result, run_dir=run_dir, reused_from=reused_from, concurrency=concurrency)
+
+
+def _original_concurrency(spec: RunSpec, out_dir: Path) -> int | None:
+    """A copied row's train time was measured by the run it copies: that run's row says under what concurrency."""
+    rows = read_rows(out_dir)
+    return next((r.get("concurrency") for r in reversed(rows) if r["config_hash"] == spec.config_hash), None)
 
 
 def _reused_result(spec: RunSpec, out_dir: Path) -> tuple[dict, str]:
@@ -101,20 +109,21 @@ def run_sweep(
     in_flight: dict[str, tuple[RunSpec, RunLock]] = {}  # config hash -> the run training it, and its folder's lock
     waiting: dict[str, list[RunSpec]] = {}  # config hash in flight -> identical configs that reuse its result
     busy: set[str] = set()  # config hashes another process is training
+    peak: dict[str, int] = {}  # config hash in flight -> the most runs in flight at once while it trained
     new_rows: list[dict] = []
     started = iter(range(1, todo + 1))
     use_bar = progress and is_main and executor.parallel  # one run at a time shows its own bar instead
     bar = tqdm(total=todo, desc="sweep", unit="run", dynamic_ncols=True, disable=not use_bar)
     show = bar.write if use_bar else say
 
-    def record(spec: RunSpec, result: dict, reused_from: str | None = None) -> None:
-        new_rows.append(_row(spec, out_dir, result, reused_from=reused_from))
+    def record(spec: RunSpec, result: dict, reused_from: str | None = None, concurrency: int | None = None) -> None:
+        new_rows.append(_row(spec, out_dir, result, reused_from=reused_from, concurrency=concurrency))
         append_row(out_dir, new_rows[-1])
         bar.update()
 
     def reuse(spec: RunSpec) -> None:
         result, source = _reused_result(spec, out_dir)
-        record(spec, result, reused_from=source)
+        record(spec, result, reused_from=source, concurrency=_original_concurrency(spec, out_dir))
         show(f"    {spec.name}: {result.get('status')}: identical config already ran ({source}); row copied")
 
     def start(spec: RunSpec, state: str) -> None:
@@ -150,6 +159,8 @@ def run_sweep(
             (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a stale failure must not stand in for this attempt
         executor.submit(spec, run_dir, (run_dir / CHECKPOINT_FILE).exists())
         in_flight[spec.config_hash] = (spec, lock)
+        for h in in_flight:  # each run in flight has shared the machine with this many at once (itself included)
+            peak[h] = max(peak.get(h, 1), len(in_flight))
         bar.set_postfix_str(", ".join(s.name for s, _ in in_flight.values()))
 
     def finish(spec: RunSpec, result: dict) -> None:
@@ -161,7 +172,7 @@ def run_sweep(
             run_dir = spec.run_dir(out_dir)
             if read_result(run_dir) is None:
                 write_json_atomic(run_dir / RESULT_FILE, result)
-            record(spec, result)
+            record(spec, result, concurrency=peak.pop(spec.config_hash))
             log = run_dir / "train.log"
             where = f" (log: {log.relative_to(out_dir)})" if result.get("status") != "ok" and log.exists() else ""
             show(f"    {spec.name}: {_one_line(result)}{where}")
