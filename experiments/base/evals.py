@@ -23,9 +23,10 @@ BASE_EVALS = "base_evals"  # the cache subfolder
 
 
 def _weights_stamp(base_dir: Path) -> list[str]:
-    """Size and modification time of each weight file: base_fingerprint reads only sizes, and a checkpoint
-    overwritten in place with new weights of the same size must not be served an old figure."""
-    files = sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("*.bin"))
+    """Size and modification time of each weight file (a GGUF base is one file): base_fingerprint reads only sizes,
+    and a checkpoint overwritten in place with new weights of the same size must not be served an old figure."""
+    folder_files = sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("*.bin"))
+    files = [base_dir] if base_dir.is_file() else folder_files
     return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
 
 

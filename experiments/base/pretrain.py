@@ -64,11 +64,13 @@ from experiments.config.config import Config, PretrainConfig
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from training import loop
 from training.checkpoint import CHECKPOINT_FILE
-from training.distributed import DistInfo, amp_dtype, resolve_device
+from training.distributed import DistInfo, resolve_device
 from training.metrics import MetricsLog
+from training.precision import amp_dtype, dtype_label
 
 PRETRAIN_VAL_FRACTION = 0.05  # documents held out: the base's own validation loss, and the source set of forgetting
 PRETRAIN_EVAL_TOKENS = 32768
+GGUF_HEAD_BYTES = 16 << 20  # a GGUF's metadata (config, vocabulary, merges: ~2 MB for SmolLM2) fits in this
 SOURCE_VAL_FILE = "source_val.npy"  # in a base folder: its held-out pretraining documents as token ids
 CHECKPOINT_EVERY = 20  # pretraining steps between checkpoints: at most ~30 s of 2-core work lost to an interruption
 PHASE_DONE = "phase.json"  # in a phase folder: written last, when the phase's weights are complete
@@ -117,19 +119,37 @@ def pretrain_split(corpus: Corpus) -> tuple[Corpus, Corpus]:
     return split_corpus(corpus, PRETRAIN_VAL_FRACTION)
 
 
+def pretrain_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype the built-in base trains in: train.dtype resolved on train.device, as fine-tuning does."""
+    return amp_dtype(cfg.train.dtype, resolve_device(cfg.train.device))
+
+
 def base_key(cfg: Config, corpus_fingerprint: str) -> str:
-    """The built-in base's identity: its `pretrain:` section and the corpus it learns from."""
-    return json_hash({"pretrain": cfg.to_dict()["pretrain"], "corpus": corpus_fingerprint})
+    """The built-in base's identity: its `pretrain:` section, the corpus it learns from, and the precision it trains
+    in (a bf16 base and a float32 base are different weights, so neither is reused for the other; a float32 base
+    keeps the key it had before precision was part of it)."""
+    key = {"pretrain": cfg.to_dict()["pretrain"], "corpus": corpus_fingerprint}
+    dtype = pretrain_dtype(cfg)
+    return json_hash(key if dtype is None else {**key, "dtype": dtype_label(dtype)})
 
 
 def base_fingerprint(folder: Path) -> str:
     """Identity of a base folder: its config, tokenizer and the size of its weights (hashing gigabytes of an
-    imported checkpoint on every run would cost more than it protects)."""
+    imported checkpoint on every run would cost more than it protects). A GGUF file holds all three: its metadata
+    (config and tokenizer) lies before the weights, so its first GGUF_HEAD_BYTES and its size identify it."""
+    if is_gguf(folder):
+        with folder.open("rb") as f:
+            return short_hash(f.read(GGUF_HEAD_BYTES), str(folder.stat().st_size))
     files = [f.read_bytes() if f.is_file() else b"-" for f in [folder / "config.json", *tokenizer_files(folder)]]
     weights = [
         f"{f.name}:{f.stat().st_size}" for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     ]
     return short_hash(*files, *weights)
+
+
+def is_gguf(base: Path) -> bool:
+    """A base given as a GGUF file (`--base_model x.gguf`, or a named base: smollm2-135m), not as a folder."""
+    return base.suffix == ".gguf" and base.is_file()
 
 
 @contextmanager
@@ -148,11 +168,12 @@ def _only_builder(folder: Path) -> Iterator[None]:
 
 
 def ensure_base(cfg: Config, progress: bool = True) -> Path:
-    """The folder of the base model (config.json, model.safetensors, tokenizer.json): the user's folder as is,
-    or the cached built-in base, pretrained now (or resumed) if it is not cached yet."""
+    """The folder of the base model (config.json, model.safetensors, tokenizer.json): the user's folder or GGUF file
+    as is, or the cached built-in base, pretrained now (or resumed) if it is not cached yet."""
     if cfg.model.base != "builtin":
         folder = Path(cfg.model.base)
-        tokenizer_files(folder)  # fine-tuning text is tokenized with the base's own tokenizer: fail now if absent
+        if not is_gguf(folder):  # a GGUF file carries its tokenizer (checked by preflight)
+            tokenizer_files(folder)  # fine-tuning text is tokenized with the base's own tokenizer: fail now if absent
         return folder
     corpus = load_corpus(cfg.pretrain.corpus, cfg.data.text_field, builtin="pretrain")
     folder = cache_dir() / "base" / base_key(cfg, corpus.fingerprint)
@@ -204,6 +225,7 @@ def pretrain_base(cfg: Config, corpus: Corpus, out_dir: Path, progress: bool = T
         "wall_time_s": time.perf_counter() - t0,  # of this process: a resumed build counts its own part only
         "params": sum(q.numel() for q in model.parameters()),
         "device": str(device),
+        "dtype": dtype_label(pretrain_dtype(cfg)),
         "corpus_fingerprint": corpus.fingerprint,
         "source_val_docs": len(val_docs.docs),
         "source_val_tokens": len(val_ids),
@@ -234,7 +256,7 @@ def _run_phase(
     settings = loop.Settings(
         lr=ph.lr,
         weight_decay=p.weight_decay,
-        amp_dtype=amp_dtype(cfg.train.dtype, device),
+        amp_dtype=pretrain_dtype(cfg),
         compile=cfg.train.compile,
         log_every=max(1, plan.steps // 50),
         checkpoint_every=CHECKPOINT_EVERY,

@@ -22,7 +22,7 @@ import torch
 
 from data import load_corpus, load_tokenizer
 from data.tokenizer import tokenizer_files
-from experiments.base.pretrain import base_gpt_config, pretrain_split
+from experiments.base.pretrain import base_gpt_config, is_gguf, pretrain_split
 from experiments.config.config import Config
 from experiments.config.schema import ConfigError
 from experiments.finetune.train import check_context, finetune_splits
@@ -30,7 +30,8 @@ from experiments.sweep.plan import RunSpec
 from experiments.sweep.results import PLOTS_DIR, REPORT_FILE, RESULTS_CSV, RESULTS_JSONL, RESULTS_LOCK, value_label
 from lora import LoRAConfig, inject_lora
 from model import GPT, GPTConfig
-from model.pretrained import WEIGHT_FILES, has_weights, read_config
+from model.gguf import read_gguf
+from model.pretrained import WEIGHT_FILES, config_from_hf, has_weights, read_config
 from training.loop import plan_batches
 
 
@@ -108,6 +109,8 @@ def base_config(cfg: Config) -> tuple[GPTConfig, str]:
     if cfg.model.base == "builtin":
         return base_gpt_config(cfg.pretrain, cfg.pretrain.vocab_size), "the built-in base (pretrain: section)"
     folder = Path(cfg.model.base)
+    if is_gguf(folder):
+        return _gguf_config(folder)
     try:
         model_type, gcfg = read_config(folder)
     except (OSError, ValueError) as e:
@@ -124,6 +127,18 @@ def base_config(cfg: Config) -> tuple[GPTConfig, str]:
         names = " + ".join(str(f) for f in files)
         raise ConfigError(f"model.base: {names} cannot be read as a tokenizer ({e}).") from None
     return gcfg, f"{folder} ({model_type})"
+
+
+def _gguf_config(path: Path) -> tuple[GPTConfig, str]:
+    """A GGUF base's GPTConfig from its metadata (nothing dequantized), and its tokenizer built as the runs build it:
+    a file of an unsupported architecture, quantization or tokenizer fails here, not in every run."""
+    try:
+        hf, _ = read_gguf(path, tensors=False)
+        model_type, gcfg = config_from_hf(hf, str(path))
+        load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.base: {e}") from None
+    return gcfg, f"{path} ({model_type} GGUF)"
 
 
 def check_data(specs: Sequence[RunSpec], given: Mapping[str, str] | None = None) -> None:
