@@ -14,6 +14,7 @@ from test_grid import GRID_YAML, Fake, planted, quiet
 
 from experiments.config.config import load_config, with_values
 from experiments.report.checks import Verdict
+from experiments.report.expectations import expectations
 from experiments.report.grid import (
     Budget,
     grid_of,
@@ -28,7 +29,7 @@ from experiments.report.grid import (
 )
 from experiments.report.markdown import main as report_main
 from experiments.report.markdown import write_report
-from experiments.report.studies import load_studies
+from experiments.report.studies import Study, Value, load_studies
 from experiments.sweep.plan import plan_runs
 from experiments.sweep.sweep import run_sweep
 
@@ -144,3 +145,33 @@ def test_one_key_studies_get_nothing_new(tmp_path):
     assert [s.ablation for s in studies] == ["lora_rank", "target_modules", "context_length"]
     assert all(grid_section(s, studies) == [] and not is_rung(s) for s in studies)
     assert [s.named(recommend(s).value) for s in studies] == ["rank 64", "q,k,v,o,fc1,fc2", "context 256"]
+
+
+def _context_study(ppl: dict[int, list[float]]) -> Study:
+    """A context study from planted val ppl per length and seed."""
+    values = [
+        Value(n, i, n == 512, rows=[{"status": "ok", "seed": s, "val_ppl": y} for s, y in enumerate(ys)])
+        for i, (n, ys) in enumerate(ppl.items())
+    ]
+    return Study("context_length", "model.max_position_embeddings", "h", values)
+
+
+def _ppl_check(st: Study):
+    return next(c for c in expectations(st) if c.expected.startswith("Longer context lowers"))
+
+
+def test_context_verdict_never_hides_a_significant_effect_the_other_way(tmp_path):
+    """The committed default study: 512 is within noise of 256, but 1024 and 2048 are significantly worse than 512,
+    so "longer context lowers perplexity" did not hold (it read "within noise" before)."""
+    shutil.copy(REPO / "docs/default_study/results.jsonl", tmp_path / "results.jsonl")
+    st = next(s for s in load_studies(tmp_path) if s.ablation == "context_length")
+    check = _ppl_check(st)
+    assert check.verdict is Verdict.NOT_HELD
+    assert "; longer than 512 is significantly worse: 1024: +" in check.observed and ", 2048: +" in check.observed
+    # Planted: a significant gain from 256 to 512, then a significant loss: partly held.
+    gain_then_loss = {256: [110.0, 111.0, 112.5], 512: [100.0, 101.2, 102.0], 1024: [105.0, 106.1, 107.0]}
+    assert _ppl_check(_context_study(gain_then_loss)).verdict is Verdict.PARTLY_HELD
+    # A steady gain with length: held, nothing said against it.
+    steady = {256: [110.0, 111.0, 112.5], 512: [100.0, 101.2, 102.0], 1024: [95.0, 96.1, 97.3]}
+    check = _ppl_check(_context_study(steady))
+    assert check.verdict is Verdict.HELD and "significantly worse" not in check.observed

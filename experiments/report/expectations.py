@@ -269,10 +269,20 @@ def context_checks(st: Study) -> list[Check]:
     else:
         best = min(vs, key=lambda v: v.mean("val_ppl"))
         obs = f"{_ppl_list(vs)}{_rho(rho)}; each evaluated at its own context length"
+        # Lengths past the best that are significantly worse: an effect against the expectation, never hidden behind
+        # a "within noise" between the shortest and the best.
+        worse = [(v, d) for v in vs[vs.index(best) + 1 :] if (d := v.vs(best, "val_ppl")).significant and d.diff > 0]
+        if worse:
+            obs += f"; longer than {best.short} is significantly worse: " + ", ".join(
+                f"{v.short}: {diff_text(d, digits=3, verdict=False)}" for v, d in worse
+            )
         if best is vs[0]:
             checks.append(Check(exp, obs, Verdict.NOT_HELD))
         else:
-            checks.append(_lower_is_better(st, exp, best, vs[0], obs))
+            check = _lower_is_better(st, exp, best, vs[0], obs)
+            if worse:  # a significant gain up to the best, then a significant loss: partly; no gain: did not hold
+                check.verdict = Verdict.PARTLY_HELD if check.verdict is Verdict.HELD else Verdict.NOT_HELD
+            checks.append(check)
     checks.append(base_context_check(st))
     return checks
 
