@@ -133,6 +133,7 @@ def _tiny_config(tmp: Path, **sections) -> Config:
             "log_every": 1,
             "checkpoint_every": 0,
             "device": "cpu",
+            "dtype": "float32",  # the reference precision, whatever bf16 units the test machine has (auto would pick)
             "warmup_fraction": 0.1,
         },
         "eval": {"max_tokens": 1024},

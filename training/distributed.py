@@ -37,14 +37,6 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a `dtype` setting: auto is bfloat16 on CUDA and plain float32 on CPU, the reference
-    precision; whether bf16 pays on a CPU depends on its bf16 units (see README), so there it is opt-in."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return None if name == "float32" else getattr(torch, name)
-
-
 def device_name(device: torch.device) -> str:
     """What results and benchmarks record as the device: the GPU's name, or the CPU model and its thread count."""
     if device.type == "cuda":

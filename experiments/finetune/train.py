@@ -36,8 +36,9 @@ from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
 from model import GPTConfig, from_pretrained
 from training import distributed, loop, memory
 from training.checkpoint import CHECKPOINT_FILE
-from training.distributed import amp_dtype, device_name
+from training.distributed import device_name
 from training.metrics import MetricsLog, perplexity
+from training.precision import amp_dtype, dtype_label, keep_frozen_in
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:
@@ -89,7 +90,7 @@ def train_run(
         device=device_name(device),
         torch_version=torch.__version__,
         world_size=dist.world_size,
-        dtype=f"{dtype} autocast".replace("torch.", "") if dtype else "float32",
+        dtype=dtype_label(dtype),
     )
     log = None
     try:
@@ -207,6 +208,7 @@ def _fine_tune(
             init=lcfg.init,
         ),
     )
+    keep_frozen_in(model, dtype)  # bf16 autocast: frozen weights stored in bf16, not re-cast on every call
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     model.to(device).train()
     trainable, total = count_parameters(model)
