@@ -48,6 +48,7 @@ def test_quick_sweep_on_a_gguf_base_matches_transformers(gguf_base, isolated_cac
     out = tmp_path / "out"
     settings = ["model.max_position_embeddings=64", "train.tokens=1024", "train.batch_tokens=512", "train.lr=0.05"]
     settings += ["train.micro_batch_tokens=256", "eval.max_tokens=512", "data.val_fraction=0.25"]
+    settings += ["train.dtype=float32"]  # transformers' float32 losses are the reference; auto is bf16 on a bf16 CPU
     args = ["--quick", "--config", "experiments/configs/abl_lora_rank.yaml", "--lora_rank", "4", "--data", str(data)]
     args += ["--base_model", str(gguf_base), *(a for s in settings for a in ("--set", s)), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
