@@ -155,6 +155,8 @@ def test_grid_flags_make_a_grid_on_the_defaults_or_widen_a_one_key_ablation():
     narrowed = resolve_runs(_args("--config", str(GRID_YAML), "--grid", "lora.rank=8", "--seeds", "2"))
     assert len(narrowed) == 6 and {s.cfg.lora.rank for s in narrowed} == {8}
     assert [s.value for s in narrowed if s.is_baseline] == [f"8{SEP}q_proj,v_proj"] * 2  # the YAML's, at rank 8
+    kept = resolve_runs(_args("--config", str(GRID_YAML), "--grid", "lora.rank=4,16"))
+    assert [s.value for s in kept if s.is_baseline] == [f"16{SEP}q_proj,v_proj"]  # the YAML's baseline is still there
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,11 @@ def with_grid(cfg: Config, flags: list[str], name: str) -> Config:
         "name": a.get("name") or name,
         "key": None,
         "values": [],
-        "baseline": {resolve_key(str(k)): v for k, v in (baseline or {}).items() if resolve_key(str(k)) not in parsed}
+        "baseline": {  # a key's baseline stays while --grid keeps its value among the key's values
+            resolve_key(str(k)): v
+            for k, v in (baseline or {}).items()
+            if resolve_key(str(k)) not in parsed or v in parsed[resolve_key(str(k))]
+        }
         or None,
         "grid": grid,
     }
