@@ -63,7 +63,9 @@ def plan_batches(
 
 @dataclass
 class Settings:
-    """Optimizer and bookkeeping knobs of one loop (from `train:` for fine-tuning, `pretrain:` for the base)."""
+    """Optimizer and bookkeeping knobs of one loop. The defaults serve direct use of the engine (tests, benchmarks);
+    the lab passes every field (from `train:` for fine-tuning, from `pretrain:` and experiments.base.pretrain's
+    schedule constants for the base), so nothing relies on these matching experiments/configs/defaults.yaml."""
 
     lr: float
     min_lr_ratio: float = 0.1

@@ -14,7 +14,7 @@ A diverged pretraining is discarded (the same config would diverge again) with a
 Recipe: phase 1, `tokens` (2 M) at `seq_len` 512 with lr 3e-3; phase 2, `long_tokens` (819,200) at
 `long_seq_len` 2048 with lr 2e-3, on the same document stream (its step count continues phase 1's, so it draws
 new windows). Phase 2 starts a fresh AdamW and its own warmup + cosine decay: the re-warm from a decayed learning
-rate is what was measured (issue 12), and it keeps the engine's loop unchanged. Every context of the study
+rate is the variant measured below, and it keeps the engine's loop unchanged. Every context of the study
 (256-2048) then lies inside what the base was trained on, so the context ablation measures context, not length
 extrapolation.
 
@@ -73,6 +73,11 @@ PRETRAIN_EVAL_TOKENS = 32768
 GGUF_HEAD_BYTES = 16 << 20  # a GGUF's metadata (config, vocabulary, merges: ~2 MB for SmolLM2) fits in this
 SOURCE_VAL_FILE = "source_val.npy"  # in a base folder: its held-out pretraining documents as token ids
 CHECKPOINT_EVERY = 20  # pretraining steps between checkpoints: at most ~30 s of 2-core work lost to an interruption
+# Each phase's schedule beyond the `pretrain:` section (so not in the base's key: changing one needs a new key):
+# linear warmup over 5 % of its steps, cosine decay to 10 % of its lr, gradients clipped at norm 1.
+PRETRAIN_WARMUP_FRACTION = 0.05
+PRETRAIN_MIN_LR_RATIO = 0.1
+PRETRAIN_GRAD_CLIP = 1.0
 PHASE_DONE = "phase.json"  # in a phase folder: written last, when the phase's weights are complete
 
 
@@ -253,12 +258,16 @@ def _run_phase(
         return json.loads(done.read_text(encoding="utf-8"))
     p, device = cfg.pretrain, next(model.parameters()).device
     plan = loop.plan_batches(ph.tokens, p.batch_tokens, p.micro_batch_tokens, ph.seq_len)
-    settings = loop.Settings(
+    settings = loop.Settings(  # every field given: the engine's own defaults are not the lab's
         lr=ph.lr,
+        min_lr_ratio=PRETRAIN_MIN_LR_RATIO,
+        warmup_fraction=PRETRAIN_WARMUP_FRACTION,
         weight_decay=p.weight_decay,
+        grad_clip=PRETRAIN_GRAD_CLIP,
         amp_dtype=pretrain_dtype(cfg),
         compile=cfg.train.compile,
         log_every=max(1, plan.steps // 50),
+        eval_every=0,
         checkpoint_every=CHECKPOINT_EVERY,
     )
     sampler = TrainSampler(train_ids, ph.seq_len, plan.micro_seqs, seed=p.seed)

@@ -1,13 +1,16 @@
 """The run config: typed sections, YAML loading, dotted overrides, and validation before any work.
 
 A config file is `defaults.yaml` (shared by every ablation) deep-merged with the ablation's own file.
+`defaults.yaml` is also the one place a default is written: the sections below take theirs from it (yaml_defaults).
 Every key is checked against the dataclasses below: an unknown key, a wrong type or a value out of range
 raises `ConfigError` naming the file, the dotted key and what is allowed — before data or models are touched.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import glob
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from experiments.config.schema import (
     build,
     check_value,
     choices,
+    flatten,
     in_range,
     section_type,
     set_dotted,
@@ -40,99 +44,140 @@ TARGET_NAMES = (*SEED_TARGETS, *ROLE_NAMES)
 ALPHA_POLICIES = ("fixed", "double_rank", "rslora")
 
 
+def yaml_defaults(section: str) -> typing.Callable[[type], type]:
+    """Class decorator (under @dataclass): each field of a config section takes its default from defaults.yaml
+    (`section.field`), read and checked like any config value when a section is first built without it, so
+    defaults are written once and a broken defaults.yaml is named as such."""
+
+    def apply(cls: type) -> type:
+        for name in cls.__dict__.get("__annotations__", {}):
+            declared = cls.__dict__.get(name)
+            meta = declared.metadata if isinstance(declared, dataclasses.Field) else {}
+            default = functools.partial(_yaml_default, cls, f"{section}.{name}")
+            setattr(cls, name, field(default_factory=default, metadata=meta))
+        return cls
+
+    return apply
+
+
+@functools.cache
+def _read_defaults(path: Path) -> dict[str, Any]:
+    return flatten(read_yaml(path) or {})
+
+
+def _yaml_default(cls: type, key: str) -> Any:
+    return copy.deepcopy(_checked_default(cls, key))  # a list default is each instance's own
+
+
+@functools.cache
+def _checked_default(cls: type, key: str) -> Any:
+    raw = _read_defaults(DEFAULTS_FILE)
+    if key not in raw:
+        raise ConfigError(f"{DEFAULTS_FILE}: '{key}' is missing; every config key has its default there.")
+    name = key.rpartition(".")[2]
+    meta = {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+    return check_value(str(DEFAULTS_FILE), key, raw[key], typing.get_type_hints(cls)[name], meta)
+
+
 @dataclass
+@yaml_defaults("pretrain")
 class PretrainConfig:
     """The built-in base model: a small GPT pretrained once on the built-in corpus, then cached."""
 
-    corpus: str = "builtin"  # "builtin" (the Python standard library) or a file, glob, folder, or .jsonl
-    vocab_size: int = field(default=8192, metadata=in_range(256, 65536))
-    n_layer: int = field(default=4, metadata=in_range(1, 96))
-    n_head: int = field(default=4, metadata=in_range(1, 128))
-    d_model: int = field(default=128, metadata=in_range(8, 16384))
-    d_ff: int = field(default=512, metadata=in_range(8, 65536))
-    position_embedding: str = field(default="rope", metadata=choices(*POSITION_EMBEDDINGS))
-    seq_len: int = field(default=512, metadata=in_range(8, 65536))
-    tokens: int = field(default=2_000_000, metadata=in_range(1))
-    batch_tokens: int = field(default=8192, metadata=in_range(1))
-    micro_batch_tokens: int = field(default=8192, metadata=in_range(1))
-    lr: float = field(default=3e-3, metadata=in_range(0, None, lo_open=True))
+    corpus: str  # "builtin" (the Python standard library) or a file, glob, folder, or .jsonl
+    vocab_size: int = field(metadata=in_range(256, 65536))
+    n_layer: int = field(metadata=in_range(1, 96))
+    n_head: int = field(metadata=in_range(1, 128))
+    d_model: int = field(metadata=in_range(8, 16384))
+    d_ff: int = field(metadata=in_range(8, 65536))
+    position_embedding: str = field(metadata=choices(*POSITION_EMBEDDINGS))
+    seq_len: int = field(metadata=in_range(8, 65536))
+    tokens: int = field(metadata=in_range(1))
+    batch_tokens: int = field(metadata=in_range(1))
+    micro_batch_tokens: int = field(metadata=in_range(1))
+    lr: float = field(metadata=in_range(0, None, lo_open=True))
     # Length schedule: after `tokens` at seq_len, `long_tokens` more at long_seq_len with a fresh warmup and decay
     # from long_lr, so the base has seen every context the study uses (0: one phase). See experiments/base/pretrain.py.
-    long_seq_len: int = field(default=2048, metadata=in_range(8, 65536))
-    long_tokens: int = field(default=819_200, metadata=in_range(0))
-    long_lr: float = field(default=2e-3, metadata=in_range(0, None, lo_open=True))
-    weight_decay: float = field(default=0.1, metadata=in_range(0))
-    seed: int = field(default=1234, metadata=in_range(0))
+    long_seq_len: int = field(metadata=in_range(8, 65536))
+    long_tokens: int = field(metadata=in_range(0))
+    long_lr: float = field(metadata=in_range(0, None, lo_open=True))
+    weight_decay: float = field(metadata=in_range(0))
+    seed: int = field(metadata=in_range(0))
 
 
 @dataclass
+@yaml_defaults("model")
 class ModelConfig:
     """The model LoRA adapts, and the context length of fine-tuning and evaluation."""
 
-    base: str = "builtin"  # "builtin", an OPT / GPT-2 checkpoint folder, or a Hugging Face name (facebook/opt-125m)
-    max_position_embeddings: int = field(default=512, metadata=in_range(8, 1 << 20))
-    dropout: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
+    base: str  # "builtin", an OPT / GPT-2 checkpoint folder, or a Hugging Face name (facebook/opt-125m)
+    max_position_embeddings: int = field(metadata=in_range(8, 1 << 20))
+    dropout: float = field(metadata=in_range(0, 1, hi_open=True))
 
 
 @dataclass
+@yaml_defaults("data")
 class DataConfig:
     """Fine-tuning text: "builtin" (installed package sources) or a file, glob, folder, or .jsonl."""
 
-    finetune: str = "builtin"
-    text_field: str = "text"
-    val_fraction: float = field(default=0.1, metadata=in_range(0, 1, lo_open=True, hi_open=True))
+    finetune: str
+    text_field: str
+    val_fraction: float = field(metadata=in_range(0, 1, lo_open=True, hi_open=True))
     # Documents held out to choose the learning rate, disjoint from training and validation; 0: none. A sweep
     # with `ablation.lr_grid` sets it from `ablation.tune_fraction`; validation documents never change.
-    tune_fraction: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
+    tune_fraction: float = field(metadata=in_range(0, 1, hi_open=True))
 
 
 @dataclass
+@yaml_defaults("lora")
 class LoRASection:
     """LoRA hyper-parameters; `alpha_policy` decides what the rank sweep holds fixed."""
 
-    rank: int = field(default=16, metadata=in_range(1, 4096))
-    alpha: float = field(default=32.0, metadata=in_range(0, None, lo_open=True))
+    rank: int = field(metadata=in_range(1, 4096))
+    alpha: float = field(metadata=in_range(0, None, lo_open=True))
     # fixed: scaling alpha/rank; double_rank: alpha = 2*rank (scaling 2); rslora: alpha/sqrt(rank)
-    alpha_policy: str = field(default="fixed", metadata=choices(*ALPHA_POLICIES))
-    dropout: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    init: str = field(default="kaiming", metadata=choices("kaiming", "gaussian"))
+    alpha_policy: str = field(metadata=choices(*ALPHA_POLICIES))
+    dropout: float = field(metadata=in_range(0, 1, hi_open=True))
+    target_modules: list[str]
+    init: str = field(metadata=choices("kaiming", "gaussian"))
 
     def resolved_alpha(self) -> float:
         return 2.0 * self.rank if self.alpha_policy == "double_rank" else self.alpha
 
 
 @dataclass
+@yaml_defaults("train")
 class TrainConfig:
     """A run is a token budget; tokens per optimizer step stay fixed across the values of an ablation."""
 
-    tokens: int = field(default=300_000, metadata=in_range(1))
-    batch_tokens: int = field(default=8192, metadata=in_range(1))  # per optimizer step
-    micro_batch_tokens: int = field(default=4096, metadata=in_range(1))  # per forward/backward
-    lr: float = field(default=1e-2, metadata=in_range(0, None, lo_open=True))
-    min_lr_ratio: float = field(default=0.1, metadata=in_range(0, 1))
-    warmup_fraction: float = field(default=0.05, metadata=in_range(0, 1, hi_open=True))
-    weight_decay: float = field(default=0.0, metadata=in_range(0))
-    grad_clip: float = field(default=1.0, metadata=in_range(0))  # 0 disables clipping
-    dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16", "float16"))
-    device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
-    compile: bool = False
-    activation_checkpointing: bool = False
-    seed: int = field(default=0, metadata=in_range(0))
-    log_every: int = field(default=10, metadata=in_range(1))
-    checkpoint_every: int = field(default=100, metadata=in_range(0))  # steps between resumable checkpoints; 0: none
+    tokens: int = field(metadata=in_range(1))
+    batch_tokens: int = field(metadata=in_range(1))  # per optimizer step
+    micro_batch_tokens: int = field(metadata=in_range(1))  # per forward/backward
+    lr: float = field(metadata=in_range(0, None, lo_open=True))
+    min_lr_ratio: float = field(metadata=in_range(0, 1))
+    warmup_fraction: float = field(metadata=in_range(0, 1, hi_open=True))
+    weight_decay: float = field(metadata=in_range(0))
+    grad_clip: float = field(metadata=in_range(0))  # 0 disables clipping
+    dtype: str = field(metadata=choices("auto", "float32", "bfloat16", "float16"))
+    device: str = field(metadata=choices("auto", "cpu", "cuda"))
+    compile: bool
+    activation_checkpointing: bool
+    seed: int = field(metadata=in_range(0))
+    log_every: int = field(metadata=in_range(1))
+    checkpoint_every: int = field(metadata=in_range(0))  # steps between resumable checkpoints; 0: none
 
 
 @dataclass
+@yaml_defaults("eval")
 class EvalConfig:
     """Validation: the same held-out tokens for every run on a corpus, cut into context-length windows."""
 
-    max_tokens: int = field(default=65536, metadata=in_range(1))
-    every_steps: int = field(default=0, metadata=in_range(0))  # 0: evaluate only at the end
+    max_tokens: int = field(metadata=in_range(1))
+    every_steps: int = field(metadata=in_range(0))  # 0: evaluate only at the end
     # Forgetting: text of the base's own (source) domain, evaluated before and after fine-tuning. Unset: the built-in
     # base's held-out pretraining documents; a user's base then has none (its source columns stay empty).
-    source_data: str | None = None  # a file, glob, folder or .jsonl, as --data accepts
-    source_max_tokens: int = field(default=32768, metadata=in_range(1))
+    source_data: str | None  # a file, glob, folder or .jsonl, as --data accepts
+    source_max_tokens: int = field(metadata=in_range(1))
 
 
 @dataclass
