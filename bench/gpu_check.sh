@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure in one command (issue 16): the CUDA tests, bench.layer, bench.train, experiments.run --quick,
-# then the issue's targets against what was measured. Budget: 25 minutes on one H100.
+# Every GPU figure in one command: the CUDA tests, bench.layer, bench.train, experiments.run --quick,
+# then the targets of bench/NOTES.md against what was measured. Budget: 25 minutes on one H100.
 #
 #   bash bench/gpu_check.sh                # every step, in this order: tests layer train quick targets
 #   bash bench/gpu_check.sh layer train    # only the named steps (e.g. one per call where a call is time-limited)

@@ -1,4 +1,4 @@
-"""`python -m bench.targets`: issue 16's GPU targets against a bench.layer and a bench.train result file.
+"""`python -m bench.targets`: the GPU targets (bench/NOTES.md) against a bench.layer and a bench.train result.
 
     python -m bench.targets --layer bench/results/layer_bfloat16_cuda_<gpu>.json \
         --train bench/results/train_cuda_<gpu>.json
@@ -87,7 +87,7 @@ def train_checks(data: dict) -> list[Judged]:
 def render(checks: list[Judged], sources: list[str]) -> str:
     rows = [[t.target, t.contender, c.observed, c.expected, c.text] for t, c in checks]
     table = md_table(["target", "contender", "measured", "bound", "verdict"], rows)
-    return f"Targets of issue 16 against {', '.join(sources)}\n\n{table}"
+    return f"GPU targets (bench/NOTES.md) against {', '.join(sources)}\n\n{table}"
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -1,5 +1,5 @@
 """Nothing is lost or doubled on disk: concurrent appends, file modes, damaged and diverged checkpoints, broken
-results files, a full disk (issue 11). Concurrency runs in real processes."""
+results files, a full disk (README, "Nothing is lost"). Concurrency runs in real processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ordinary mistakes get one clean message (no traceback), and exit codes scripts can rely on (issue 11)."""
+"""Ordinary mistakes get one clean message (no traceback), and exit codes scripts can rely on (README, "Exit codes")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Errors a sweep can know before any work (issue 11): each fails with exit code 2 and one message, before a base
-is pretrained, text tokenized or a row written. In-process; the checks build models on the meta device only."""
+"""Errors a sweep can know before any work (README, "Bad input fails fast"): each fails with exit code 2 and one
+message, before a base is pretrained, text tokenized or a row written. In-process; the checks build models on the
+meta device only."""
 
 from __future__ import annotations
 

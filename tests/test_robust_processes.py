@@ -1,6 +1,7 @@
-"""One owner per run folder, with real processes (issue 11): a run another process holds is skipped and named,
-two sweeps on one results folder train each run once, a sweep killed by SIGKILL takes its training process
-with it, and Ctrl-C prints one line. The last two train for real (a tiny checkpoint folder, no pretraining)."""
+"""One owner per run folder, with real processes (README, "Nothing is lost"): a run another process holds is
+skipped and named, two sweeps on one results folder train each run once, a sweep killed by SIGKILL takes its
+training process with it, and Ctrl-C prints one line. The last two train for real (a tiny checkpoint folder, no
+pretraining)."""
 
 from __future__ import annotations
 
