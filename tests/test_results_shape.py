@@ -51,9 +51,17 @@ def test_lr_grid_rows_without_tune_loss_are_named_not_shown_as_zero_of_zero(tmp_
     rc, err = report(write(tmp_path, rows), capsys, "--no-plots")
     lacking = [n for n, r in enumerate(rows, 1) if r["value"] == 16 and r["study_hash"].startswith("90b74e")]
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert f"{tmp_path / RESULTS_JSONL}, lines {', '.join(map(str, lacking))} lack `tune_loss`, which an lr grid" in err
+    named = f"{tmp_path / RESULTS_JSONL}, lines {', '.join(map(str, lacking))} lack `tune_loss` (absent or empty)"
+    assert f"{named}, which an lr grid" in err
     assert "delete those lines and run the same sweep again" in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_lr_grid_rows_with_an_empty_tune_loss_are_named_never_pooled(tmp_path):
+    """A null tune loss on finished runs leaves no lr to choose: named, not reported over every lr at once."""
+    rows = [{**r, "tune_loss": None} if r["value"] == 16 else r for r in committed(LR_GRID)]
+    with pytest.raises(ResultsFileError, match=r"lines [\d, ]+ lack `tune_loss` \(absent or empty\), which an lr grid"):
+        load_studies(write(tmp_path, rows))
 
 
 def test_lr_grid_rows_without_lr_are_named_never_pooled_into_one_mean(tmp_path, capsys):
@@ -62,7 +70,8 @@ def test_lr_grid_rows_without_lr_are_named_never_pooled_into_one_mean(tmp_path, 
     first = (rows[0]["study_hash"], rows[0]["value"])  # the first value met: its six runs (3 lrs x 2 seeds)
     lines = [n for n, r in enumerate(rows, 1) if (r["study_hash"], r["value"]) == first]
     assert len(lines) == 6 and rc == 2 and err.count("\n") == 1
-    assert f"lines {', '.join(map(str, lines))} lack `lr`, which tells apart the runs of one value at one seed" in err
+    named = f"lines {', '.join(map(str, lines))} lack `lr` (absent or empty)"
+    assert f"{named}, which tells apart the runs of one value at one seed" in err
     assert "pooled into one mean" in err and "config.json has it" in err
     some = without(committed(LR_GRID), "lr", where=lambda r: r["value"] == 64 and r["lr"] == 0.03)
     with pytest.raises(ResultsFileError, match=r", lines 14, 36 lack `lr`"):
@@ -94,7 +103,9 @@ def test_two_runs_of_one_value_seed_and_lr_that_no_column_tells_apart_are_named(
 
 def test_a_finished_row_without_val_ppl_is_named_not_left_out_of_the_mean(tmp_path):
     rows = without(committed(DEFAULT), "val_ppl", where=lambda r: r["value"] == 8 and r["seed"] == 1)
-    with pytest.raises(ResultsFileError, match=r"results.jsonl, line \d+ lacks `val_ppl`, which the table's mean"):
+    with pytest.raises(
+        ResultsFileError, match=r"results.jsonl, line \d+ lacks `val_ppl` \(absent or empty\), which the table's mean"
+    ):
         load_studies(write(tmp_path, rows))
     failed = [{**r, "status": "failed"} if r["value"] == 8 and r["seed"] == 1 else r for r in rows]
     (st, *_) = load_studies(write(tmp_path / "failed", failed))  # a run that did not finish has no val_ppl: fine

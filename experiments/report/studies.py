@@ -46,7 +46,8 @@ class Value:
 
     def choose_lr(self) -> None:
         """Keep the runs at the lr with the lowest mean tune loss (never the validation split, which is reported).
-        No lr has a finished run: keep every run, so the table shows them all as not ok."""
+        No lr scored means no finished run (load_studies refuses a finished grid run without a tune loss): keep every
+        run, so the table shows them all as not ok."""
         scored = {lr: loss for lr in self.grid if (loss := self.tune_loss(lr)) is not None}
         self.chosen_lr = min(scored, key=scored.get) if scored else None
         self.rows = self.grid[self.chosen_lr] if scored else self.all_rows
@@ -264,11 +265,11 @@ def load_studies(out_dir: Path) -> list[Study]:
             # reported at its chosen lr, so every run must say its lr and the finished ones their tune loss.
             if len({r.get("lr") for r in v.rows}) > 1 or len({r["seed"] for r in v.rows}) < len(v.rows):
                 _require(path, line, v.rows, NEEDS["lr grid"])
-                _require(path, line, v.rows, NEEDS["lr choice"])
                 for r in v.rows:
                     v.grid.setdefault(r["lr"], []).append(r)
                 for lr, runs in v.grid.items():
                     _distinct_seeds(path, line, st, v, lr, runs)
+                _require(path, line, v.rows, NEEDS["lr choice"])
                 v.choose_lr()
         if st.numeric:
             st.values.sort(key=lambda v: v.value)
@@ -279,7 +280,7 @@ def load_studies(out_dir: Path) -> list[Study]:
 
 
 def _lines(ns: list[int]) -> str:
-    """ "line 4", "lines 4, 9 and 12" (the first six, then how many more)."""
+    """ "line 4", "lines 4, 9, 12" (the first six, then how many more)."""
     ns = sorted(ns)
     if len(ns) == 1:
         return f"line {ns[0]}"
@@ -288,12 +289,13 @@ def _lines(ns: list[int]) -> str:
 
 
 def _require(path: Path, line: dict[int, int], rows: list[dict], need: Need) -> None:
-    """ResultsFileError naming the first key of `need` that some of `rows` lack, and the lines that lack it."""
+    """ResultsFileError naming the first key of `need` that some of `rows` lack (or hold empty), and their lines."""
     for key in need.keys:
-        lacking = [line[id(r)] for r in rows if key not in r and (r["status"] == "ok" or not need.finished_only)]
+        lacking = [line[id(r)] for r in rows if r.get(key) is None and (r["status"] == "ok" or not need.finished_only)]
         if lacking:
             raise ResultsFileError(
-                f"{path}, {_lines(lacking)} lack{'s' if len(lacking) == 1 else ''} `{key}`, which {need.why} "
+                f"{path}, {_lines(lacking)} lack{'s' if len(lacking) == 1 else ''} `{key}` (absent or empty), which "
+                f"{need.why} "
                 f"(rows of ablation {rows[0]['ablation']!r}, written by an older version or edited by hand). "
                 f"Nothing was written: {need.fix}."
             )
