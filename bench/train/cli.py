@@ -1,7 +1,7 @@
-"""`python -m bench.train`: one LoRA training step of our GPT + inject_lora vs transformers' OPT + PEFT.
+"""`python -m bench.train`: one LoRA training step of our GPT + inject_lora vs transformers' OPT / Llama + PEFT.
 
-Both sides load the same random-init OPT checkpoint (saved to a temp folder), see the same batch,
-precision, LoRA rank/alpha/targets, AdamW and dropout 0, and must agree on the initial loss before
+Both sides load the same random-init OPT (for --shape smollm2-135m: Llama) checkpoint (saved to a temp folder),
+see the same batch, precision, LoRA rank/alpha/targets, AdamW and dropout 0, and must agree on the initial loss before
 anything is timed (`bench.train.compare`). Contenders: `bench.train.steps`; timing, FLOPs and the
 matmul peak: `bench.train.measure`; memory, one fresh process per contender: `bench.train.memory`;
 the printed table: `bench.train.table`. This file: the modes and the command line.
@@ -9,6 +9,7 @@ the printed table: `bench.train.table`. This file: the modes and the command lin
     python -m bench.train                 # the table: LoRA q,v / LoRA all six / full fine-tuning
     python -m bench.train --ablations     # our optimisations switched off one at a time
     python -m bench.train --sweep         # context 256..2048 and rank 4..64, ours vs PEFT
+    python -m bench.train --shape smollm2-135m   # SmolLM2-135M's shape: LoRA q,v / all seven / full
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from bench.train.compare import Budget, compare
 from bench.train.measure import matmul_peak
-from bench.train.steps import SHAPES, TARGETS_ALL, TARGETS_QV, Shape, Spec
+from bench.train.steps import SHAPES, TARGETS_ALL, TARGETS_LLAMA_ALL, TARGETS_QV, Shape, Spec
 from bench.train.table import environment, table
 from data.cache import write_json_atomic
 from training.distributed import device_name
@@ -30,8 +31,10 @@ RESULTS = Path(__file__).parents[1] / "results"
 
 
 # ---------------------------------------------------------------- modes
-def main_pairs() -> list[tuple[Spec, Spec]]:
-    specs = [Spec(mode="lora", targets=TARGETS_QV), Spec(mode="lora", targets=TARGETS_ALL), Spec(mode="full")]
+def main_pairs(shape: Shape) -> list[tuple[Spec, Spec]]:
+    """LoRA on q,v, LoRA on every Linear of a block (OPT's six, a Llama block's seven), full fine-tuning."""
+    every = TARGETS_LLAMA_ALL if shape.arch == "llama" else TARGETS_ALL
+    specs = [Spec(mode="lora", targets=TARGETS_QV), Spec(mode="lora", targets=every), Spec(mode="full")]
     return [(s, s.peer()) for s in specs]
 
 
@@ -66,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         choices=sorted(SHAPES),
         help="repeatable: cpu (hidden 256, 4 layers, 8 x 256 tokens), gpu-512 / gpu-2048 (opt-125m, 32 x 512 / "
-        "8 x 2048 tokens), tiny (tests); default cpu on a CPU, gpu-512 and gpu-2048 on a GPU",
+        "8 x 2048 tokens), smollm2-135m (Llama blocks, 2 x 512 tokens), tiny (tests); default cpu on a CPU, "
+        "gpu-512 and gpu-2048 on a GPU",
     )
     p.add_argument(
         "--steps",
@@ -139,7 +143,7 @@ def run(
                 payload["results"].append(res | {"shape_name": name, "axis": axis, "rank": rank})
                 print(table(res, device), flush=True)
         else:
-            pairs = ablation_pairs(device) if mode == "ablations" else main_pairs()
+            pairs = ablation_pairs(device) if mode == "ablations" else main_pairs(base)
             res = compare(base, pairs, device, precision, budget, peak)
             if mode == "ablations" and budget.steps:  # each switch against our default, the row that has none
                 ref = next(r for r in res["rows"] if r["spec"]["side"] == "ours")

@@ -16,7 +16,7 @@ import torch
 
 from bench.train.measure import FlopShape, host_syncs, step_flops, summarize, time_steps
 from bench.train.memory import measure_memory
-from bench.train.steps import Contender, Shape, Spec, build, copy_lora_A, make_batch, save_random_opt
+from bench.train.steps import Contender, Shape, Spec, build, copy_lora_A, make_batch, save_random
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,11 @@ def _check_in_fp32(specs: list[Spec], shape: Shape, folder: str, device: torch.d
 def compare(
     shape: Shape, pairs: list[tuple[Spec, Spec]], device: torch.device, precision: str, budget: Budget, peak: dict
 ) -> dict:
-    """Builds every contender of `pairs` from one random OPT checkpoint, checks, times, measures."""
+    """Builds every contender of `pairs` from one random checkpoint (OPT or Llama: shape.arch), checks, times,
+    measures."""
     specs = list(dict.fromkeys(s for pair in pairs for s in pair))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:
-        save_random_opt(shape, folder)
+        save_random(shape, folder)
         batch = make_batch(shape, device)
         if precision != "fp32":
             _check_in_fp32(specs, shape, folder, device, batch)
@@ -117,7 +118,10 @@ def compare(
             if budget.memory
             else {}
         )
-    flop_shape = FlopShape(shape.batch, shape.seq, shape.d_model, shape.n_layer, shape.d_ff, shape.vocab)
+    kv_dim = (shape.n_kv_head or shape.n_head) * (shape.d_model // shape.n_head)
+    flop_shape = FlopShape(
+        shape.batch, shape.seq, shape.d_model, shape.n_layer, shape.d_ff, shape.vocab, shape.arch, kv_dim
+    )
     rows = []
     for s, (trainable, total) in counts.items():
         t = timing.get(s.label)

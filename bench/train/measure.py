@@ -97,6 +97,8 @@ class FlopShape:
     n_layer: int
     d_ff: int
     vocab: int
+    arch: str = "opt"  # "llama": grouped-query k/v (kv_dim wide) and a gated MLP (gate, up, down)
+    kv_dim: int | None = None  # llama: n_kv_head * head_dim (None: d_model)
 
 
 def step_flops(s: FlopShape, mode: str, rank: int = 0, targets: tuple[str, ...] = ()) -> float:
@@ -110,6 +112,10 @@ def step_flops(s: FlopShape, mode: str, rank: int = 0, targets: tuple[str, ...] 
     tokens = s.batch * s.seq
     d, f = s.d_model, s.d_ff
     shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "out_proj": (d, d), "fc1": (d, f), "fc2": (f, d)}
+    if s.arch == "llama":
+        kv = s.kv_dim or d
+        shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d)}
+        shapes |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
     linear_fwd = 2 * tokens * (s.n_layer * sum(i * o for i, o in shapes.values()) + s.vocab * d)
     attn_fwd = 2 * tokens * s.seq * d * s.n_layer
     if mode == "full":

@@ -1,6 +1,7 @@
-"""The contenders of `python -m bench.train`: one training step of our GPT or of transformers' OPT.
+"""The contenders of `python -m bench.train`: one training step of our GPT or of transformers' OPT / Llama.
 
-Both sides are loaded from the same folder (a random-init OPTForCausalLM saved with save_pretrained),
+Both sides are loaded from the same folder (a random-init OPTForCausalLM, or LlamaForCausalLM for a Llama-family
+shape such as SmolLM2-135M's, saved with save_pretrained),
 so they compute the same function; the LoRA A matrices of ours are copied from PEFT's so that the
 two also train the same (B is zero on both at step 0). One step = forward, loss, backward, AdamW
 over the trainable parameters, zero_grad; it returns the loss as a tensor (no host sync).
@@ -25,6 +26,7 @@ from lora.inject import SEED_TARGETS
 
 TARGETS_QV = ("q_proj", "v_proj")
 TARGETS_ALL = SEED_TARGETS  # the six Linears of an OPT block
+TARGETS_LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Llama block's 7
 LR = 1e-4
 
 
@@ -37,6 +39,8 @@ class Shape:
     vocab: int
     batch: int
     seq: int
+    arch: str = "opt"  # "opt" | "llama" (RMSNorm, gated SiLU MLP, grouped-query attention, RoPE)
+    n_kv_head: int | None = None  # llama: key/value heads (None: n_head)
 
     @property
     def tokens(self) -> int:
@@ -49,6 +53,10 @@ SHAPES = {
     # opt-125m, 16k tokens per step at both lengths
     "gpu-512": Shape(d_model=768, n_layer=12, n_head=12, d_ff=3072, vocab=50272, batch=32, seq=512),
     "gpu-2048": Shape(d_model=768, n_layer=12, n_head=12, d_ff=3072, vocab=50272, batch=8, seq=2048),
+    # SmolLM2-135M (the named base smollm2-135m): 30 Llama blocks, 9 query / 3 key-value heads, 2 x 512 tokens
+    "smollm2-135m": Shape(
+        d_model=576, n_layer=30, n_head=9, d_ff=1536, vocab=49152, batch=2, seq=512, arch="llama", n_kv_head=3
+    ),
     # for tests: seconds on a CPU
     "tiny": Shape(d_model=32, n_layer=2, n_head=2, d_ff=64, vocab=128, batch=2, seq=16),
 }
@@ -75,13 +83,8 @@ class Spec:
         name = {"ours": "ours", "peer": "peft" if self.mode == "lora" else "hf"}[self.side]
         parts = [name, self.mode]
         if self.mode == "lora":
-            parts.append(
-                "qv"
-                if self.targets == TARGETS_QV
-                else "all6"
-                if self.targets == TARGETS_ALL
-                else "+".join(self.targets)
-            )
+            named = {TARGETS_QV: "qv", TARGETS_ALL: "all6", TARGETS_LLAMA_ALL: "all7"}
+            parts.append(named.get(self.targets, "+".join(self.targets)))
             if self.rank != 16:
                 parts.append(f"r{self.rank}")
         default = Spec()
@@ -134,6 +137,39 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def save_random(shape: Shape, folder: str, seed: int = 0) -> None:
+    """A random-init transformers model of `shape` (its `arch`), saved with save_pretrained: both sides load it."""
+    if shape.arch == "llama":
+        save_random_llama(shape, folder, seed)
+    elif shape.arch == "opt":
+        save_random_opt(shape, folder, seed)
+    else:
+        raise ValueError(f"Shape.arch must be 'opt' or 'llama', got {shape.arch!r}")
+
+
+def save_random_llama(shape: Shape, folder: str, seed: int = 0) -> None:
+    """A random-init LlamaForCausalLM of `shape` (tied head, SmolLM2's rope_theta and eps), saved with
+    save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet_transformers()
+    cfg = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.d_model,
+        intermediate_size=shape.d_ff,
+        num_hidden_layers=shape.n_layer,
+        num_attention_heads=shape.n_head,
+        num_key_value_heads=shape.n_kv_head or shape.n_head,
+        max_position_embeddings=max(2048, shape.seq),
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
 def save_random_opt(shape: Shape, folder: str, seed: int = 0) -> None:
     """A random-init OPTForCausalLM of `shape`, saved with save_pretrained: the one source of weights."""
     from transformers import OPTConfig, OPTForCausalLM
@@ -176,11 +212,11 @@ def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 # ---------------------------------------------------------------- the two sides
 def _build_peer(spec: Spec, folder: str, device: torch.device, precision: str, x, y):
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     dtype = torch.bfloat16 if precision == "bf16" and spec.mode == "lora" else torch.float32
-    model = OPTForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).to(device)
     model.config.use_cache = False
     if spec.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -265,7 +301,9 @@ def build(
     return Contender(spec, model, loss_fn, step, optimizer, sum(p.numel() for p in params), total, wrapped)
 
 
-_LAYER_LEAF = re.compile(r"layers\.(\d+)\.(?:self_attn\.)?(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+_LAYER_LEAF = re.compile(
+    r"layers\.(\d+)\.(?:self_attn\.|mlp\.)?(q_proj|k_proj|v_proj|out_proj|o_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+)
 
 
 def copy_lora_A(peer: Contender, ours: Contender) -> int:
