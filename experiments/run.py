@@ -268,10 +268,10 @@ def print_plan(specs: list[RunSpec], states: list[str], out_dir: Path) -> None:
 
 
 def _prepare(specs: list[RunSpec], states: list[str], progress: bool) -> None:
-    """Pretrain each built-in base and tokenize each fine-tuning corpus the pending runs need, once, here: a broken
-    corpus fails the sweep early, and every run finds its data cached, so no run's memory figures include
-    tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS). Then check that
-    each run's text holds a context window, before any run starts."""
+    """Pretrain each built-in base and tokenize each fine-tuning corpus the pending runs need, once, here (every
+    text was already read and split by preflight.check_data): every run finds its data cached, so no run's memory
+    figures include tokenizing (the first run would otherwise carry the tokenizer's working set in its peak RSS).
+    Then check that each run's text holds a context window, before any run starts."""
     from experiments.base.pretrain import ensure_base
     from experiments.finetune.train import finetune_tokens
     from experiments.sweep.preflight import check_text
