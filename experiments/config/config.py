@@ -110,7 +110,7 @@ class PretrainConfig:
 class ModelConfig:
     """The model LoRA adapts, and the context length of fine-tuning and evaluation."""
 
-    base: str  # "builtin", an OPT / GPT-2 checkpoint folder, or a Hugging Face name (facebook/opt-125m)
+    base: str  # "builtin", a checkpoint folder, a Hugging Face name (facebook/opt-125m), a .gguf file, smollm2-135m
     max_position_embeddings: int = field(metadata=in_range(8, 1 << 20))
     dropout: float = field(metadata=in_range(0, 1, hi_open=True))
 
