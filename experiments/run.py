@@ -377,10 +377,11 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
         check_executor_flags(args.jobs, args.executor, args.ray_address, int(os.environ.get("WORLD_SIZE", "1")))
         items = _overrides(args)
         specs = resolve_runs(args, items)
-        notes = preflight(specs, out_dir)  # first --out itself: results.jsonl may be a folder
+        given = {resolve_key(key): source for key, _, source in items}  # what set a key, for messages
+        notes = preflight(specs, out_dir, given)  # first --out itself: results.jsonl may be a folder
         states = plan_states(specs, out_dir)  # every rank reads it, so a broken file stops them all
         pending = [s for s, st in zip(specs, states) if st not in ("done", "reuse")]
-        check_data(pending, given={resolve_key(key): source for key, _, source in items})
+        check_data(pending, given)
     except ResultsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

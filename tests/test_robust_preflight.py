@@ -53,7 +53,7 @@ def opt_folder(tmp_path, tiny_checkpoint):
 
 def test_target_modules_matching_nothing(tmp_path, capsys, isolated_cache):
     err = refused(["--config", TM, "--target_modules", "no_such_proj"], tmp_path, capsys, isolated_cache)
-    assert "config error: target_modules lora.target_modules=no_such_proj" in err
+    assert "config error: --target_modules no_such_proj: lora.target_modules on" in err  # the input, as given
     assert "the built-in base" in err and "matched no module" in err and "layers.*.self_attn.q_proj" in err
 
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import experiments.base.pretrain
 from experiments.run import main
@@ -288,3 +289,14 @@ def test_an_ablation_without_a_name_is_named_after_its_file(tmp_path, capsys, is
         ["lr_study", "train.lr", "0.01"],
         ["lr_study", "train.lr", "0.02"],
     ]
+
+
+def test_a_preflight_error_names_the_input_that_set_its_key(tmp_path, capsys, no_work):
+    err = refused([*RANK, "--set", "lora.target_modules=[nope]"], tmp_path / "out", capsys, no_work)
+    assert err.startswith("config error: --set lora.target_modules=[nope]: lora.target_modules on the built-in base")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_error_names_the_input_that_set_the_device(tmp_path, capsys, no_work):
+    err = refused([*RANK, "--set", "train.device=cuda"], tmp_path / "out", capsys, no_work)
+    assert err.startswith("config error: --set train.device=cuda: train.device is cuda, but torch")

@@ -35,9 +35,10 @@ from model.pretrained import WEIGHT_FILES, config_from_hf, has_weights, read_con
 from training.loop import plan_batches
 
 
-def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
-    """Raise ConfigError for the first problem any of `specs` would meet; return notes worth printing with the
-    plan (a step size that differs from train.batch_tokens)."""
+def preflight(specs: Sequence[RunSpec], out_dir: Path, given: Mapping[str, str] | None = None) -> list[str]:
+    """Raise ConfigError for the first problem any of `specs` would meet, naming the command-line input that set
+    its key where one did (`given`: key -> "--set train.device=cuda"), else the run; return notes worth printing
+    with the plan (a step size that differs from train.batch_tokens)."""
     check_out_dir(out_dir, [s.run_dir(out_dir).parent for s in specs])
     bases: dict[str, tuple[GPTConfig, str]] = {}
     checked: set[str] = set()
@@ -54,8 +55,9 @@ def preflight(specs: Sequence[RunSpec], out_dir: Path) -> list[str]:
             if key not in checked:  # a meta model per distinct (base, targets), not per run
                 checked.add(key)
                 _check_targets(cfg, gcfg, label)
-        except ConfigError as e:
-            raise ConfigError(f"{_what(s)}: {e}") from None
+        except ConfigError as e:  # each message starts with the key it is about
+            key = next((k for k in (given or {}) if str(e).startswith(k)), None)
+            raise ConfigError(f"{given[key] if given and key else _what(s)}: {e}") from None
         note = _step_note(cfg)
         if note and f"{_what(s)}: {note}" not in notes:
             notes.append(f"{_what(s)}: {note}")
