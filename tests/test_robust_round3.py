@@ -20,11 +20,11 @@ RANK = ["--config", str(CONFIGS / "abl_lora_rank.yaml"), "--lora_rank", "4"]
 
 
 @pytest.fixture
-def no_work(monkeypatch, isolated_cache):
+def no_work(monkeypatch, isolated_cache) -> Path:
     """Any pretraining fails the test (not just the exit code): the checks must come first. Returns the cache,
     which must stay empty (no tokenizer, no token arrays, no base)."""
 
-    def pretrain(*args, **kwargs):
+    def pretrain(*args, **kwargs) -> None:
         raise AssertionError("the base was built before the input was checked")
 
     monkeypatch.setattr(experiments.base.pretrain, "ensure_base", pretrain)
