@@ -303,6 +303,7 @@ def test_quick_sweep_by_name_from_the_offline_cache(hf_cache, isolated_cache, tm
     out = tmp_path / "out"
     settings = ["model.max_position_embeddings=64", "train.tokens=1024", "train.batch_tokens=512"]
     settings += ["train.micro_batch_tokens=256", "eval.max_tokens=512", "data.val_fraction=0.25"]
+    settings += ["train.dtype=float32"]  # the losses are checked against float64 at float32's error (auto: bf16 on AMX)
     done = sweep(
         ["--quick", "--config", "experiments/configs/abl_lora_rank.yaml", "--lora_rank", "4", "--data", str(data)]
         + ["--base_model", "tiny-org/tiny-opt", *(a for s in settings for a in ("--set", s))],

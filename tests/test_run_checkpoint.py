@@ -73,6 +73,8 @@ def run(root: Path, folder: Path, out: Path, env: dict) -> dict:
         f"eval.max_tokens={EVAL_TOKENS}",
         "--set",
         f"data.val_fraction={VAL_FRACTION}",
+        "--set",
+        "train.dtype=float32",  # the losses are checked against float64 at float32's error (auto: bf16 on AMX)
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
