@@ -17,9 +17,14 @@ from typing import IO, Any
 ENV_VAR = "SLM_LORA_CACHE"
 
 
+def cache_root() -> Path:
+    """`$SLM_LORA_CACHE` or `~/.cache/slm-lora`, not created (the sweep checks it can be before any work)."""
+    return Path(os.environ.get(ENV_VAR) or "~/.cache/slm-lora").expanduser()
+
+
 def cache_dir(sub: str | None = None) -> Path:
     """`$SLM_LORA_CACHE` or `~/.cache/slm-lora` (created), or its subfolder `sub`."""
-    root = Path(os.environ.get(ENV_VAR) or "~/.cache/slm-lora").expanduser()
+    root = cache_root()
     path = root / sub if sub else root
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -300,3 +300,14 @@ def test_a_preflight_error_names_the_input_that_set_its_key(tmp_path, capsys, no
 def test_a_device_error_names_the_input_that_set_the_device(tmp_path, capsys, no_work):
     err = refused([*RANK, "--set", "train.device=cuda"], tmp_path / "out", capsys, no_work)
     assert err.startswith("config error: --set train.device=cuda: train.device is cuda, but torch")
+
+
+def test_a_cache_that_cannot_be_written(tmp_path, capsys, monkeypatch, no_work):
+    """Found before any work, named by its variable, not at the first token array as a bare FileNotFoundError."""
+    (tmp_path / "a-file").write_text("mine")
+    monkeypatch.setenv("SLM_LORA_CACHE", str(tmp_path / "a-file" / "cache"))
+    err = refused(RANK, tmp_path / "out", capsys, no_work)
+    assert err == (
+        f"config error: $SLM_LORA_CACHE {tmp_path / 'a-file' / 'cache'}: {tmp_path / 'a-file'} is a file, so no "
+        "folder can be made under it."
+    )

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from data import load_corpus, load_tokenizer
+from data.cache import ENV_VAR as CACHE_ENV_VAR
+from data.cache import cache_root
 from data.tokenizer import tokenizer_files
 from experiments.base.pretrain import base_gpt_config, is_gguf, pretrain_split
 from experiments.config.config import Config
@@ -40,6 +42,7 @@ def preflight(specs: Sequence[RunSpec], out_dir: Path, given: Mapping[str, str] 
     its key where one did (`given`: key -> "--set train.device=cuda"), else the run; return notes worth printing
     with the plan (a step size that differs from train.batch_tokens)."""
     check_out_dir(out_dir, [s.run_dir(out_dir).parent for s in specs])
+    check_cache_dir()
     bases: dict[str, tuple[GPTConfig, str]] = {}
     checked: set[str] = set()
     notes: list[str] = []
@@ -70,17 +73,12 @@ def check_out_dir(out_dir: Path, run_folders: Sequence[Path] = ()) -> None:
     Writing is tried, not read off permission bits: root ignores those, yet an immutable (chattr +i) folder or a
     read-only mount refuses even root."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder. Give a folder (it is created if missing).")
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made under it.")
-    _check_writable(out, existing)
+    _check_folder(f"--out {out}", out)
     for folder in (*dict.fromkeys(run_folders), out / PLOTS_DIR):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"--out {out}: {folder} is a file where the sweep writes a folder; move it away.")
         if folder.is_dir():
-            _check_writable(out, folder)
+            _check_writable(f"--out {out}", folder)
     for name in (RESULTS_JSONL, RESULTS_CSV, RESULTS_LOCK, REPORT_FILE):
         f = out / name
         if f.exists() and not f.is_file():
@@ -92,13 +90,31 @@ def check_out_dir(out_dir: Path, run_folders: Sequence[Path] = ()) -> None:
             raise ConfigError(f"--out {out}: cannot write {f} ({e.strerror}). Make it writable.") from None
 
 
-def _check_writable(out: Path, folder: Path) -> None:
+def check_cache_dir() -> None:
+    """The cache (tokenizers, token arrays, the built-in base) must be a folder, or creatable as one, that this
+    process can write in: found now, not at the first token array."""
+    root = cache_root()
+    label = f"${CACHE_ENV_VAR} {root}" if os.environ.get(CACHE_ENV_VAR) else f"the cache {root} (${CACHE_ENV_VAR})"
+    _check_folder(label, root)
+
+
+def _check_folder(label: str, folder: Path) -> None:
+    """`folder` (named `label` in messages) must be a folder, or creatable as one, that this process can write in."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{label} is a file, not a folder. Give a folder (it is created if missing).")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{label}: {existing} is a file, so no folder can be made under it.")
+    _check_writable(label, existing)
+
+
+def _check_writable(label: str, folder: Path) -> None:
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ConfigError(
-            f"--out {out}: cannot write in {folder} ({e.strerror}). Give a folder you can write to."
+            f"{label}: cannot write in {folder} ({e.strerror}). Give a folder you can write to."
         ) from None
 
 
