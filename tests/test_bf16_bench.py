@@ -1,0 +1,79 @@
+"""The bf16 benchmarks: bench.train.bf16_step builds each precision variant as the lab runs it, and
+bench.train.precision_study pairs its variants' runs by (value, seed) through the report's own paired test."""
+
+import pytest
+import torch
+
+from bench.train import bf16_step, precision_study
+from experiments.report.stats import paired
+from lora import LoRALinear
+from model import GPTConfig
+
+TINY = GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, 97, (2, 17), generator=g)
+    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
+@pytest.mark.parametrize("variant", bf16_step.VARIANTS)
+def test_each_variant_is_the_lab_step_it_names(variant):
+    model, step = bf16_step.build(variant, TINY, ["q_proj", "v_proj"], _batch())
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dim() == 2}
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert lora and all(m.fused == (variant != "bf16-two-matmul") for m in lora)
+    # float32 frozen weights except where keep_frozen_in ran (the tied embedding/head stays float32 always)
+    assert frozen == ({torch.float32, torch.bfloat16} if variant in ("bf16", "bf16-two-matmul") else {torch.float32})
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    loss = step()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # AdamW moved the adapters
+    assert all(p.grad is None for p in after)  # zero_grad(set_to_none) as the loop does
+
+
+def test_counted_flops_see_the_step_s_gemms():
+    """FlopCounterMode counts at least the 2x-forward GEMMs of the frozen linears and the head."""
+    _, step = bf16_step.build("bf16", TINY, ["q_proj", "v_proj"], _batch())
+    tokens, d, f, v = 2 * 16, 32, 64, 97
+    linear_fwd = 2 * tokens * (TINY.n_layer * (4 * d * d + 2 * d * f) + v * d)
+    assert bf16_step.counted_flops(step) >= 2 * linear_fwd
+
+
+def _row(variant: str, value: int, seed: int, ppl: float, t: float) -> dict:
+    return {"variant": variant, "value": value, "seed": seed, "status": "ok", "val_ppl": ppl, "train_time_s": t}
+
+
+def test_study_summary_pairs_by_value_and_seed():
+    a = {(4, 0): 10.0, (4, 1): 11.0, (4, 2): 10.5, (8, 0): 9.0, (8, 1): 9.4, (8, 2): 9.1}
+    b = {(4, 0): 10.3, (4, 1): 11.1, (4, 2): 10.4, (8, 0): 9.5, (8, 1): 9.6, (8, 2): 9.2}
+    rows = [_row("float32", v, s, ppl, 2.0) for (v, s), ppl in a.items()]
+    rows += [_row("bf16-fused", v, s, ppl, 1.0) for (v, s), ppl in b.items()]
+    rows.append({**_row("bf16-fused", 16, 0, 1.0, 1.0), "status": "failed"})  # no pair: left out
+    out = precision_study.summarize(rows, ["float32", "bf16-fused"])
+    s = out["bf16-fused - float32"]
+    keys = sorted(a)
+    want = paired([b[k] for k in keys], [a[k] for k in keys])
+    assert s["val_ppl_pooled"]["diff"] == pytest.approx(want.diff) and s["val_ppl_pooled"]["half"] == pytest.approx(
+        want.half
+    )
+    want4 = paired([b[4, s] for s in range(3)], [a[4, s] for s in range(3)])
+    assert s["val_ppl_per_value"]["4"]["diff"] == pytest.approx(want4.diff)
+    assert s["train_time_ratio_median"] == 0.5
+
+
+def test_the_study_restores_the_fused_switch(monkeypatch, tiny_config, tmp_path):
+    seen = []
+
+    def fail(cfg, run_dir, progress):
+        seen.append((cfg.train.dtype, LoRALinear.fused))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(precision_study, "train_run", fail)
+    for variant in ("bf16-two-matmul", "float32"):
+        with pytest.raises(RuntimeError):
+            precision_study.run_variant(tiny_config(tmp_path), variant, tmp_path / variant)
+        assert LoRALinear.fused is True
+    assert seen == [("bfloat16", False), ("float32", True)]
