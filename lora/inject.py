@@ -97,7 +97,7 @@ def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
             found = [m for m in TARGET_TABLE[name][1] if has(m)]
         if not found:
             unmatched.append(name)
-        resolved += [f for f in found if f not in resolved]
+        resolved += [f for f in dict.fromkeys(found) if f not in resolved]
     if unmatched:
         raise ValueError(
             f"target_modules={names!r}: {', '.join(map(repr, unmatched))} matched no module"
