@@ -78,6 +78,8 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     name = str(name_or_path)
     if name in NAMED_BASES:
         return named_base_file(name)
+    if path.suffix == ".gguf":  # a mistyped file path, never a Hub name (org/model.gguf is a valid repo id)
+        raise FileNotFoundError(f"{name!r}: no such GGUF file.")
     if path.exists() or not _is_model_name(name):
         raise FileNotFoundError(
             f"{name!r}: no such folder, nor a Hugging Face model name like facebook/opt-125m, nor a .gguf file or a "

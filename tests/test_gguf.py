@@ -149,6 +149,16 @@ def test_missing_file(tmp_path):
         read_gguf(tmp_path / "absent.gguf")
 
 
+@pytest.mark.parametrize("text", ["missing.gguf", "models/missing.gguf"])
+def test_a_mistyped_gguf_path_is_not_asked_of_the_hub(tmp_path, monkeypatch, text):
+    """`models/missing.gguf` is shaped like a Hub repo id; a .gguf name is taken as a file path all the same."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_checkpoint(text)
+    assert not isinstance(err.value, CheckpointNotFoundError)
+    assert str(err.value) == f"{text!r}: no such GGUF file."
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
