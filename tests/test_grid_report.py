@@ -4,6 +4,7 @@ Pareto front and the choice under a budget; one-key studies get nothing new."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import statistics
 from pathlib import Path
@@ -46,6 +47,7 @@ def grid_dir(tmp_path_factory) -> Path:
     return out
 
 
+@functools.cache
 def y(rank: int, modules: str, seed: int) -> float:
     """The planted val ppl of a cell at a seed, straight from the fake runner's formula."""
     cfg = with_values(load_config(), [("lora.rank", rank, "t"), ("lora.target_modules", modules, "t")])
@@ -175,3 +177,23 @@ def test_context_verdict_never_hides_a_significant_effect_the_other_way(tmp_path
     steady = {256: [110.0, 111.0, 112.5], 512: [100.0, 101.2, 102.0], 1024: [95.0, 96.1, 97.3]}
     check = _ppl_check(_context_study(steady))
     assert check.verdict is Verdict.HELD and "significantly worse" not in check.observed
+
+
+@pytest.mark.slow
+def test_notebook_shows_a_grid_and_the_choice_under_a_budget(grid_dir, monkeypatch):
+    """The analysis notebook, headless, on the grid folder: its grid section shows the two-way table, the words and
+    the heatmap, and a budget set in the cell picks the best cell within it."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SLM_LORA_RESULTS", str(grid_dir))
+    path = REPO / "notebooks" / "ablation_analysis.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "BUDGET = Budget(" in c.source]
+    cell.source = cell.source.replace("max_trainable_params=None", "max_trainable_params=10_000")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs)
+    assert "| rank \\ modules | q,v | attention | attention,mlp |" in shown
+    assert "rank matters with q,v but not with attention, attention,mlp" in shown
+    assert "**Under the budget** (≤ 10,000 trainable parameters): rank 4 × attention,mlp" in shown
+    assert sum("image/png" in o.get("data", {}) for o in cell.outputs) == 1  # the heatmaps of the one key pair
