@@ -415,9 +415,20 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
             rows, specs = run_halving(specs, out_dir, executor, progress=progress)  # a plain sweep without halving
     if not is_main:
         return 0
-    from experiments.report.markdown import write_report
+    from experiments.report.markdown import unwritable, write_report
 
-    print(write_report(out_dir, ablations={(s.ablation, s.study_hash) for s in specs}, budget=budget_from_args(args)))
+    try:  # every row is saved by now: a report that cannot be written costs one line, not the sweep's work
+        shown = {(s.ablation, s.study_hash) for s in specs}
+        print(write_report(out_dir, ablations=shown, budget=budget_from_args(args)))
+    except ResultsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+        saved = out_dir / RESULTS_JSONL
+        print(f"error: {unwritable(out_dir, e)} The runs' rows are saved in {saved}.", file=sys.stderr)
+        return 2
     return _exit_code(specs, rows, out_dir)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from row_helpers import a_row
 
 from data.cache import atomic_write, write_json_atomic
 from experiments import run
@@ -77,7 +78,7 @@ def test_files_respect_the_umask(tmp_path, umask, mode):
     try:
         atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
         write_json_atomic(tmp_path / "b.json", {"x": 1})
-        results.append_row(tmp_path / "out", {"ablation": "a", "config_hash": "h"})
+        results.append_row(tmp_path / "out", a_row())
     finally:
         os.umask(old)
     for f in (

@@ -4,49 +4,18 @@ README's column table all come from, and the reader's and writer's refusals of w
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from row_helpers import a_row
 
-from experiments.config.config import load_config
 from experiments.finetune.row import COLUMNS, RESULT_KEYS, ROW_IDENTITY, SCHEMA, row_problems
 from experiments.report.columns import BEGIN, END, column_table
-from experiments.run import DEFAULT_STUDY
-from experiments.sweep.plan import plan_runs
-from experiments.sweep.results import (
-    RESULTS_CSV,
-    RESULTS_JSONL,
-    ResultsFileError,
-    append_row,
-    make_row,
-    numbered_rows,
-    read_rows,
-)
+from experiments.sweep.results import RESULTS_CSV, RESULTS_JSONL, ResultsFileError, append_row, numbered_rows, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = [REPO / "docs" / "default_study", REPO / "docs" / "lr_grid_study"]
-
-
-def a_row(**over) -> dict:
-    """A row as the sweep writes it, for the rank-4 run of the default study, with a finished run's numbers."""
-    spec = plan_runs(load_config(DEFAULT_STUDY[0]), name="abl_lora_rank", values=[4])[0]
-    who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    result = {
-        **dict.fromkeys(RESULT_KEYS),
-        "status": "ok",
-        "val_loss": 2.5,
-        "val_ppl": 12.18,
-        "train_tokens": 4096,
-        "steps": 4,
-        "train_time_s": 1.5,
-        "peak_rss_bytes": 3 << 28,
-        "trainable_params": 8192,
-        "device": "cpu (test, 2 threads)",
-        "world_size": 1,
-    }
-    return {**make_row(**who, result=result, run_dir="runs/x"), **over}
 
 
 def test_readme_column_table_is_the_one_generated_from_the_row():
