@@ -29,6 +29,9 @@ from experiments.sweep.grid import SEP, is_grid, split_key, split_value
 from experiments.sweep.halving import read_record, rung_name
 from experiments.sweep.results import value_label
 
+BUDGET_RATIO = 1.25  # Table 5's comparison: cells whose trainable parameters are within this factor of each other
+
+
 # ----------------------------------------------------------------------------- budget
 
 
@@ -415,9 +418,6 @@ def _biderman(g: Grid, r: int, m: int, done: dict[tuple[Any, ...], Value], width
         f"{g.name(r, best_out[r])} with {g.name(m, best_out[m])}; difference {_d(d)}"
     )
     return _check(exp, obs, [d])
-
-
-BUDGET_RATIO = 1.25  # Table 5's comparison: cells whose trainable parameters are within this factor of each other
 
 
 # ----------------------------------------------------------------------------- halving, choice, the whole section

@@ -138,7 +138,7 @@ def check_not_swept(cfg: Config, items: list[tuple[str, Any, str]]) -> None:
         return
     swept = {resolve_key(str(k)) for k in cfg.ablation.grid}
     for key, _, source in items:
-        if key != "ablation.grid" and resolve_key(key, source) in swept:
+        if resolve_key(key, source) in swept:
             raise ConfigError(
                 f"{source}: {resolve_key(key)} is a key this grid sweeps, so every cell would overwrite it; give its "
                 f"values with --grid {resolve_key(key)}=V1,V2,... instead."
