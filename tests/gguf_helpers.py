@@ -82,6 +82,25 @@ def hf_model(arch: str, vocab_size: int, tie: bool = True, seed: int = 0, **over
     return model
 
 
+# The K-quants, which the gguf package reads but cannot write: where each block keeps its float16 scale `d` (and
+# `dmin`), in bytes. Their blocks are written as random bytes with those scales set (random_k_blocks).
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
+
+
+def random_k_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """(rows, bytes) of `qtype` blocks: random quants and sub-scales, float16 scales 0.01 (dmin 0.005), so every
+    value dequantizes to a small finite number."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    d_at, dmin_at = K_QUANT_SCALES[qtype]
+    data[..., d_at : d_at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if dmin_at is not None:
+        data[..., dmin_at : dmin_at + 2] = np.frombuffer(np.float16(0.005).tobytes(), np.uint8)
+    return data.reshape(rows, -1)
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers' halves -> interleaved pairs)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -98,10 +117,10 @@ def write_gguf(
     architecture: str | None = None,
     tokenizer_model: str = "gpt2",
 ) -> Path:
-    """`model` (transformers Llama / Qwen2) and `tok` as a GGUF: 2-D weights quantized to `qtype`, norms and biases
-    F32, q/k rows permuted for llama; `drop_keys` leaves metadata keys out, `extra_tensors` adds {name: (array,
-    type)}, `architecture` and `tokenizer_model` override general.architecture and tokenizer.ggml.model (for the
-    bad-input tests)."""
+    """`model` (transformers Llama / Qwen2) and `tok` as a GGUF: 2-D weights quantized to `qtype` (a K-quant: random
+    blocks, see random_k_blocks), norms and biases F32, q/k rows permuted for llama; `drop_keys` leaves metadata keys
+    out, `extra_tensors` adds {name: (array, type)}, `architecture` and `tokenizer_model` override
+    general.architecture and tokenizer.ggml.model (for the bad-input tests)."""
     import gguf
 
     cfg = model.config
@@ -142,7 +161,11 @@ def write_gguf(
             w = _permute(w, cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads)
         if w.ndim == 2:
             kind = gguf.GGMLQuantizationType[qtype]
-            writer.add_tensor(gname, gguf.quants.quantize(w, kind), raw_dtype=kind)
+            if qtype in K_QUANT_SCALES:  # not the model's weights: the file is compared with transformers' reading
+                data = random_k_blocks(*w.shape, qtype, np.random.default_rng(len(gname)))
+            else:
+                data = gguf.quants.quantize(w, kind)
+            writer.add_tensor(gname, data, raw_dtype=kind)
         else:
             writer.add_tensor(gname, w)
     for name, (array, kind) in (extra_tensors or {}).items():
