@@ -90,6 +90,13 @@ def build(variant: str, cfg: GPTConfig, targets: list[str] | str, batch: tuple[t
     return model, step
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD / matrix flags that bear on bf16 (Linux /proc/cpuinfo; empty elsewhere), for the results file."""
+    info = Path("/proc/cpuinfo")
+    line = next((x for x in info.read_text().splitlines() if x.startswith("flags")), "") if info.is_file() else ""
+    return sorted(f for f in line.partition(":")[2].split() if f.startswith(("avx512", "amx", "avx2", "fma")))
+
+
 def counted_flops(step: Callable[[], torch.Tensor]) -> int:
     """FLOPs of the matmuls one step executes (torch's FlopCounterMode: GEMMs, SDPA; the LoRA merge and the head's
     two GEMMs in GPT.loss included), the same for every variant up to the LoRA path's few thin GEMMs."""
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "bench.train.bf16_step",
         "device": device,
         "cpu_bf16_units": cpu_bf16_units(),
+        "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "matmul_peak": peak,

@@ -42,7 +42,11 @@ VARIANTS = {  # name -> (train.dtype, fused LoRA path)
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """This script's options, and the rest: flags for `python -m experiments.run` (--lora_rank 16, --set K=V)."""
     p = argparse.ArgumentParser(prog="python -m bench.train.precision_study", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="experiments/configs/abl_lora_rank.yaml", help="the lab study to run")
+    p.add_argument(
+        "--config",
+        default="experiments/configs/abl_lora_rank.yaml",
+        help="the lab study to run; 'default': the lab's default study (every ablation of `python -m experiments.run`)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="the lab's --quick scale: a smoke run, not a finding")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -93,16 +97,22 @@ def summarize(rows: list[dict], variants: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args, lab_flags = parse_args(argv)
-    lab = ["--config", args.config, "--seeds", str(args.seeds), *(["--quick"] if args.quick else []), *lab_flags]
+    study = [] if args.config == "default" else ["--config", args.config]
+    lab = [*study, "--seeds", str(args.seeds), *(["--quick"] if args.quick else []), *lab_flags]
     specs = resolve_runs(build_parser().parse_args(lab))
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
     print(f"{device_name(device)}; bf16 units: {cpu_bf16_units()}; {len(specs)} runs x {len(args.variants)} variants")
     rows = []
     t0 = time.perf_counter()
+    done: dict[tuple[str, str], dict] = {}  # a baseline shared by several ablations of a study runs once
     for spec in specs:
         for variant in args.variants:
-            r = run_variant(spec.cfg, variant, args.work / variant / spec.config_hash)
-            rows.append({"variant": variant, "value": spec.value, "seed": spec.seed, **r})
+            key = (spec.config_hash, variant)
+            if key not in done:
+                done[key] = run_variant(spec.cfg, variant, args.work / variant / spec.config_hash)
+            r = done[key]
+            value = f"{spec.ablation}={spec.value}"
+            rows.append({**r, "variant": variant, "value": value, "seed": spec.seed})
             print(
                 f"{spec.name:28s} {variant:16s} {r['status']:8s} val ppl {r['val_ppl'] or float('nan'):9.3f} "
                 f"train {r['train_time_s'] or float('nan'):7.1f} s  [{time.perf_counter() - t0:6.0f} s]",
