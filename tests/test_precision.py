@@ -59,13 +59,8 @@ def test_an_explicit_dtype_is_never_overridden(monkeypatch, units):
 def test_the_flag_reader_agrees_with_proc_cpuinfo():
     """On Linux/x86 the kernel's flag list says the same as torch's cpuinfo (what cpu_bf16_units reads)."""
     info = Path("/proc/cpuinfo")
-    flags = (
-        next(
-            (line.split(":", 1)[1].split() for line in info.read_text().splitlines() if line.startswith("flags")), None
-        )
-        if info.is_file()
-        else None
-    )
+    lines = info.read_text().splitlines() if info.is_file() else []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
     if flags is None:
         pytest.skip("no x86 flag list in /proc/cpuinfo on this OS/architecture")
     units = cpu_bf16_units()
