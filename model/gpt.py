@@ -65,7 +65,7 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.pre_norm = config.pre_norm
+        self.pre_norm, self.gated = config.pre_norm, config.gated
         self.attn_norm = _norm(config, config.d_model)
         self.self_attn = CausalSelfAttention(config, layer_idx)
         self.mlp_norm = _norm(config, config.d_model)
@@ -79,7 +79,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x) if hasattr(self, "mlp") else self.fc2(self.act(self.fc1(x)))
+        return self.mlp(x) if self.gated else self.fc2(self.act(self.fc1(x)))
 
     def forward(self, x, rope=None, attn_mask=None, cache=None):
         if self.pre_norm:
@@ -106,19 +106,7 @@ class GPT(nn.Module):
         kind = config.position_embedding
         if kind == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings + config.position_offset, d)
-        # Tables are derived, not learned: non-persistent buffers follow .to() but stay out of state_dict.
-        empty = torch.empty(0)
-        if kind == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(config.max_position_embeddings, d), persistent=False)
-        if kind == "rope":
-            cos, sin = rope_tables(
-                config.max_position_embeddings, config.rotary_dim, config.rope_base, config.rope_scaling
-            )
-            self.register_buffer("rope_cos", cos, persistent=False)  # (P, rot)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        if kind == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)  # (H,)
-            self.register_buffer("alibi", empty, persistent=False)  # (H, P, P), built on first use
+        self.register_tables()
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = _norm(config, d) if config.final_norm else None
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
@@ -126,6 +114,22 @@ class GPT(nn.Module):
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def register_tables(self) -> None:
+        """(Re)build the position tables on the current default device: derived, not learned, they are
+        non-persistent buffers that follow .to() but stay out of state_dict (a model built on the meta device
+        calls this again once its weights are real)."""
+        cfg, kind = self.config, self.config.position_embedding
+        if kind == "sinusoidal":
+            table = sinusoidal_table(cfg.max_position_embeddings, cfg.d_model)
+            self.register_buffer("sinusoidal", table, persistent=False)
+        if kind == "rope":
+            cos, sin = rope_tables(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_base, cfg.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (P, rot)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if kind == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)  # (H,)
+            self.register_buffer("alibi", torch.empty(0), persistent=False)  # (H, P, P), built on first use
 
     def _init_weights(self) -> None:
         """GPT-2 / nanoGPT: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 n_layer) so the

@@ -59,10 +59,11 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
 
 
 def from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], source: str) -> GPT:
-    """A GPT (eval mode, float32 unless the tensors say otherwise) from a config dict in transformers' config.json
-    format and tensors under transformers' names (`model.layers.0.self_attn.q_proj.weight`), e.g. read from a
-    folder or a GGUF file. `source` names where they came from in every error. Checks the config and every
-    tensor's name and shape before loading; sets `hf_module_prefix`, not `tokenizer_path`."""
+    """A float32 GPT in eval mode from a config dict in transformers' config.json format and tensors under
+    transformers' names (`model.layers.0.self_attn.q_proj.weight`), e.g. read from a folder or a GGUF file.
+    `source` names where they came from in every error. Checks the config and every tensor's name and shape
+    before loading; sets `hf_module_prefix`, not `tokenizer_path`. The model takes float32 tensors over as its
+    parameters (no copy), so pass tensors nothing else will change."""
     model_type, config = config_from_hf(hf_config, source)
     if model_type == "opt":
         mapped = _opt_tensors(tensors)
@@ -72,7 +73,9 @@ def from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], source: str) -> G
         mapped = _llama_tensors(tensors)
     else:
         mapped = dict(tensors)
-    model = GPT(config)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        model = GPT(config)
+    model.register_tables()
     _load_checked(model, mapped, source=source)
     model.hf_module_prefix = _HF_MODULE_PREFIX.get(model_type, "")  # GPT-2's leaf names differ anyway
     return model.eval()
@@ -191,10 +194,12 @@ def _load_checked(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {k} has shape {tuple(tensors[k].shape)} in the checkpoint but "
                 f"{tuple(expected[k].shape)} in the model built from config.json"
             )
-    state = {k: tensors[k] for k in needed}
+    state = {k: tensors[k].to(torch.float32) for k in needed}
     if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:  # assign made two Parameters of the one tensor: one Parameter again, as GPT.__init__ ties them
+        model.lm_head.weight = model.embed_tokens.weight
 
 
 # ---------------------------------------------------------------------- OPT
