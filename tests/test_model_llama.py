@@ -18,7 +18,7 @@ from test_model_hub import hf_cache  # noqa: F401 (a fixture: an offline Hugging
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from data import load_tokenizer
-from model import GPT, GPTConfig, from_pretrained
+from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from model.attention import KVCache
 from model.positions import rope_inv_freq
 from model.pretrained import config_from_hf, from_hf, read_config
@@ -254,6 +254,17 @@ def test_org_name_through_the_hugging_face_cache(tmp_path, hf_cache):  # noqa: F
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1.5e-5)
+
+
+def test_save_pretrained_round_trip_of_a_llama_style_model(tmp_path):
+    """Our own format (slm-gpt config.json) keeps every new option: rope scaling, head_dim, GQA, biases, tying."""
+    _, ours = saved("llama3-mqa-head_dim", tmp_path / "hf")
+    save_pretrained(ours, tmp_path / "ours")
+    again = from_pretrained(tmp_path / "ours")
+    assert again.config == ours.config and again.config.rope_scaling == LLAMA3
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
 
 
 def test_from_hf_takes_a_config_dict_and_transformers_names():
