@@ -25,7 +25,8 @@ def test_each_variant_is_the_lab_step_it_names(variant):
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert lora and all(m.fused == (variant != "bf16-two-matmul") for m in lora)
     # float32 frozen weights except where keep_frozen_in ran (the tied embedding/head stays float32 always)
-    assert frozen == ({torch.float32, torch.bfloat16} if variant in ("bf16", "bf16-two-matmul") else {torch.float32})
+    kept = variant in ("bf16", "bf16-two-matmul", "bf16-compiled")
+    assert frozen == ({torch.float32, torch.bfloat16} if kept else {torch.float32})
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     loss = step()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

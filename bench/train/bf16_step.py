@@ -9,6 +9,8 @@ AdamW (foreach) over A/B, zero_grad. Variants, all in one process on one batch, 
 - bf16: bf16 autocast with the frozen linears kept in bf16 (training.precision.keep_frozen_in; what `auto` runs on
   a CPU with bf16 units), fused LoRA path.
 - bf16-two-matmul: as bf16, with the two-matmul LoRA path (LoRALinear.fused = False).
+- bf16-compiled: as bf16, with forward + loss under torch.compile (train.compile: true); its first step, the
+  compilation, is timed on its own (`first_step_s`) against the run's length.
 
 Prints ms/step, the ratio to fp32, tokens/s and MFU against the measured bf16 GEMM rate (bench.train.measure), and
 with --profile the top ops of the bf16 step (torch.profiler, self CPU time). Shapes: `cpu` (the bench.train CPU
@@ -61,7 +63,7 @@ SHAPES = {  # name -> (GPTConfig, batch, seq)
         512,
     ),
 }
-VARIANTS = ("fp32", "bf16-recast", "bf16", "bf16-two-matmul")
+VARIANTS = ("fp32", "bf16-recast", "bf16", "bf16-two-matmul", "bf16-compiled")
 
 
 def build(variant: str, cfg: GPTConfig, targets: list[str] | str, batch: tuple[torch.Tensor, torch.Tensor]):
@@ -70,7 +72,7 @@ def build(variant: str, cfg: GPTConfig, targets: list[str] | str, batch: tuple[t
     model = GPT(cfg).train()
     inject_lora(model, LoRAConfig(rank=16, alpha=32.0, target_modules=targets))
     amp = None if variant == "fp32" else torch.bfloat16
-    if variant in ("bf16", "bf16-two-matmul"):
+    if variant in ("bf16", "bf16-two-matmul", "bf16-compiled"):
         keep_frozen_in(model, amp)
     for m in model.modules():
         if isinstance(m, LoRALinear):
@@ -78,10 +80,11 @@ def build(variant: str, cfg: GPTConfig, targets: list[str] | str, batch: tuple[t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     x, y = batch
+    loss_fn = torch.compile(model.loss) if variant == "bf16-compiled" else model.loss  # as train.compile: true
 
     def step() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
-            loss = model.loss(x, y)
+            loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         tok = torch.randint(0, cfg.vocab_size, (b, t + 1), generator=g)
         batch = (tok[:, :-1].contiguous(), tok[:, 1:].contiguous())
         built = {v: build(v, cfg, targets, batch) for v in args.variants}
+        first = {v: time_steps(s, 1, torch.device("cpu"))[0][0] for v, (_, s) in built.items()}  # compile included
         medians = interleaved({v: s for v, (_, s) in built.items()}, args.steps, args.rounds, args.warmup)
         flops = counted_flops(built[args.variants[0]][1])
         ref = medians.get("fp32")
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         for v, s in medians.items():
             row = {
                 "variant": v,
+                "first_step_s": first[v],
                 "median_s": s,
                 "tokens_per_s": b * t / s,
                 "mfu_vs_bf16_peak": flops / s / peak["flops_per_s"],
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(
                 f"  {v:16s} {s * 1e3:8.1f} ms/step  {row['tokens_per_s']:8.0f} tok/s"
-                f"  MFU {row['mfu_vs_bf16_peak']:5.1%}" + (f"  {row['speedup_vs_fp32']:.2f}x fp32" if ref else "")
+                f"  MFU {row['mfu_vs_bf16_peak']:5.1%}"
+                + (f"  {row['speedup_vs_fp32']:.2f}x fp32" if ref else "")
+                + f"  (first step {first[v]:.1f} s)"
             )
         if args.profile and "bf16" in built:
             table = profile_steps(built["bf16"][1], 3, torch.device("cpu"), 20)
