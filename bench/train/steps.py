@@ -6,9 +6,10 @@ so they compute the same function; the LoRA A matrices of ours are copied from P
 two also train the same (B is zero on both at step 0). One step = forward, loss, backward, AdamW
 over the trainable parameters, zero_grad; it returns the loss as a tensor (no host sync).
 
-Precision "bf16" (GPU): autocast to bf16 on both sides. LoRA keeps its frozen base weights in bf16
-and its adapters in fp32 (PEFT's default `autocast_adapter_dtype=True` does the same); full
-fine-tuning keeps fp32 master weights. "fp32": no autocast.
+Precision "bf16": autocast to bf16 on both sides. LoRA keeps its adapters in fp32 on both sides (PEFT's default
+`autocast_adapter_dtype=True`); the frozen base is transformers' whole model in bf16 on the peer's side, and on
+ours what the lab trains (training.precision.keep_frozen_in: the frozen linears in bf16; embeddings, norms and the
+residual stream fp32); full fine-tuning keeps fp32 master weights. "fp32": no autocast.
 """
 
 from __future__ import annotations
@@ -235,17 +236,18 @@ def _build_peer(spec: Spec, folder: str, device: torch.device, precision: str, x
 def _build_ours(spec: Spec, folder: str, device: torch.device, precision: str, x, y):
     from lora import LoRAConfig, inject_lora
     from model import from_pretrained
+    from training.precision import keep_frozen_in
 
     if spec.lora_impl not in ("fused", "plain"):
         raise ValueError(f"lora_impl must be 'fused' or 'plain', got {spec.lora_impl!r}")
-    base_dtype = torch.bfloat16 if precision == "bf16" and spec.mode == "lora" else torch.float32
-    model = from_pretrained(folder).to(device, base_dtype)
+    model = from_pretrained(folder).to(device)
     model.gradient_checkpointing = spec.checkpointing
     wrapped: list[str] = []
-    if spec.mode == "lora":  # adapters come out fp32 over a bf16 base (LoRALinear's masters)
+    if spec.mode == "lora":  # adapters fp32 (LoRALinear's masters); bf16: frozen linears in bf16, as the lab runs
         wrapped = inject_lora(
             model, LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=0.0, target_modules=list(spec.targets))
         )
+        keep_frozen_in(model, torch.bfloat16 if precision == "bf16" else None)
         for name in wrapped:
             model.get_submodule(name).fused = spec.lora_impl == "fused"
 
