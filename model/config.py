@@ -42,7 +42,9 @@ class GPTConfig:
     # self_attn.o_proj. "standard": fc2(act(fc1(x))) and self_attn.out_proj, as OPT names them.
     mlp: str = "standard"
     n_kv_head: int | None = None  # grouped-query attention: key/value heads, each shared by n_head / n_kv_head queries
-    head_dim: int | None = None  # width of one head; None -> d_model // n_head (resolved when the config is built)
+    # width of one head; None -> d_model // n_head, resolved when the config is built (so dataclasses.replace of
+    # d_model or n_head keeps the old width: pass head_dim=None along)
+    head_dim: int | None = None
     attn_bias: bool | None = None  # biases of q/k/v_proj (Qwen2: True with bias=False); None -> `bias`
     o_bias: bool | None = None  # bias of the attention output projection; None -> `bias`
     mlp_bias: bool | None = None  # biases of the MLP's Linears; None -> `bias`
@@ -129,7 +131,7 @@ class GPTConfig:
                 f"missing {missing}, unknown {unknown}"
             )
         bad = [k for k in LLAMA3_KEYS if isinstance(scaling[k], bool) or not isinstance(scaling[k], (int, float))]
-        if bad or scaling["factor"] <= 0 or scaling["original_max_position_embeddings"] <= 0:
+        if bad or any(scaling[k] <= 0 for k in LLAMA3_KEYS):
             raise ValueError(f"llama3 rope_scaling values must be positive numbers, got {scaling}")
         if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
             raise ValueError(

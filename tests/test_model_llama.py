@@ -356,6 +356,7 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path, case, change, messa
         (dict(position_embedding="alibi", rope_scaling=LLAMA3), "rope_scaling applies to rope positions, not 'alibi'"),
         (dict(rope_scaling={**LLAMA3, "low_freq_factor": 4.0}), "needs high_freq_factor > low_freq_factor, got 4.0"),
         (dict(rope_scaling={**LLAMA3, "factor": "8"}), "llama3 rope_scaling values must be positive numbers"),
+        (dict(rope_scaling={**LLAMA3, "low_freq_factor": 0}), "llama3 rope_scaling values must be positive numbers"),
     ],
 )
 def test_config_options_are_checked(options, message):
