@@ -184,3 +184,24 @@ def test_float64_model_under_autocast_is_unchanged(position_embedding):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             under = model(ids)
     assert under.dtype == torch.float64 and torch.equal(under, plain)
+
+
+# ---- one source for a layer's defaults ---------------------------------------------------------------------------
+
+
+def test_lora_linear_takes_its_defaults_from_lora_config():
+    default = LoRAConfig()
+    layer = lora.LoRALinear(torch.nn.Linear(6, 5))
+    assert (layer.rank, layer.alpha, layer.use_rslora, layer.init) == (
+        default.rank,
+        default.alpha,
+        default.use_rslora,
+        default.init,
+    )
+    assert layer.scaling == default.scaling and isinstance(layer.dropout, torch.nn.Identity)
+    tuned = lora.LoRALinear(torch.nn.Linear(6, 5), LoRAConfig(rank=3, alpha=9.0, use_rslora=True), rank=4)
+    assert (tuned.rank, tuned.alpha, tuned.scaling) == (4, 9.0, 9.0 / 2.0)  # the option overrides the config
+    with pytest.raises(TypeError, match=r"unknown options \['target_modules'\]; it takes rank, alpha, dropout"):
+        lora.LoRALinear(torch.nn.Linear(6, 5), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="rank must be > 0, got 0"):
+        lora.LoRALinear(torch.nn.Linear(6, 5), rank=0)
