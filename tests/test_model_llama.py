@@ -34,6 +34,7 @@ COMMON = dict(
     vocab_size=VOCAB,
     max_position_embeddings=64,
 )
+COMMON_GPT = dict(vocab_size=VOCAB, n_layer=2, n_head=4, d_model=32, d_ff=48, max_position_embeddings=64)
 # llama3 scaling with wavelengths in all three bands at head_dim 24 (theta 1e4: 6.3, 13.6, 29, 63, ...): below
 # original/high_freq_factor = 8 (kept), between 8 and 32 (interpolated), above 32 (divided by factor).
 LLAMA3 = {
@@ -376,3 +377,18 @@ def test_max_seq_len_is_the_table_size_of_table_positions_only():
     assert [
         GPTConfig(position_embedding=k).max_seq_len for k in ("learned", "sinusoidal", "rope", "alibi", "none")
     ] == [512, 512, None, None, None]
+
+
+def test_no_graph_breaks_under_dynamo_with_lora():
+    """A Llama-style model with everything on (GQA, biases, llama3 scaling, a sliding window) and LoRA on every
+    projection traces as one graph, loss included (the lab's train.compile)."""
+    from lora import LoRAConfig, inject_lora
+
+    options = dict(norm="rmsnorm", mlp="gated", activation="silu", bias=False, attn_bias=True, n_kv_head=2)
+    model = GPT(GPTConfig(**COMMON_GPT, **options, sliding_window=8, rope_scaling=LLAMA3))
+    inject_lora(model, LoRAConfig(rank=2, target_modules=["attention", "mlp"]))
+    x = tokens(T=12)
+    model.loss(x, x)  # tables already built: the common path
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda a, b: model.loss(a, b))(x, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
