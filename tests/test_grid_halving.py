@@ -86,7 +86,11 @@ def test_report_says_what_halving_stopped_saved_and_whether_its_pick_is_the_full
     assert "### Successive halving" in text and "stopped at rung 1" in text and "stopped at rung 2" in text
     assert "| 1 | 73,728 | rank 4 × q,v (1.0005), rank 4 × attention (1.0105)," in text  # tune loss, mean of 2 seeds
     assert "Halving trained 4,601,664 tokens where the full grid takes 5,400,000 (85%)" in text
-    assert "late bloomer" in text and "To check halving's pick, run the grid in full" in text
+    assert "late bloomer" in text and "run the grid in full in this folder (without --halving, with --set " in text
+    assert "data.tune_fraction=0.1: the same configs" in text
+    # Stopped cells keep their place in the grid's order.
+    assert "| rank \\ modules | q,v | attention | attention,mlp |" in text
+    assert "| rank 16 | stopped at rung 2 | stopped at rung 2 | stopped at rung 1 |" in text
     # The full grid in the same folder, with the same tune split: the kept cells' runs are reused, not retrained.
     cfg = with_values(load_config(GRID_YAML), [("data.tune_fraction", 0.1, "test")])
     full = Fake()

@@ -24,7 +24,7 @@ from experiments.report.checks import Check, Verdict
 from experiments.report.fmt import EMPTY, MIB, ci, diff_text, integer, md_table, num
 from experiments.report.recommend import METRIC, front, recommend
 from experiments.report.stats import Difference, paired
-from experiments.report.studies import LEVEL, Study, Value
+from experiments.report.studies import LEVEL, Study, Value, run_config
 from experiments.sweep.grid import SEP, is_grid, split_key, split_value
 from experiments.sweep.halving import read_record, rung_name
 from experiments.sweep.results import value_label
@@ -137,13 +137,14 @@ class Grid:
         return Study("", self.keys[i], "", []).named(Value(x, None, False))
 
 
-def grid_of(st: Study, stopped: Sequence[str] = ()) -> Grid:
+def grid_of(st: Study, every: Sequence[str] = ()) -> Grid:
     """The cells of a grid study by key values; numeric keys in ascending order, the others in grid order.
-    `stopped`: labels of cells without rows of their own (halving stopped them), placed on the axes all the same."""
+    `every`: the labels of all the grid's cells in grid order, when some have no rows (halving stopped them)."""
     keys = split_key(st.key)
     cells = {tuple(split_value(v.value)): v for v in st.values}
-    by_index = sorted(cells, key=lambda c: cells[c].index if cells[c].index is not None else math.inf)
-    by_index += [tuple(split_value(c)) for c in stopped]
+    by_index = [tuple(split_value(c)) for c in every] or sorted(
+        cells, key=lambda c: cells[c].index if cells[c].index is not None else math.inf
+    )
     axes = []
     for i in range(len(keys)):
         xs = list(dict.fromkeys(c[i] for c in by_index))
@@ -486,10 +487,17 @@ def halving_text(st: Study, studies: list[Study], out_dir: Path | None) -> list[
         )
     else:
         lines.append(
-            "To check halving's pick, run the grid in full in this folder (without --halving, with "
-            "--set data.tune_fraction=<ablation.tune_fraction>: the same configs, so the kept cells are reused)."
+            "To check halving's pick, run the grid in full in this folder (without --halving, with --set "
+            f"data.tune_fraction={tune_fraction(st, out_dir)}: the same configs, so the kept cells are reused)."
         )
     return lines + [""]
+
+
+def tune_fraction(st: Study, out_dir: Path | None) -> Any:
+    """The tune split the study's runs held out (their config's data.tune_fraction): a full grid that reuses
+    halving's runs must hold out the same."""
+    cfg = run_config(out_dir, st.rows[0]) if out_dir and st.rows else {}
+    return cfg.get("data", {}).get("tune_fraction", "<ablation.tune_fraction>")
 
 
 def _cell_name(g: Grid, label: str) -> str:
@@ -543,8 +551,8 @@ def grid_section(
     interactions in numbers and words, the Pareto front, the choice under a budget, halving, the literature."""
     if not is_grid(st.key):
         return []
-    stopped, _ = stopped_cells(st, out_dir)
-    g = grid_of(st, list(stopped))
+    stopped, rungs = stopped_cells(st, out_dir)
+    g = grid_of(st, rungs[0]["cells"] if rungs else ())
     plots = plots or {}
     lines = [
         "### Two-way tables",
