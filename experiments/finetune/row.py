@@ -189,6 +189,15 @@ class Row(TypedDict, total=False):
     total_params: Annotated[
         int | None, Col("parameters", "the whole model's parameters", "empty when the run failed early", run=True)
     ]
+    adapted_modules: Annotated[
+        str | None,
+        Col(
+            "",
+            "the modules LoRA wrapped, layer indices folded to * (what lora.target_modules resolved to on this base)",
+            "empty when the run failed early",
+            run=True,
+        ),
+    ]
     lora_rank: Annotated[int, Col("", "`lora.rank`")]
     lora_alpha: Annotated[float, Col("", "LoRA's alpha after `lora.alpha_policy` is applied")]
     alpha_policy: Annotated[str, Col("", "`lora.alpha_policy`: fixed, double_rank or rslora")]

@@ -33,6 +33,7 @@ from experiments.config.config import Config, ConfigError, from_dict
 from experiments.finetune.locks import RunLock, exit_with_parent
 from experiments.finetune.row import RESULT_FILE, RESULT_KEYS
 from lora import LoRAConfig, count_parameters, inject_lora, save_adapter
+from lora.inject import fold_names
 from model import GPTConfig, from_pretrained
 from training import distributed, loop, memory
 from training.checkpoint import CHECKPOINT_FILE
@@ -197,7 +198,7 @@ def _fine_tune(
     _set_dropout(model, cfg.model.dropout)
     torch.manual_seed(cfg.train.seed)
     lcfg = cfg.lora
-    inject_lora(
+    adapted = inject_lora(
         model,
         LoRAConfig(
             rank=lcfg.rank,
@@ -296,6 +297,7 @@ def _fine_tune(
         "tokens_per_s": out.train_tokens / out.train_time_s if out.train_time_s > 0 else None,
         "trainable_params": trainable,
         "total_params": total,
+        "adapted_modules": ", ".join(fold_names(adapted)),
         "saved_for_backward_bytes": out.saved_for_backward_bytes,
         "corpus_fingerprint": corpus.fingerprint,
         "base_fingerprint": fingerprint,

@@ -86,6 +86,22 @@ def study_table(st: Study) -> str:
     return md_table(header, out)
 
 
+def adapted_note(st: Study) -> list[str]:
+    """What each value's target names resolved to on this base, with LoRA's parameter count: the same name
+    (`fc1`, `attention`) means other modules on another architecture. Only for rows that record it."""
+    if "target_modules" not in st.key:
+        return []
+    rows = []
+    for v in st.values:
+        modules = sorted({r["adapted_modules"] for r in v.ok if r.get("adapted_modules")})
+        if modules:
+            rows.append([v.label, "; ".join(modules), integer(v.mean("trainable_params"))])
+    if not rows:
+        return []
+    table = md_table(["value", "modules", "trainable params"], rows)
+    return ["", "Modules each value adapted on this base:", "", table]
+
+
 def lr_grid_note(st: Study) -> list[str]:
     """How the learning rates were chosen, and a warning when a choice sits at an edge of the grid."""
     if not st.lr_grid:
@@ -220,7 +236,7 @@ def render(
     ]
     for st in studies:
         title = _title(st)
-        parts += [f"## {title}", "", study_header(st), "", study_table(st), "", *lr_grid_note(st)]
+        parts += [f"## {title}", "", study_header(st), "", study_table(st), *adapted_note(st), "", *lr_grid_note(st)]
         if st.source_note:
             parts += [f"Source ppl columns are empty: {st.source_note}.", ""]
         parts += _image(plots, st.slug, title, out_dir)
