@@ -212,3 +212,11 @@ def test_grid_rows_keep_the_one_key_columns_and_split_with_pandas(tmp_path):
     assert parts["lora.rank"].astype(int).tolist() == df["lora_rank"].tolist()
     assert parts["lora.target_modules"].tolist() == df["target_modules"].tolist()
     assert df["is_baseline"].sum() == 1 and df["value_index"].tolist() == list(range(9))
+
+
+def test_run_takes_the_budget_flags_and_refuses_halving_under_torchrun(tmp_path, capsys, monkeypatch):
+    args = _args("--max-trainable-params", "5e4", "--max-train-time", "60", "--max-memory", "512")
+    assert (args.max_trainable_params, args.max_train_time, args.max_memory) == (50_000, 60.0, 512.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--config", str(GRID_YAML), "--halving", "--out", str(tmp_path), "--dry-run"]) == 2
+    assert "rung by rung in one process; under torchrun run the grid without it" in capsys.readouterr().err

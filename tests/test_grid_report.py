@@ -133,7 +133,8 @@ def test_budget_restricts_the_choice_and_flags_reach_the_report(grid_dir, capsys
     assert "**Under the budget** (≤ 5,000 trainable parameters, ≤ 12.5 s train time): rank 4 × attention" in text
     assert report_main([str(grid_dir), "--no-plots", "--max-memory", "100"]) == 0
     assert "**Under the budget** (≤ 100.0 MiB peak memory): no cell fits" in (grid_dir / "report.md").read_text()
-    for bad in (["--max-trainable-params", "0"], ["--max-train-time", "x"], ["--max-memory", "-1"]):
+    bad_values = (["--max-trainable-params", "0"], ["--max-trainable-params", "2.5"], ["--max-train-time", "x"])
+    for bad in (*bad_values, ["--max-memory", "-1"], ["--max-memory", "inf"]):
         with pytest.raises(SystemExit) as e:
             report_main([str(grid_dir), *bad])
         assert e.value.code == 2

@@ -71,14 +71,16 @@ class Budget:
 
 
 def _positive(kind: type) -> Any:
+    """An argparse type: a positive finite number; an int may be written as 5e4."""
+
     def parse(text: str) -> Any:
         try:
-            x = kind(text)
+            x = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not x > 0 or not math.isfinite(x):
+            x = math.nan
+        if not (math.isfinite(x) and x > 0 and (kind is float or x.is_integer())):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return x
+        return kind(x)
 
     return parse
 
