@@ -7,13 +7,14 @@ import dataclasses
 from experiments.config.config import load_config
 from experiments.finetune.row import RESULT_KEYS
 from experiments.run import DEFAULT_STUDY
-from experiments.sweep.plan import plan_runs
+from experiments.sweep.plan import RunSpec, plan_runs
 from experiments.sweep.results import make_row
 
 
-def a_row(**over) -> dict:
-    """A row as the sweep writes it, for the rank-4 run of the default study, with a finished run's numbers."""
-    spec = plan_runs(load_config(DEFAULT_STUDY[0]), name="abl_lora_rank", values=[4])[0]
+def a_row(spec: RunSpec | None = None, **over) -> dict:
+    """A row as the sweep writes it, for `spec` (default: the rank-4 run of the default study), with a finished
+    run's numbers; `over` replaces cells of the row."""
+    spec = spec or plan_runs(load_config(DEFAULT_STUDY[0]), name="abl_lora_rank", values=[4])[0]
     who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     result = {
         **dict.fromkeys(RESULT_KEYS),

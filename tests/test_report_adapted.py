@@ -3,34 +3,21 @@ other modules on another architecture, so the table says what was trained, not j
 
 from __future__ import annotations
 
-import dataclasses
+from row_helpers import a_row
 
 from experiments.config.config import load_config
-from experiments.finetune.row import RESULT_KEYS
 from experiments.report.markdown import adapted_note
 from experiments.report.studies import load_studies
 from experiments.sweep.plan import plan_runs
-from experiments.sweep.results import append_row, make_row
+from experiments.sweep.results import append_row
 
 TARGETS = "experiments/configs/abl_target_modules.yaml"
 
 
 def _append(out, spec, adapted, trainable):
-    who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    result = {
-        **dict.fromkeys(RESULT_KEYS),
-        "status": "ok",
-        "val_loss": 5.0,
-        "val_ppl": 148.4,
-        "train_tokens": 4096,
-        "steps": 4,
-        "train_time_s": 1.0,
-        "trainable_params": trainable,
-        "adapted_modules": adapted,
-        "device": "cpu (test)",
-        "world_size": 1,
-    }
-    append_row(out, make_row(**who, result=result, run_dir=f"runs/{spec.config_hash}"))
+    append_row(
+        out, a_row(spec, run_dir=f"runs/{spec.config_hash}", adapted_modules=adapted, trainable_params=trainable)
+    )
 
 
 def test_each_value_lists_the_modules_it_adapted_and_their_parameters(tmp_path):
