@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 import sysconfig
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -215,3 +216,39 @@ def stdlib_workspace() -> Callable[[Path], dict[str, str]]:
 def tiny_config() -> Callable[..., Config]:
     """A full config at toy scale over `toy_corpora(tmp)`: `tiny_config(tmp, train={"tokens": 4096})`."""
     return _tiny_config
+
+
+def can_write(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+@pytest.fixture
+def unwritable():
+    """Make a folder refuse writes, for this user too: chmod a-w (which root ignores), else the immutable
+    attribute (chattr +i, which root may set), else a link to /proc, where nobody creates files. Undone after."""
+    immutable: list[Path] = []
+    locked: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        folder.chmod(0o555)
+        locked.append(folder)
+        if can_write(folder) and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+            immutable.append(folder)
+        if can_write(folder):
+            folder.rmdir()
+            folder.symlink_to("/proc")
+        assert not can_write(folder)
+        return folder
+
+    yield make
+    for folder in immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    for folder in locked:
+        if not folder.is_symlink():
+            folder.chmod(0o755)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -137,42 +136,6 @@ def test_ray_address_that_is_no_address(tmp_path, capsys, no_work, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- --out and what the sweep writes there
-
-
-def _can_write(folder: Path) -> bool:
-    try:
-        (folder / ".probe").touch()
-    except OSError:
-        return False
-    (folder / ".probe").unlink()
-    return True
-
-
-@pytest.fixture
-def unwritable():
-    """Make a folder refuse writes, for this user too: chmod a-w (which root ignores), else the immutable
-    attribute (chattr +i, which root may set), else a link to /proc, where nobody creates files. Undone after."""
-    immutable: list[Path] = []
-    locked: list[Path] = []
-
-    def make(folder: Path) -> Path:
-        folder.mkdir(parents=True)
-        folder.chmod(0o555)
-        locked.append(folder)
-        if _can_write(folder) and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
-            immutable.append(folder)
-        if _can_write(folder):
-            folder.rmdir()
-            folder.symlink_to("/proc")
-        assert not _can_write(folder)
-        return folder
-
-    yield make
-    for folder in immutable:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    for folder in locked:
-        if not folder.is_symlink():
-            folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("where", ["out", "plots", "runs"])

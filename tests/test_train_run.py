@@ -122,7 +122,6 @@ def test_resume_after_interruption_matches_a_straight_run(tmp, monkeypatch, tiny
 
 
 def test_wandb_offline_run_is_written(tmp, monkeypatch, tiny_config):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_PROJECT", "slm-lora-test")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
