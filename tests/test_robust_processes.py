@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,39 +67,63 @@ def ok() -> dict:
 
 
 SWEEP = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     from experiments.config.config import load_config
     from experiments.sweep.plan import plan_runs
     from experiments.sweep.sweep import run_sweep
     out, me = Path(sys.argv[1]), sys.argv[2]
     specs = plan_runs(load_config(sys.argv[3]), name="abl_lora_rank")
-    (out / f"ready-{me}").touch()
-    give_up = time.time() + 900
-    while not (out / "go").exists():  # both sweeps start at the same moment
-        assert time.time() < give_up
-        time.sleep(0.001)
+    open(out / f"go-{me}").read()  # a FIFO: blocks until the test has both sweeps here, then releases them at once
+    met = out / "met"  # a flag file, set once a sweep has stepped aside and the runner holding the lock knows it
 
     def say(text):
         print(text, flush=True)
-        if "being trained by another process" in text:
-            (out / f"met-{me}").touch()
+        if "being trained by another process" in text and not met.exists():
+            with open(out / "met.fifo", "w"):  # blocks until the holder's train() listens; closing releases it
+                pass
+            met.touch()
 
     def train(spec, run_dir, resume):
         with open(run_dir / "trained.txt", "a") as f:
             f.write(me + "\\n")
         # The first run ends only once a sweep has stepped aside from a run the other holds: both sweeps plan the
         # same first run, so one of them meets the other's lock there, however the two are scheduled.
-        while not list(out.glob("met-*")):
-            assert time.time() < give_up
-            time.sleep(0.001)
+        if not met.exists():
+            open(out / "met.fifo").read()  # EOF once the sweep that stepped aside has said so
+            met.touch()
         return {"status": "ok", "val_ppl": 7.0}
 
     run_sweep(specs, out, train, say=say)
 """)
 
 
+def release_together(folder: Path, procs: dict[str, subprocess.Popen]) -> None:
+    """Start the processes' work at one moment, on events only: each child opens its FIFO go-<me> for reading,
+    which is what lets the test's open for writing return; once every child is there, closing the FIFOs gives them
+    all EOF at once. A child that dies first fails the test instead of hanging it."""
+    writers: dict[str, int] = {}
+
+    def open_all() -> None:
+        for me in procs:
+            writers[me] = os.open(folder / f"go-{me}", os.O_WRONLY)
+
+    opener = threading.Thread(target=open_all, daemon=True)
+    opener.start()
+    while opener.is_alive():
+        opener.join(timeout=1.0)  # a bound on the wait for a crash, not an ordering: the join returns at the event
+        dead = {me: p.returncode for me, p in procs.items() if p.poll() is not None}
+        if dead and opener.is_alive():
+            for me in procs:  # unblock the opener (a reader of our own), then fail
+                os.close(os.open(folder / f"go-{me}", os.O_RDONLY | os.O_NONBLOCK))
+            raise AssertionError(f"a sweep ended before it was released: {dead}")
+    for fd in writers.values():
+        os.close(fd)
+
+
 def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
+    for name in ("go-a", "go-b", "met.fifo"):
+        os.mkfifo(tmp_path / name)
     procs = {
         me: subprocess.Popen(
             [sys.executable, "-c", SWEEP, str(tmp_path), me, str(RANK)], env=ENV, stdout=subprocess.PIPE, text=True
@@ -106,10 +131,7 @@ def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):
         for me in ("a", "b")
     }
     try:
-        ready = lambda: all((tmp_path / f"ready-{me}").exists() for me in procs)
-        wait_until(lambda: ready() or any(p.poll() is not None for p in procs.values()), "both sweeps ready")
-        assert all(p.poll() is None for p in procs.values())
-        (tmp_path / "go").touch()
+        release_together(tmp_path, procs)
         said = {me: p.communicate(timeout=600)[0] for me, p in procs.items()}
     finally:
         for p in procs.values():

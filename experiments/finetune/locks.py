@@ -58,11 +58,18 @@ class RunLock:
         return True
 
     def owner(self) -> str:
-        """The pid written by the last claimant, as text ("?" while it is being written)."""
+        """The pid written by the run's owner, as text ("?" if none was written). Read under a shared hold, which
+        waits out a claimant's exclusive one: a claimant writes its pid before it shares, so a sweep that lost the
+        claim a moment ago still reads the winner's pid, never a half-written or empty file."""
         try:
-            return self.path.read_text().strip() or "?"
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError:
             return "?"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return os.read(fd, 64).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
