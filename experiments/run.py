@@ -60,6 +60,8 @@ from model import resolve_checkpoint
 QUICK_FILE = CONFIG_DIR / "quick.yaml"
 QUICK_CHECKPOINT_FILE = CONFIG_DIR / "quick_checkpoint.yaml"  # --quick with --base_model: budgets for a real model
 QUICK_SOURCES = (str(QUICK_FILE), str(QUICK_CHECKPOINT_FILE))  # they set budgets, never select a swept value
+SETTINGS_FLAG = "--settings"  # a settings file, like quick.yaml, sets keys for every ablation, never selects a value
+ABLATION_OWN = ("ablation.name", "ablation.key", "ablation.values", "ablation.baseline", "ablation.grid")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # The default study, in the order the seed README recommends reading it.
 DEFAULT_STUDY = [
@@ -83,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: Path(given(text)),
         metavar="YAML",
         help="an ablation config (repeatable); default: the three built-in ablations",
+    )
+    ap.add_argument(
+        "--settings",
+        action="append",
+        default=[],
+        type=lambda text: Path(given(text)),
+        metavar="YAML",
+        help="settings for every selected ablation, as quick.yaml holds them (repeatable; applied in order, before "
+        "--quick and --set), e.g. experiments/configs/smollm2_study.yaml",
     )
     for alias, path in ABLATION_ALIASES.items():
         ap.add_argument(
@@ -192,10 +203,12 @@ def _check_corpora(specs: list[RunSpec]) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
-    """Every setting the command line makes, in the order they apply: quick.yaml (+ quick_checkpoint.yaml with
-    --base_model), paths, --set, value flags."""
+    """Every setting the command line makes, in the order they apply: settings files, quick.yaml (+
+    quick_checkpoint.yaml with --base_model), paths, --set, value flags."""
     items: list[tuple[str, Any, str]] = []
-    if args.quick:
+    for path in args.settings:
+        items += _settings(path)
+    if args.quick:  # after the settings: --quick makes a smoke run of any study
         for path in (QUICK_FILE, QUICK_CHECKPOINT_FILE) if args.base_model else (QUICK_FILE,):
             items += [(k, v, str(path)) for k, v in flatten(read_yaml(path) or {}).items()]
     if args.base_model:
@@ -219,6 +232,28 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
     return items
 
 
+def _settings(path: Path) -> list[tuple[str, Any, str]]:
+    """The items of a settings file: a mapping of config keys, none of them what makes an ablation (its name, key,
+    values, baseline or grid belong in an ablation config, --config)."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{SETTINGS_FLAG} {path}: expected a mapping of config sections (train:, lora:, ...).")
+    items = [(k, v, f"{SETTINGS_FLAG} {path}") for k, v in flatten(data).items()]
+    own = [k for k, _, _ in items if any(k == o or k.startswith(f"{o}.") for o in ABLATION_OWN)]
+    if own:
+        raise ConfigError(
+            f"{SETTINGS_FLAG} {path}: sets {', '.join(own)}, which make an ablation; a settings file applies to every "
+            "ablation. Put them in an ablation config and give it with --config."
+        )
+    return items
+
+
+def _selects(source: str) -> bool:
+    """Whether an item that sets an ablation's own swept key selects that one value: only a flag the user gave does;
+    quick.yaml and settings files set budgets and keys for every ablation."""
+    return source not in QUICK_SOURCES and not source.startswith(f"{SETTINGS_FLAG} ")
+
+
 def resolve_runs(args: argparse.Namespace, items: list[tuple[str, Any, str]] | None = None) -> list[RunSpec]:
     """Configs -> overrides (`items`, default `_overrides(args)`) -> the runs. Raises ConfigError for anything a
     user must fix."""
@@ -237,7 +272,7 @@ def resolve_runs(args: argparse.Namespace, items: list[tuple[str, Any, str]] | N
         check_not_swept(cfg, items)  # a grid's keys are set by its cells (and chosen with --grid)
         swept = resolve_key(cfg.ablation.key, str(path)) if cfg.ablation is not None and cfg.ablation.key else None
         # A value given for this config's own swept key selects that value; every other item sets a key.
-        chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and s not in QUICK_SOURCES]
+        chosen = [(v, s) for k, v, s in items if swept and resolve_key(k) == swept and _selects(s)]
         rest = [(k, v, s) for k, v, s in items if not (swept and resolve_key(k) == swept)]
         cfg = with_values(cfg, rest) if rest else cfg
         if cfg.ablation is not None and cfg.ablation.halving and int(os.environ.get("WORLD_SIZE", "1")) > 1:

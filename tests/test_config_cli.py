@@ -173,3 +173,42 @@ def test_with_values_checks_each_then_cross_field_once():
         with_values(cfg, [("train.lr", 1e-3, "--set"), ("lora_rank", 0, "--flag")])
     with pytest.raises(ConfigError, match=r"ablation value 5000\)"):  # every ablation value is checked again
         with_values(cfg, [("ablation.values", [4, 5000], "--set"), ("ablation.baseline", 4, "--set")])
+
+
+def test_settings_file_applies_to_every_ablation_and_never_selects_a_value(tmp_path):
+    from experiments.run import build_parser, resolve_runs
+
+    settings = write(
+        tmp_path,
+        """\
+        train: {tokens: 24576, lr: 0.003}
+        lora: {rank: 8}
+        eval: {source_data: builtin}
+        """,
+        "study.yaml",
+    )
+    specs = resolve_runs(build_parser().parse_args(["--settings", str(settings), "--set", "train.lr=1e-3"]))
+    assert len(specs) == 13  # every value of the three ablations: lora.rank: 8 selects nothing in the rank study
+    assert {s.cfg.train.tokens for s in specs} == {24576}
+    assert {s.cfg.train.lr for s in specs} == {1e-3}  # --set comes after the settings file
+    assert {s.cfg.eval.source_data for s in specs} == {"builtin"}
+    assert sorted(s.cfg.lora.rank for s in specs if s.ablation == "lora_rank") == [4, 8, 16, 32, 64]
+    assert {s.cfg.lora.rank for s in specs if s.ablation != "lora_rank"} == {8}
+
+
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("ablation: {values: [4, 8]}\n", ["--settings", "sets ablation.values", "--config"]),
+        ("ablation: {grid: {lora.rank: [4, 8]}}\n", ["sets ablation.grid.lora.rank", "make an ablation"]),
+        ("- 1\n- 2\n", ["expected a mapping of config sections"]),
+        ("train: {lrr: 0.1}\n", ["--settings", "Did you mean 'train.lr'?"]),
+    ],
+)
+def test_settings_file_errors(text, needles, tmp_path, capsys):
+    settings = write(tmp_path, text, "study.yaml")
+    rc, _, err, out_dir = run(["--dry-run", "--settings", str(settings)], tmp_path, capsys)
+    assert rc == 2
+    for n in needles:
+        assert n in err, (n, err)
+    assert not out_dir.exists()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import Corpus, load_tokenizer
+from data import Corpus, load_corpus, load_tokenizer
+from data import corpus as data_corpus
 from experiments import run
 from experiments.base import pretrain
 from experiments.base.pretrain import SOURCE_VAL_FILE, ensure_base, pretrain_split
@@ -133,3 +134,20 @@ def test_source_data_is_validated_before_any_work(toy, tiny_config, tmp_path, mo
     err = capsys.readouterr().err
     assert "'eval.source_data'" in err and "Traceback" not in err
     assert not (tmp_path / "cache" / "base").exists() and not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_builtin_source_data_is_the_builtin_bases_held_out_text_for_any_base(toy, tiny_config, monkeypatch):
+    """eval.source_data: builtin measures any base's forgetting on the documents the built-in base holds out of its
+    pretraining (the Python standard library): with the built-in corpus standing in for that here, a run of the
+    built-in base gets its own SOURCE_VAL_FILE, and another base (a copy without it) the same text, tokenized."""
+    cfg = tiny_config(toy)
+    base = ensure_base(cfg, progress=False)
+    planted = load_corpus(str(toy / "pt"))
+    monkeypatch.setattr(data_corpus, "builtin_pretrain_corpus", lambda: planted)
+    builtin = tiny_config(toy, eval={"source_data": "builtin"})
+    assert np.array_equal(finetune_tokens(builtin, base, progress=False).source, np.load(base / SOURCE_VAL_FILE))
+    other = toy / "user-base-builtin-source"
+    if not other.exists():
+        shutil.copytree(base, other, ignore=shutil.ignore_patterns("*.npy"))
+    on_other = tiny_config(toy, model={"base": str(other)}, eval={"source_data": "builtin"})
+    assert np.array_equal(finetune_tokens(on_other, other, progress=False).source, np.load(base / SOURCE_VAL_FILE))

@@ -176,7 +176,7 @@ class EvalConfig:
     every_steps: int = field(metadata=in_range(0))  # 0: evaluate only at the end
     # Forgetting: text of the base's own (source) domain, evaluated before and after fine-tuning. Unset: the built-in
     # base's held-out pretraining documents; a user's base then has none (its source columns stay empty).
-    source_data: str | None  # a file, glob, folder or .jsonl, as --data accepts
+    source_data: str | None  # a file, glob, folder or .jsonl, as --data accepts; builtin: the stdlib held out
     source_max_tokens: int = field(metadata=in_range(1))
 
 
@@ -276,11 +276,11 @@ def _check_semantics(cfg: Config, source: str) -> None:
             f"{at} ({p.micro_batch_tokens}) is shorter than one "
             f"{longest}-token pretraining sequence; raise it (and pretrain.batch_tokens) to at least {longest}."
         )
-    if cfg.eval.source_data is not None and _names_nothing(cfg.eval.source_data):
+    if cfg.eval.source_data not in (None, "builtin") and _names_nothing(cfg.eval.source_data):
         raise ConfigError(
             f"{where(source, 'eval.source_data')}: {cfg.eval.source_data!r} is no file, folder or matching glob. "
             "Give text of the base model's own domain (.txt/.md/.py files, a folder, a glob, or a .jsonl), or leave "
-            "it unset: the built-in base then uses its held-out pretraining documents."
+            "it unset: the built-in base then uses its held-out pretraining documents (builtin: those for any base)."
         )
     if cfg.ablation is not None and cfg.ablation.lr_grid and cfg.data.val_fraction + cfg.ablation.tune_fraction >= 1:
         at = where(source, "ablation.tune_fraction", "data.val_fraction", "ablation.lr_grid")

@@ -28,7 +28,7 @@ from torch import nn
 from data import Corpus, TrainSampler, load_corpus, load_tokenizer, split_corpus, split_tune, token_array, val_windows
 from data.cache import write_json_atomic
 from experiments.base.evals import cached_base_loss, eval_key
-from experiments.base.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base
+from experiments.base.pretrain import SOURCE_VAL_FILE, base_fingerprint, ensure_base, pretrain_split
 from experiments.config.config import Config, ConfigError, from_dict
 from experiments.finetune.locks import RunLock, exit_with_parent
 from experiments.finetune.row import RESULT_FILE, RESULT_KEYS
@@ -147,15 +147,20 @@ def finetune_tokens(cfg: Config, base_dir: str | Path, progress: bool = True) ->
     (tokenized on first use). The sweep calls this once before its runs, so no run's peak memory carries the
     tokenizer's working set.
 
-    The source set is eval.source_data if given, else the base folder's own held-out pretraining tokens
-    (SOURCE_VAL_FILE, which the built-in base carries), else None."""
+    The source set is eval.source_data if given ("builtin": the built-in base's held-out pretraining documents, the
+    Python standard library, tokenized with this base's tokenizer, so any base's forgetting is measured on the same
+    text), else the base folder's own held-out pretraining tokens (SOURCE_VAL_FILE, which the built-in base
+    carries), else None."""
     tok = load_tokenizer(base_dir)
     corpus, train_docs, val_docs, tune_docs = finetune_splits(cfg)
     tune = None if tune_docs is None else token_array(tune_docs, tok, "finetune tune", progress)
     train_ids = token_array(train_docs, tok, "finetune train", progress)
     val_ids = token_array(val_docs, tok, "finetune val", progress)
     source = None
-    if cfg.eval.source_data is not None:
+    if cfg.eval.source_data == "builtin":
+        held_out = pretrain_split(load_corpus("builtin", builtin="pretrain"))[1]
+        source = token_array(held_out, tok, "source", progress)
+    elif cfg.eval.source_data is not None:
         source = token_array(load_corpus(cfg.eval.source_data, cfg.data.text_field), tok, "source", progress)
     elif (Path(base_dir) / SOURCE_VAL_FILE).is_file():
         source = np.load(Path(base_dir) / SOURCE_VAL_FILE, mmap_mode="r")
