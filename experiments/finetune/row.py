@@ -198,6 +198,14 @@ class Row(TypedDict, total=False):
             run=True,
         ),
     ]
+    base_model: Annotated[
+        str,
+        Col(
+            "",
+            "`model.base`: builtin, or the checkpoint folder or .gguf file adapted (a name resolved to its path)",
+            "empty in rows written before this column",
+        ),
+    ]
     lora_rank: Annotated[int, Col("", "`lora.rank`")]
     lora_alpha: Annotated[float, Col("", "LoRA's alpha after `lora.alpha_policy` is applied")]
     alpha_policy: Annotated[str, Col("", "`lora.alpha_policy`: fixed, double_rank or rslora")]

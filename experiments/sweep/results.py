@@ -92,6 +92,7 @@ def make_row(
         "is_baseline": is_baseline,
         "seed": seed,
         "eval_max_tokens": cfg.eval.max_tokens,
+        "base_model": cfg.model.base,
         "lora_rank": cfg.lora.rank,
         "lora_alpha": cfg.lora.resolved_alpha(),
         "alpha_policy": cfg.lora.alpha_policy,
