@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.report.checks import Check
+from experiments.report.compare import compare_folders
 from experiments.report.concurrency import concurrency_note
 from experiments.report.expectations import expectations
 from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
@@ -288,18 +289,26 @@ def terminal_summary(studies: list[Study]) -> str:
 
 
 def write_report(
-    out_dir: Path, ablations: set[tuple[str, str]] | None = None, plots: bool = True, budget: Budget | None = None
+    out_dir: Path,
+    ablations: set[tuple[str, str]] | None = None,
+    plots: bool = True,
+    budget: Budget | None = None,
+    compare: Path | None = None,
+    labels: tuple[str | None, str | None] = (None, None),
 ) -> str:
-    """Write out_dir/report.md (+ plots/*.png) from every study in the folder. Returns the terminal summary of
-    the studies in `ablations` ((name, study hash) pairs; all if None)."""
+    """Write out_dir/report.md (+ plots/*.png) from every study in the folder, and with `compare` (another results
+    folder) the section comparing the two, `labels` naming them (experiments.report.compare). Returns the terminal
+    summary of the studies in `ablations` ((name, study hash) pairs; all if None)."""
     out_dir = Path(out_dir)
     studies = load_studies(out_dir)
+    # Read the other folder before anything is written: a broken one leaves this folder's report as it was.
+    section = "" if compare is None else "\n" + compare_folders(out_dir, studies, compare, labels)
     files: dict[str, Path] = {}
     if plots and studies:
         from experiments.report.plots import plot_all
 
         files = plot_all(studies, out_dir / PLOTS_DIR) | plot_grids(studies, out_dir / PLOTS_DIR)
-    (out_dir / REPORT_FILE).write_text(render(studies, files, out_dir, budget), encoding="utf-8")
+    (out_dir / REPORT_FILE).write_text(render(studies, files, out_dir, budget) + section, encoding="utf-8")
     shown = [s for s in studies if (ablations is None or (s.ablation, s.study_hash) in ablations) and not is_rung(s)]
     return terminal_summary(shown) + f"report: {out_dir / REPORT_FILE}"
 
@@ -311,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        metavar="OTHER_DIR",
+        help="another results folder with the same ablations on another base: appends a section comparing them",
+    )
+    ap.add_argument("--label", help="this folder's name in that section (default: its base model)")
+    ap.add_argument("--compare-label", help="the other folder's name in that section (default: its base model)")
     add_budget_flags(ap)
     args = ap.parse_args(argv)
     if not (args.run_dir / RESULTS_JSONL).exists():
@@ -321,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        print(write_report(args.run_dir, plots=not args.no_plots, budget=budget_from_args(args)))
+        labels = (args.label, args.compare_label)
+        budget = budget_from_args(args)
+        print(write_report(args.run_dir, plots=not args.no_plots, budget=budget, compare=args.compare, labels=labels))
     except ResultsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
