@@ -49,7 +49,7 @@ from experiments.sweep.executors import (
     given,
 )
 from experiments.sweep.grid import add_grid_flags, check_not_swept, with_grid
-from experiments.sweep.halving import run_halving
+from experiments.sweep.halving import halving_plan, run_halving
 from experiments.sweep.plan import RunSpec, plan_runs, plan_states
 from experiments.sweep.preflight import check_data, preflight
 from experiments.sweep.results import RESULTS_JSONL, ResultsFileError, value_label
@@ -427,8 +427,11 @@ def _sweep(args: argparse.Namespace, out_dir: Path, is_main: bool) -> int:
         for note in notes:
             print(f"note: {note}")
     if args.dry_run:
-        if is_main:
-            print_plan(specs, states, out_dir)
+        if is_main:  # with halving: the rungs' runs as far as they are known, then what each rung trains
+            runs, lines = halving_plan(specs, out_dir)
+            print_plan(runs, plan_states(runs, out_dir), out_dir)
+            for line in lines:
+                print(line)
         return 0
     progress = not args.no_progress
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

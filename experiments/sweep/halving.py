@@ -11,7 +11,8 @@ learns slowly but ends best (a late bloomer) can be dropped at an early rung; th
 Rows of an earlier rung k go to the ablation "<name>.rung<k>"; the last rung's rows to the study itself. Every
 decision (which cells a rung kept) is written to RUN_DIR/halving.json as soon as it is made, and a later run of the
 same command takes it from there, so a sweep killed in the middle of a rung resumes that rung with the same cells
-and runs nothing twice.
+and runs nothing twice. `--dry-run` lists the runs of rung 1 and of each later rung already decided, and says what
+the undecided rungs will train (`halving_plan`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from data.cache import write_json_atomic
 from experiments.config.config import with_values
 from experiments.sweep.executors import Executor, Runner
-from experiments.sweep.plan import RunSpec, study_hash
+from experiments.sweep.plan import RunSpec, plan_states, study_hash
 from experiments.sweep.results import latest, read_rows
 from experiments.sweep.sweep import run_sweep
 
@@ -120,14 +121,9 @@ def run_halving(
     """Run `specs` (every cell x seed of one or more studies at the full budget) rung by rung for the studies with
     `ablation.halving`, as one plain sweep for the rest. Returns the new rows and every spec the rungs planned."""
     out_dir = Path(out_dir)
-    halved = [s.cfg.ablation is not None and s.cfg.ablation.halving for s in specs]
-    plain = [s for s, h in zip(specs, halved) if not h]
+    plain, studies = _split(specs)
     rows = run_sweep(plain, out_dir, runner, say=say, progress=progress) if plain else []
     planned = list(plain)
-    studies: dict[str, list[RunSpec]] = {}
-    for s, h in zip(specs, halved):
-        if h:
-            studies.setdefault(study_id(s), []).append(s)
     for sid, group in studies.items():
         new, done = _halve(sid, group, out_dir, runner, say, progress)
         rows += new
@@ -135,24 +131,54 @@ def run_halving(
     return rows, planned
 
 
+def _split(specs: Sequence[RunSpec]) -> tuple[list[RunSpec], dict[str, list[RunSpec]]]:
+    """The specs of studies without halving, and those with it by study (`study_id`), each in the given order."""
+    plain: list[RunSpec] = []
+    studies: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        if s.cfg.ablation is not None and s.cfg.ablation.halving:
+            studies.setdefault(study_id(s), []).append(s)
+        else:
+            plain.append(s)
+    return plain, studies
+
+
+def _cells(specs: Sequence[RunSpec]) -> list[str]:
+    """The study's cell labels in grid order."""
+    return list(dict.fromkeys(str(s.value) for s in specs))
+
+
+def _budgets(specs: Sequence[RunSpec]) -> list[int]:
+    return rung_tokens(specs[0].cfg.train.tokens, specs[0].cfg.train.batch_tokens)
+
+
+def _rung(specs: Sequence[RunSpec], k: int, budgets: Sequence[int], cells: Sequence[str]) -> list[RunSpec]:
+    """Rung k's runs: those of `cells`, on the rung's budget."""
+    return [_at_budget(s, k, k == len(budgets) - 1, budgets[k]) for s in specs if str(s.value) in cells]
+
+
+def _recorded(record: dict[str, Any], k: int, cells: Sequence[str]) -> list[str] | None:
+    """The cells rung k kept, where the record holds its decision over these same cells."""
+    done = record["rungs"][k] if k < len(record["rungs"]) else None
+    return done["kept"] if done is not None and done["cells"] == list(cells) else None
+
+
 def _halve(
     sid: str, specs: list[RunSpec], out_dir: Path, runner: Runner | Executor, say: Callable[[str], None], progress: bool
 ) -> tuple[list[dict], list[RunSpec]]:
-    order = list(dict.fromkeys(str(s.value) for s in specs))  # cells in grid order
-    budgets = rung_tokens(specs[0].cfg.train.tokens, specs[0].cfg.train.batch_tokens)
+    budgets = _budgets(specs)
     record = read_record(out_dir).get(sid, {"rungs": []})
-    cells, rows, planned = order, [], []
+    cells, rows, planned = _cells(specs), [], []
     for k, tokens in enumerate(budgets):
-        last = k == len(budgets) - 1
-        rung = [_at_budget(s, k, last, tokens) for s in specs if str(s.value) in cells]
+        rung = _rung(specs, k, budgets, cells)
         say(f"halving {sid.split('/')[0]}: rung {k + 1}/{len(budgets)}, {len(cells)} cells on {tokens:,} tokens")
         rows += run_sweep(rung, out_dir, runner, say=say, progress=progress)
         planned += rung
-        if last:
+        if k == len(budgets) - 1:
             break
-        done = record["rungs"][k] if k < len(record["rungs"]) else None
-        if done is not None and done["cells"] == cells:  # decided before this sweep was stopped: keep to it
-            cells = done["kept"]
+        recorded = _recorded(record, k, cells)
+        if recorded is not None:  # decided before this sweep was stopped: keep to it
+            cells = recorded
             continue
         scores = cell_scores(rung, latest(read_rows(out_dir)))
         if any(v is None for v in scores.values()):  # another process holds some runs: decide once they are in
@@ -171,3 +197,62 @@ def _write_record(out_dir: Path, sid: str, record: dict) -> None:
     everything = read_record(out_dir)
     everything[sid] = record
     write_json_atomic(out_dir / HALVING_FILE, everything)
+
+
+# ----------------------------------------------------------------------------- what a dry run shows
+
+
+def halving_plan(specs: Sequence[RunSpec], out_dir: Path) -> tuple[list[RunSpec], list[str]]:
+    """What `--dry-run` lists: the runs the command would train, as far as they are known (the plain studies' runs;
+    of each halved study rung 1, and each later rung whose cells are decided), and lines saying what every rung
+    trains and what the whole costs. Without halving: `specs` as they are, and no lines."""
+    plain, studies = _split(specs)
+    runs, lines = list(plain), []
+    for sid, group in studies.items():
+        known, text = _plan_study(sid, group, Path(out_dir))
+        runs += known
+        lines += text
+    return runs, lines
+
+
+def _plan_study(sid: str, specs: list[RunSpec], out_dir: Path) -> tuple[list[RunSpec], list[str]]:
+    budgets, order = _budgets(specs), _cells(specs)
+    record = read_record(out_dir).get(sid, {"rungs": []})
+    sizes = [len(order)]
+    for _ in budgets[1:]:
+        sizes.append(kept(sizes[-1]))
+    per_cell = len(specs) // len(order)  # seeds (x learning rates)
+    seeds = len({s.seed for s in specs})
+    lrs = len({s.cfg.train.lr for s in specs})
+    each = f"{seeds} seed{'s' if seeds > 1 else ''}" + (f" x {lrs} learning rates" if lrs > 1 else "")
+    known: list[RunSpec] = []
+    lines = [f"halving {sid.split('/')[0]}: {len(budgets)} rungs, each keeping the better 1/{ETA} of its cells"]
+    cells: list[str] | None = order
+    for k, tokens in enumerate(budgets):
+        n = sizes[k]
+        what = f"{n} cells" if k == 0 else f"the better {n} of {sizes[k - 1]} cells by tune loss after rung {k}"
+        text = f"  rung {k + 1}/{len(budgets)}: {what}, on {tokens:,} tokens each, {each}: {n * per_cell} runs"
+        if cells is None:
+            lines.append(text)
+            continue
+        rung = _rung(specs, k, budgets, cells)
+        known += rung
+        lines.append(f"{text}, listed above as {rung[0].ablation}" + (" (decided)" if k else ""))
+        cells = _decided(record, k, cells, rung, out_dir) if k < len(budgets) - 1 else None
+    spent = sum(n * per_cell * t for n, t in zip(sizes, budgets))
+    grid = len(specs) * budgets[-1]
+    parts = ", ".join(f"{n * per_cell} on {t:,}" for n, t in zip(sizes, budgets))
+    lines.append(
+        f"  total: {sum(sizes) * per_cell} runs ({parts} tokens) = {spent:,} tokens, as many as "
+        f"{spent / budgets[-1]:.2f} full runs where the full grid trains {len(specs)} ({spent / grid:.0%})"
+    )
+    return known, lines
+
+
+def _decided(record: dict[str, Any], k: int, cells: list[str], rung: list[RunSpec], out_dir: Path) -> list[str] | None:
+    """The cells rung k keeps, where the command would know them before training anything: recorded, or chosen by
+    tune loss once every run of the rung has its ok row (as `_halve` would choose them); None otherwise."""
+    recorded = _recorded(record, k, cells)
+    if recorded is not None or not all(st == "done" for st in plan_states(rung, out_dir)):
+        return recorded
+    return choose(cell_scores(rung, latest(read_rows(out_dir))), cells)

@@ -44,17 +44,20 @@ class RunSpec:
 
 
 def has_lr_grid(cfg: Config) -> bool:
-    """A run of an lr grid holds out a tune split (its config's data.tune_fraction > 0) to choose its lr by."""
-    return cfg.data.tune_fraction > 0
+    """A run of an lr grid: its ablation trains every value at each of several learning rates. (Halving holds out
+    a tune split too, without an lr grid.)"""
+    return cfg.ablation is not None and bool(cfg.ablation.lr_grid)
 
 
 def study_hash(cfg: Config, key: str) -> str:
-    """What the runs of one study share: the config with the swept key and the seed (and, in an lr grid, the
-    learning rate) blanked out. Rows with the same ablation and study hash belong in one table."""
+    """What the runs of one study share: the config with the swept key and the seed (and, where the runs hold out a
+    tune split, the learning rate) blanked out. Rows with the same ablation and study hash belong in one table.
+    The tune split decides, not `has_lr_grid`: the hashes of recorded lr grids and halving studies were made so.
+    (Hence two halving studies, or two with --set data.tune_fraction, that differ only in train.lr share one.)"""
     d = cfg.to_dict()
     d.pop("ablation")
     d["train"]["seed"] = None
-    if has_lr_grid(cfg):
+    if cfg.data.tune_fraction > 0:
         d["train"]["lr"] = None
     for k in split_key(key):  # a grid's key names several
         set_dotted(d, k, None)
