@@ -66,12 +66,14 @@ def rows(path: Path, planted: dict, base: float, *, seeds=3, time=lambda v: 1.5,
     return out
 
 
-def folder(tmp: Path, name: str, rows_: list, base: str | None = None) -> Path:
-    """A results folder holding `rows_`; with `base`, one run folder whose config.json names model.base."""
+def folder(tmp: Path, name: str, rows_: list, base: str | None = None, in_rows: bool = False) -> Path:
+    """A results folder holding `rows_`; with `base`, the rows' base_model (`in_rows`), or, as rows older than that
+    column have it, one run folder whose config.json names model.base."""
     out = tmp / name
     out.mkdir()
+    rows_ = [{**r, "base_model": base} if in_rows else {k: v for k, v in r.items() if k != "base_model"} for r in rows_]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
-    if base is not None:
+    if base is not None and not in_rows:
         (out / "runs" / "x").mkdir(parents=True)
         (out / "runs" / "x" / "config.json").write_text(json.dumps({"model": {"base": base}}), encoding="utf-8")
     return out
@@ -243,7 +245,7 @@ def test_cli_appends_the_section_with_labels_from_the_bases(tmp_path, capsys):
     report = (smol / "report.md").read_text(encoding="utf-8")
     assert "\n## S vs T\n" in report and report.count("## S vs T") == 1 and "SmolLM2" not in report
     assert re.search(r"^\| 64 \| .* \| .* \| disagree \|$", report, re.M)
-    twin = folder(tmp_path, "twin", rows(RANK, TOY_RANK, TOY, run_dir="runs/x"), base="builtin")
+    twin = folder(tmp_path, "twin", rows(RANK, TOY_RANK, TOY), base="builtin", in_rows=True)  # the rows name it
     assert report_main([str(twin), "--compare", str(toy), "--no-plots"]) == 0
     assert "\n## toy base (twin) vs toy base (toy)\n" in (twin / "report.md").read_text(encoding="utf-8")
 
@@ -255,3 +257,19 @@ def test_cli_missing_compare_folder_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --compare ") and "nowhere/results.jsonl" in err
     assert not (smol / "report.md").exists()  # nothing written
+
+
+def test_report_header_names_the_base_model_and_says_a_gguf_is_dequantized(tmp_path):
+    from experiments.report.markdown import study_header
+
+    gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    for base, needles in [
+        (gguf, ["- base model: `SmolLM2-135M-Instruct.Q4_1.gguf`, a GGUF file dequantized", "rounded copy"]),
+        ("builtin", ["- base model: the built-in base"]),
+        ("/ckpt/opt-125m", ["- base model: `opt-125m`"]),
+    ]:
+        out = folder(tmp_path, Path(base).name, rows(RANK, SMOL_RANK, SMOL), base=base, in_rows=True)
+        header = study_header(load_studies(out)[0])
+        assert all(n in header for n in needles), header
+    older = folder(tmp_path, "older", rows(RANK, SMOL_RANK, SMOL))  # rows without the column: no line
+    assert "base model" not in study_header(load_studies(older)[0])

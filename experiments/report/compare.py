@@ -29,12 +29,24 @@ Labels = tuple[str, str]
 
 def base_label(out_dir: Path, studies: list[Study]) -> str:
     """How a folder's base model reads: "toy base" for the built-in one, else the checkpoint's file or folder stem
-    (model.base in its runs' config.json). A published folder keeps its rows but not its runs: then the folder's
-    own name."""
-    bases = sorted({b for st in studies for r in st.rows if (b := run_config(out_dir, r).get("model", {}).get("base"))})
+    (the rows' base_model; rows older than that column: model.base in their runs' config.json). A published folder
+    of such older rows keeps its rows but not its runs: then the folder's own name."""
+    bases = sorted(
+        {
+            b
+            for st in studies
+            for r in st.rows
+            if (b := r.get("base_model") or run_config(out_dir, r).get("model", {}).get("base"))
+        }
+    )
     if not bases:
         return Path(out_dir).resolve().name
-    return "/".join(TOY if b == BUILTIN else Path(b).stem if Path(b).suffix == ".gguf" else Path(b).name for b in bases)
+    return "/".join(short_base(b) for b in bases)
+
+
+def short_base(base: str) -> str:
+    """A base model as a label: "toy base", a GGUF file's stem, a checkpoint folder's name."""
+    return TOY if base == BUILTIN else Path(base).stem if Path(base).suffix == ".gguf" else Path(base).name
 
 
 def load_other(out_dir: Path) -> list[Study]:

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.report.checks import Check
-from experiments.report.compare import compare_folders
+from experiments.report.compare import compare_folders, short_base
 from experiments.report.concurrency import concurrency_note
 from experiments.report.expectations import expectations
 from experiments.report.fmt import EMPTY, ci, diff_text, integer, md_table, mib, num
@@ -148,7 +148,9 @@ def study_header(st: Study) -> str:
         else "no finished run"
     )
     devices = sorted({f"{r.get('device')}, {r.get('dtype')}, world size {r.get('world_size')}" for r in ok})
-    lines = [
+    bases = sorted({r["base_model"] for r in rows if r.get("base_model")})
+    lines = [f"- base model: {'; '.join(_base_text(b) for b in bases)}"] if bases else []
+    lines += [
         f"- swept key: `{st.key}`; baseline: {st.baseline.label if st.baseline else EMPTY}; "
         f"seeds: {', '.join(map(str, seeds))} ({len(seeds)} per value)",
         f"- alpha policy: {_alpha_text(rows)}",
@@ -176,6 +178,19 @@ def study_header(st: Study) -> str:
             + f" (see {r['run_dir']}/train.log)"
         )
     return "\n".join(lines)
+
+
+def _base_text(base: str) -> str:
+    """The base model as the header names it; a GGUF file's weights are what it stores, dequantized: for a quantized
+    file (Q4_1, Q8_0, ...) a rounded copy of the released weights, not the original."""
+    if base == "builtin":
+        return "the built-in base (a small GPT pretrained here on the Python standard library)"
+    if base.endswith(".gguf"):
+        return (
+            f"`{Path(base).name}`, a GGUF file dequantized to float32: for a quantized file a rounded copy of the "
+            "released weights, not the original"
+        )
+    return f"`{short_base(base)}`"
 
 
 def _title(st: Study) -> str:
