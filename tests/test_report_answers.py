@@ -171,5 +171,10 @@ def test_qv_read_per_parameter_and_against_the_mlp(tmp_path):
     assert "q,v alone reach" in text and "55% of that gain with 22% of its parameters" in text
     assert re.search(r"the MLP \(fc1,fc2\) gains 32\.\d\d ppl .* the rest of attention \(k,o\) 19\.\d\d", text)
     assert "(1) holds, (2) does not" in text and "Biderman et al. 2024" in text
+    # per 1k parameters: (281.2 - 217) / 65.536, (281.2 - 200) / 147.456, (281.2 - 236.4) / 32.768
+    assert "per 1k parameters: q,k,v,o 0.98, q,k,v,o,fc1,fc2 0.551, q,v 1.37," in text
+    # A real model gains little per parameter: 3 significant digits, never a row of 0.00 (SmolLM2's q,v: 0.0014).
+    real = [{**r, "trainable_params": r["trainable_params"] * 1000} for r in target_rows(published)]
+    assert "per 1k parameters: q,k,v,o 0.00098, q,k,v,o,fc1,fc2 0.000551, q,v 0.00137," in write(tmp_path, real)
     attention_first = {**published, "q_proj,v_proj,fc1,fc2": 225.0}  # now k,o add more than the MLP
     assert verdict(write(tmp_path, target_rows(attention_first)), check) == "held"

@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from proc_helpers import release_together
 from row_helpers import a_row
 
 from data.cache import atomic_write, write_json_atomic
@@ -32,15 +32,11 @@ ONE = DistInfo(rank=0, world_size=1, device=CPU, owns_group=False)
 RANK = str(REPO / "experiments/configs/abl_lora_rank.yaml")
 
 APPENDER = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     from experiments.sweep.results import append_row
     out, me = Path(sys.argv[1]), sys.argv[2]
-    (out / f"ready-{me}").touch()
-    give_up = time.time() + 900
-    while not (out / "go").exists():  # both writers start appending at the same moment
-        assert time.time() < give_up
-        time.sleep(0.001)
+    open(out / f"go-{me}").read()  # a FIFO: both writers start appending at the same moment (release_together)
     for i in range(150):
         append_row(out, {"ablation": "w" + me, "key": "k", "value": i, "seed": 0, "status": "ok",
                          "config_hash": f"{me}-{i}", "study_hash": "s"})
@@ -49,16 +45,15 @@ APPENDER = textwrap.dedent("""
 
 def test_concurrent_appends_keep_every_row(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [
-        subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path), me], env=env, stderr=subprocess.PIPE)
+    for me in ("a", "b"):
+        os.mkfifo(tmp_path / f"go-{me}")
+    named = {
+        me: subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path), me], env=env, stderr=subprocess.PIPE)
         for me in ("a", "b")
-    ]
+    }
+    procs = list(named.values())
     try:
-        deadline = time.time() + 600  # importing torch twice on a busy machine
-        while not all((tmp_path / f"ready-{me}").exists() for me in ("a", "b")):
-            assert time.time() < deadline and all(p.poll() is None for p in procs)
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
+        release_together(tmp_path, named)
         for p in procs:
             assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
     finally:

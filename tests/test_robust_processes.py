@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
-from proc_helpers import alive, training_children, wait_until
+from proc_helpers import alive, release_together, training_children, wait_until
 
 from experiments import run
 from experiments.config.config import load_config
@@ -96,29 +95,6 @@ SWEEP = textwrap.dedent("""
 
     run_sweep(specs, out, train, say=say)
 """)
-
-
-def release_together(folder: Path, procs: dict[str, subprocess.Popen]) -> None:
-    """Start the processes' work at one moment, on events only: each child opens its FIFO go-<me> for reading,
-    which is what lets the test's open for writing return; once every child is there, closing the FIFOs gives them
-    all EOF at once. A child that dies first fails the test instead of hanging it."""
-    writers: dict[str, int] = {}
-
-    def open_all() -> None:
-        for me in procs:
-            writers[me] = os.open(folder / f"go-{me}", os.O_WRONLY)
-
-    opener = threading.Thread(target=open_all, daemon=True)
-    opener.start()
-    while opener.is_alive():
-        opener.join(timeout=1.0)  # a bound on the wait for a crash, not an ordering: the join returns at the event
-        dead = {me: p.returncode for me, p in procs.items() if p.poll() is not None}
-        if dead and opener.is_alive():
-            for me in procs:  # unblock the opener (a reader of our own), then fail
-                os.close(os.open(folder / f"go-{me}", os.O_RDONLY | os.O_NONBLOCK))
-            raise AssertionError(f"a sweep ended before it was released: {dead}")
-    for fd in writers.values():
-        os.close(fd)
 
 
 def test_two_sweeps_on_one_results_folder_train_each_run_once(tmp_path):

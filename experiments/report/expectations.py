@@ -151,8 +151,8 @@ def _modules(st: Study, names: set[str]) -> Value | None:
 
 
 def _per_k(gain: float, params: float) -> str:
-    """ppl gained per 1,000 trainable parameters."""
-    return f"{1000 * gain / params:.2f}"
+    """ppl gained per 1,000 trainable parameters, to 3 significant digits (a real model's are tiny: 0.00141)."""
+    return f"{1000 * gain / params:.3g}"
 
 
 def qv_check(st: Study) -> Check:
