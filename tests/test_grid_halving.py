@@ -100,3 +100,22 @@ def test_report_says_what_halving_stopped_saved_and_whether_its_pick_is_the_full
     text = (tmp_path / "report.md").read_text()
     assert "The full grid ran as well: its recommended cell is rank 4 × attention,mlp; halving's is rank 4 × " in text
     assert json.loads((tmp_path / HALVING_FILE).read_text())  # the record stays beside the results
+
+
+def test_more_seeds_in_the_same_folder_decide_each_rung_again(tmp_path):
+    """A decision holds for the runs it was made over: rerun with a third seed, rung 1 is decided again on three
+    seeds' tune losses (the recorded two-seed choice would otherwise stand), and the record says over which runs."""
+    two = halving_specs(seeds=2)
+    run_halving(two, tmp_path, Fake(), say=quiet)
+    sid = f"rank_x_modules/{two[0].study_hash}"
+    first = read_record(tmp_path)[sid]["rungs"][0]
+    assert len(first["runs"]) == 18 and first["kept"] == CELLS[:5]
+    # Plant a two-seed decision no tune loss supports: kept as long as the runs are the same, remade on three seeds.
+    planted = {**read_record(tmp_path), sid: {"rungs": [{**first, "kept": CELLS[4:]}]}}
+    (tmp_path / HALVING_FILE).write_text(json.dumps(planted))
+    again = Fake()
+    run_halving(two, tmp_path, again, say=quiet)
+    assert again.calls and all(any(f"={c}-" in name for c in CELLS[4:]) for name, _, _ in again.calls)  # trusted
+    run_halving(halving_specs(seeds=3), tmp_path, Fake(), say=quiet)
+    rung0 = read_record(tmp_path)[sid]["rungs"][0]
+    assert len(rung0["runs"]) == 27 and rung0["kept"] == CELLS[:5]  # decided again, by the planted tune losses

@@ -157,10 +157,17 @@ def _rung(specs: Sequence[RunSpec], k: int, budgets: Sequence[int], cells: Seque
     return [_at_budget(s, k, k == len(budgets) - 1, budgets[k]) for s in specs if str(s.value) in cells]
 
 
-def _recorded(record: dict[str, Any], k: int, cells: Sequence[str]) -> list[str] | None:
-    """The cells rung k kept, where the record holds its decision over these same cells."""
+def _runs(rung: Sequence[RunSpec]) -> list[str]:
+    """What a decision was made over, beyond its cells: the rung's runs (so a rerun with more seeds decides again)."""
+    return sorted(s.config_hash for s in rung)
+
+
+def _recorded(record: dict[str, Any], k: int, cells: Sequence[str], rung: Sequence[RunSpec]) -> list[str] | None:
+    """The cells rung k kept, where the record holds its decision over these same cells and runs (a record older
+    than the runs key: over these cells)."""
     done = record["rungs"][k] if k < len(record["rungs"]) else None
-    return done["kept"] if done is not None and done["cells"] == list(cells) else None
+    same = done is not None and done["cells"] == list(cells) and done.get("runs", _runs(rung)) == _runs(rung)
+    return done["kept"] if same else None
 
 
 def _halve(
@@ -176,7 +183,7 @@ def _halve(
         planned += rung
         if k == len(budgets) - 1:
             break
-        recorded = _recorded(record, k, cells)
+        recorded = _recorded(record, k, cells, rung)
         if recorded is not None:  # decided before this sweep was stopped: keep to it
             cells = recorded
             continue
@@ -186,7 +193,13 @@ def _halve(
             break
         nxt = choose(scores, cells)
         record["rungs"] = record["rungs"][:k] + [
-            {"tokens": tokens, "cells": cells, "kept": nxt, "tune_loss": {c: scores[c] for c in cells}}
+            {
+                "tokens": tokens,
+                "cells": cells,
+                "runs": _runs(rung),
+                "kept": nxt,
+                "tune_loss": {c: scores[c] for c in cells},
+            }
         ]
         _write_record(out_dir, sid, record)
         cells = nxt
@@ -252,7 +265,7 @@ def _plan_study(sid: str, specs: list[RunSpec], out_dir: Path) -> tuple[list[Run
 def _decided(record: dict[str, Any], k: int, cells: list[str], rung: list[RunSpec], out_dir: Path) -> list[str] | None:
     """The cells rung k keeps, where the command would know them before training anything: recorded, or chosen by
     tune loss once every run of the rung has its ok row (as `_halve` would choose them); None otherwise."""
-    recorded = _recorded(record, k, cells)
+    recorded = _recorded(record, k, cells, rung)
     if recorded is not None or not all(st == "done" for st in plan_states(rung, out_dir)):
         return recorded
     return choose(cell_scores(rung, latest(read_rows(out_dir))), cells)
