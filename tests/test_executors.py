@@ -130,9 +130,9 @@ def test_closing_a_pool_stops_every_child(tmp_path, monkeypatch):
         import os, pathlib, sys, threading
         run_dir = pathlib.Path(sys.argv[sys.argv.index("--run-dir") + 1])
         (run_dir / "argv").write_text(" ".join(sys.argv))
-        (run_dir / "pid.tmp").write_text(str(os.getpid()))
-        (run_dir / "pid.tmp").rename(run_dir / "pid")  # whole or absent: the test may read it at any moment
-        try:
+        try:  # before the pid is out: a SIGINT the moment the test sees it must land in here, not before the try
+            (run_dir / "pid.tmp").write_text(str(os.getpid()))
+            (run_dir / "pid.tmp").rename(run_dir / "pid")  # whole or absent: the test may read it at any moment
             threading.Event().wait()
         except KeyboardInterrupt:
             (run_dir / "interrupted").touch()
