@@ -188,3 +188,32 @@ def _gguf_name(name: str) -> str:
     _, _, i, rest = name.split(".", 3)
     module, param = rest.rsplit(".", 1)
     return f"blk.{i}.{_HF_TO_GGUF[module]}.{param}"
+
+
+def stdlib_sample(folder: Path, n: int, lo: int, hi: int) -> Path:
+    """A fine-tuning folder of the first `n` standard-library modules of lo to hi bytes."""
+    import shutil
+    import sysconfig
+
+    folder.mkdir()
+    stdlib = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if lo < p.stat().st_size < hi)
+    for f in stdlib[:n]:
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def run_lab(args: list[str], out: Path, timeout: int, **env: str) -> list[dict]:
+    """`python -m experiments.run ARGS --out OUT --no-progress` in a subprocess (the repo on PYTHONPATH, no W&B,
+    `env` added); asserts it exits 0 and returns its rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    full_env = {**os.environ, "PYTHONPATH": str(repo), **env}
+    full_env.pop("WANDB_PROJECT", None)
+    cmd = [sys.executable, "-m", "experiments.run", *args, "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, cwd=repo, env=full_env, text=True, capture_output=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from gguf_helpers import hf_model, tiny_bpe, write_gguf
+from gguf_helpers import hf_model, run_lab, stdlib_sample, tiny_bpe, write_gguf
 from transformers import AutoModelForCausalLM
 
 from data import load_corpus, load_tokenizer, split_corpus, token_array, val_windows
@@ -40,29 +35,14 @@ def gguf_base(tmp_path):
 
 
 def test_quick_sweep_on_a_gguf_base_matches_transformers(gguf_base, isolated_cache, tmp_path):
-    data = tmp_path / "finetune"
-    data.mkdir()
-    stdlib = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 3_000 < p.stat().st_size < 20_000)
-    for f in stdlib[:8]:
-        shutil.copy(f, data / f.name)
+    data = stdlib_sample(tmp_path / "finetune", 8, 3_000, 20_000)
     out = tmp_path / "out"
     settings = ["model.max_position_embeddings=64", "train.tokens=1024", "train.batch_tokens=512", "train.lr=0.05"]
     settings += ["train.micro_batch_tokens=256", "eval.max_tokens=512", "data.val_fraction=0.25"]
     settings += ["train.dtype=float32"]  # transformers' float32 losses are the reference; auto is bf16 on a bf16 CPU
     args = ["--quick", "--config", "experiments/configs/abl_lora_rank.yaml", "--lora_rank", "4", "--data", str(data)]
-    args += ["--base_model", str(gguf_base), *(a for s in settings for a in ("--set", s)), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("WANDB_PROJECT", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args, "--no-progress"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    args += ["--base_model", str(gguf_base), *(a for s in settings for a in ("--set", s))]
+    rows = run_lab(args, out, timeout=600)
     assert [(r["status"], r["lora_rank"]) for r in rows] == [("ok", 4)]
     run_dir = out / rows[0]["run_dir"]
     assert json.loads((run_dir / "config.json").read_text())["model"]["base"] == str(gguf_base)

@@ -5,15 +5,9 @@ built-in base's held-out stdlib text, and the report names the base."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
-from gguf_helpers import hf_model, tiny_bpe, write_gguf
+from gguf_helpers import hf_model, run_lab, stdlib_sample, tiny_bpe, write_gguf
 
 from experiments.run import CONFIG_DIR, build_parser, resolve_runs
 
@@ -39,26 +33,11 @@ def test_quick_run_of_the_study_on_a_tiny_llama(tmp_path):
     tok = tiny_bpe(400)
     model = hf_model("llama", tok.get_vocab_size(), max_position_embeddings=2048)  # the study's longest context
     gguf = write_gguf(tmp_path / "tiny.gguf", model, tok, "Q8_0")
-    data = tmp_path / "finetune"
-    data.mkdir()
-    stdlib = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if 10_000 < p.stat().st_size < 30_000)
-    for f in stdlib[:12]:
-        shutil.copy(f, data / f.name)
+    data = stdlib_sample(tmp_path / "finetune", 12, 10_000, 30_000)
     out = tmp_path / "out"
-    args = ["--quick", "--base_model", str(gguf), "--settings", str(STUDY), "--data", str(data), "--out", str(out)]
+    args = ["--quick", "--base_model", str(gguf), "--settings", str(STUDY), "--data", str(data)]
     args += ["--set", "data.val_fraction=0.34"]  # a few documents: both splits must hold a 2048-token window
-    env = dict(os.environ, PYTHONPATH=str(REPO), SLM_LORA_CACHE=str(tmp_path / "cache"))
-    env.pop("WANDB_PROJECT", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args, "--no-progress"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = run_lab(args, out, timeout=900, SLM_LORA_CACHE=str(tmp_path / "cache"))
     assert len(rows) == 26 and {r["status"] for r in rows} == {"ok"}  # 13 values at each lr of the grid
     assert {r["ablation"] for r in rows} == {"lora_rank", "target_modules", "context_length"}
     assert {r["base_model"] for r in rows} == {str(gguf)}
