@@ -1,6 +1,8 @@
 """The bf16 benchmarks: bench.train.bf16_step builds each precision variant as the lab runs it, and
 bench.train.precision_study pairs its variants' runs by (value, seed) through the report's own paired test."""
 
+import json
+
 import pytest
 import torch
 
@@ -78,3 +80,20 @@ def test_the_study_restores_the_fused_switch(monkeypatch, tiny_config, tmp_path)
             precision_study.run_variant(tiny_config(tmp_path), variant, tmp_path / variant)
         assert LoRALinear.fused is True
     assert seen == [("bfloat16", False), ("float32", True)]
+
+
+def test_a_finished_run_is_read_back_and_a_failed_one_trained_again(monkeypatch, tiny_config, tmp_path):
+    trained = []
+
+    def train(cfg, run_dir, progress):
+        trained.append(run_dir.name)
+        return {"status": "ok", "val_ppl": 7.5}
+
+    monkeypatch.setattr(precision_study, "train_run", train)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "result.json").write_text(json.dumps({"status": "ok", "val_ppl": 3.25}))
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "result.json").write_text(json.dumps({"status": "failed", "val_ppl": None}))
+    assert precision_study.run_variant(tiny_config(tmp_path), "float32", tmp_path / "done")["val_ppl"] == 3.25
+    assert precision_study.run_variant(tiny_config(tmp_path), "float32", tmp_path / "failed")["val_ppl"] == 7.5
+    assert trained == ["failed"]

@@ -16,6 +16,7 @@ and the training-time ratio, and writes everything to a JSON file.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -56,7 +57,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run_variant(spec_cfg: Config, variant: str, run_dir: Path) -> dict:
-    """One lab run of one variant; LoRALinear.fused is restored whatever happens."""
+    """One lab run of one variant; LoRALinear.fused is restored whatever happens. A run that already finished in
+    `run_dir` (an interrupted study started again) is read back, not trained again."""
+    done = run_dir / "result.json"
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("status") == "ok":
+            return row
     dtype, fused = VARIANTS[variant]
     data = spec_cfg.to_dict()
     data["train"]["dtype"] = dtype
