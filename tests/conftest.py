@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -27,6 +28,15 @@ from model import GPT, GPTConfig, save_pretrained
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_GPT = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_position_embeddings=16)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_a_terminal_gives_it() -> None:
+    """Tests that press Ctrl-C (SIGINT) on a sweep or a run start it as a terminal would. A shell starts a background
+    job (`pytest ... &`, nohup, a CI step's subshell) with SIGINT ignored, every child inherits that, and Python
+    then installs no KeyboardInterrupt handler: the sweep under test would ignore the test's Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
