@@ -76,21 +76,23 @@ class _LoRAFunction(torch.autograd.Function):
         need_x, need_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # h = s x A^T, kept for grad_B; the only extra read of x in forward.
         h = xc @ (lora_A * scaling).to(dtype).t() if need_lora else None  # (N, r)
-        # W_eff is kept rather than recomputed (2-3 kernels): it is smaller than the saved x whenever
-        # this path runs (N >= in*out/(in+out)).
-        ctx.save_for_backward(xc if need_lora else None, w_eff if need_x else None, lora_B, h)
+        # W_eff is merged again in backward, not kept: an (out, in) tensor per layer is as large as the
+        # activations at a few hundred tokens per step (SmolLM2's MLP: out 1536), and the merge is a small
+        # share of the layer's GEMMs (r/N of their flops). Saving the parameters costs no memory.
+        ctx.save_for_backward(xc if need_lora else None, weight if need_x else None, lora_A, lora_B, h)
         ctx.scaling, ctx.dtype, ctx.x_dtype, ctx.A_dtype = scaling, dtype, x.dtype, lora_A.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        xc, w_eff, lora_B, h = ctx.saved_tensors
+        xc, weight, lora_A, lora_B, h = ctx.saved_tensors
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         s, dtype = ctx.scaling, ctx.dtype
         g = g.to(dtype)  # (N, out)
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
+            w_eff = _merged_weight(weight, lora_A, lora_B, s, dtype)  # (out, in), the forward's bits
             grad_x = (g @ w_eff).to(ctx.x_dtype)  # (N, in)
         # Thin GEMMs are written as (thin^T @ big): MKL is several times slower on (big^T @ thin)
         # at some ranks (r=8) and never faster by much (bench/NOTES.md).
