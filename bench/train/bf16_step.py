@@ -39,6 +39,11 @@ from training.precision import cpu_bf16_units, keep_frozen_in
 
 RESULTS = Path(__file__).parents[1] / "results"
 SHAPES = {  # name -> (GPTConfig, batch, seq)
+    "builtin": (  # the default study's fine-tuning step: the built-in base (defaults.yaml's pretrain section)
+        GPTConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_position_embeddings=2048),
+        8,
+        512,
+    ),
     "cpu": (
         GPTConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_position_embeddings=256),
         8,
