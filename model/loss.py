@@ -16,6 +16,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 LOGITS_BUDGET = 1 << 24  # elements of float32 logits per chunk (64 MiB) when chunk_size is not given
+# On CPU at most this many tokens per chunk as well: the softmax's passes then run over a few MiB that stay in
+# cache instead of 64 MiB fetched from memory (and page-faulted anew each call); bench/NOTES.md has the figures.
+CPU_CHUNK_TOKENS = 256
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -71,7 +74,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,  # (N, d)
     weight: torch.Tensor,  # (V, d), the head (no bias)
     targets: torch.Tensor,  # (N,) int64, ignore_index where no loss
-    chunk_size: int | None = None,  # tokens per chunk; None -> about 64 MiB of float32 logits
+    chunk_size: int | None = None,  # tokens per chunk; None -> about 64 MiB of float32 logits, on CPU <= 256
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Scalar mean cross-entropy over non-ignored targets, equal to
@@ -89,6 +92,8 @@ def chunked_cross_entropy(
         )
     if chunk_size is None:
         chunk_size = max(1, LOGITS_BUDGET // weight.shape[0])
+        if hidden.device.type == "cpu":
+            chunk_size = min(chunk_size, CPU_CHUNK_TOKENS)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device_type = hidden.device.type

@@ -194,6 +194,15 @@ def test_default_chunks_hold_at_most_the_logits_budget(monkeypatch):
     assert ops.mm == 4
 
 
+def test_default_chunks_on_cpu_hold_at_most_the_cpu_chunk_tokens(monkeypatch):
+    monkeypatch.setattr(loss_module, "CPU_CHUNK_TOKENS", 150)  # fewer than the budget's 13e6 / 13 tokens
+    monkeypatch.setattr(loss_module, "LOGITS_BUDGET", 13 * 10**6)
+    h, w, t = data(N=400)
+    with torch.no_grad(), _CountOps(w.shape) as ops:
+        chunked_cross_entropy(h, w, t)
+    assert ops.mm == 3  # 150 + 150 + 100 tokens
+
+
 def test_head_gemms_run_in_the_autocast_dtype_and_inputs_are_promoted_without_it():
     h, w, t = data(N=40, d=16, V=50)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _CountOps(w.shape) as ops:
