@@ -2,12 +2,16 @@
 bench.train.precision_study pairs its variants' runs by (value, seed) through the report's own paired test."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from bench.train import bf16_step, precision_study
+from experiments.finetune.row import RESULT_KEYS
+from experiments.report.markdown import main as report_main
 from experiments.report.stats import paired
+from experiments.sweep.results import read_rows
 from lora import LoRALinear
 from model import GPTConfig
 
@@ -97,3 +101,37 @@ def test_a_finished_run_is_read_back_and_a_failed_one_trained_again(monkeypatch,
     assert precision_study.run_variant(tiny_config(tmp_path), "float32", tmp_path / "done")["val_ppl"] == 3.25
     assert precision_study.run_variant(tiny_config(tmp_path), "float32", tmp_path / "failed")["val_ppl"] == 7.5
     assert trained == ["failed"]
+
+
+def test_each_variant_becomes_a_lab_results_folder_that_the_report_reads(monkeypatch, tmp_path):
+    """Every (value, seed) row of each variant lands in WORK/<variant>/results.jsonl with the lab's identity, and the
+    report compares the two folders; a second invocation reads the runs back instead of training them."""
+    trained = []
+
+    def train(cfg, run_dir, progress):
+        trained.append(run_dir)
+        shift = 0.5 if cfg.train.dtype == "bfloat16" else 0.0
+        ppl = 100.0 - cfg.lora.rank / 8 + cfg.train.seed / 10 + shift
+        result = dict.fromkeys(RESULT_KEYS) | {"status": "ok", "val_ppl": ppl, "val_loss": math.log(ppl)}
+        result |= {"train_time_s": 10.0, "dtype": cfg.train.dtype}
+        (run_dir / "result.json").parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(precision_study, "train_run", train)
+    argv = ["--config", "experiments/configs/abl_lora_rank.yaml", "--quick", "--seeds", "2", "--work", str(tmp_path)]
+    argv += ["--variants", "float32", "bf16-fused", "--out", str(tmp_path / "out.json")]
+    out = precision_study.main(argv)
+    n_runs = len(trained)
+    assert n_runs == len(out["rows"]) > 0  # one run per (value, seed, variant): the rank study shares no baseline
+    for variant, shift in (("float32", 0.0), ("bf16-fused", 0.5)):
+        rows = read_rows(tmp_path / variant)
+        assert len(rows) == len(out["rows"]) // 2
+        assert all(r["val_ppl"] == 100.0 - r["lora_rank"] / 8 + r["seed"] / 10 + shift for r in rows)
+        assert {r["ablation"] for r in rows} == {"lora_rank"}
+    assert out["summary"]["bf16-fused - float32"]["val_ppl_pooled"]["diff"] == pytest.approx(0.5)
+    precision_study.main(argv)  # started again: every run read back, the folders rebuilt the same
+    assert len(trained) == n_runs and len(read_rows(tmp_path / "float32")) == len(out["rows"]) // 2
+    args = [str(tmp_path / "bf16-fused"), "--compare", str(tmp_path / "float32"), "--no-plots"]
+    assert report_main([*args, "--label", "bf16", "--compare-label", "fp32"]) == 0
+    assert "## bf16 vs fp32" in (tmp_path / "bf16-fused" / "report.md").read_text()

@@ -6,7 +6,9 @@ hits all three alike and the time ratios are side by side). Every run is the lab
 config (`train.dtype` set per variant; a bf16 variant fine-tunes the base pretrained in bf16, as `auto` does on a
 bf16 CPU). The two-matmul variant sets `LoRALinear.fused = False` for its runs. Prints, per value and pooled over the
 values, the paired difference of validation perplexity (mean ± 95 % t-interval over seeds, experiments.report.stats)
-and the training-time ratio, and writes everything to a JSON file.
+and the training-time ratio, and writes everything to a JSON file. Each variant's folder (WORK/<variant>) is also a
+lab results folder, so `python -m experiments.report WORK/bf16-fused --compare WORK/float32` gives each precision's
+tables and recommended values and their paired differences; a study started again reads its finished runs back.
 
     python -m bench.train.precision_study                       # abl_lora_rank.yaml, 3 seeds, all three variants
     python -m bench.train.precision_study --quick --seeds 2 --lora_rank 16   # a smoke run (not a finding); any
@@ -28,6 +30,8 @@ from experiments.config.config import Config, from_dict
 from experiments.finetune.train import train_run
 from experiments.report.stats import paired
 from experiments.run import build_parser, resolve_runs
+from experiments.sweep.results import RESULTS_JSONL, append_row
+from experiments.sweep.sweep import spec_row
 from lora import LoRALinear
 from training.distributed import device_name
 from training.precision import cpu_bf16_units
@@ -51,7 +55,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="the lab's --quick scale: a smoke run, not a finding")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--work", type=Path, default=Path("bench_precision_runs"), help="run folders go here")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("bench_precision_runs"),
+        help="WORK/<variant>/runs/<hash> per run; WORK/<variant> is then a lab results folder (experiments.report)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/precision_study[_quick].json)")
     return p.parse_known_args(argv)
 
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants:
             key = (spec.config_hash, variant)
             if key not in done:
-                done[key] = run_variant(spec.cfg, variant, args.work / variant / spec.config_hash)
+                done[key] = run_variant(spec.cfg, variant, spec.run_dir(args.work / variant))
             r = done[key]
             value = f"{spec.ablation}={spec.value}"
             rows.append({**r, "variant": variant, "value": value, "seed": spec.seed})
@@ -125,6 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"train {r['train_time_s'] or float('nan'):7.1f} s  [{time.perf_counter() - t0:6.0f} s]",
                 flush=True,
             )
+    for variant in args.variants:  # each variant's runs as a lab results folder, rebuilt from its runs' results
+        (args.work / variant / RESULTS_JSONL).unlink(missing_ok=True)
+        for spec in specs:
+            append_row(args.work / variant, spec_row(spec, args.work / variant, done[spec.config_hash, variant]))
+    print(
+        f"each variant's folder in {args.work} is a lab results folder: python -m experiments.report "
+        f"{args.work / args.variants[-1]} --compare {args.work / args.variants[0]} --label {args.variants[-1]} "
+        f"--compare-label {args.variants[0]}"
+    )
     summary = summarize(rows, args.variants)
     for name, s in summary.items():
         pooled = s["val_ppl_pooled"]

@@ -35,9 +35,10 @@ from experiments.sweep.results import append_row, latest, make_row, read_rows, v
 from training.checkpoint import CHECKPOINT_FILE
 
 
-def _row(
+def spec_row(
     spec: RunSpec, out_dir: Path, result: dict, reused_from: str | None = None, concurrency: int | None = None
 ) -> dict:
+    """The results row of `spec`'s run, whose folder is spec.run_dir(out_dir)."""
     who = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # ablation, value, seed, hashes, cfg
     run_dir = str(spec.run_dir(out_dir).relative_to(out_dir))
     return make_row(**who, result=result, run_dir=run_dir, reused_from=reused_from, concurrency=concurrency)
@@ -117,7 +118,7 @@ def run_sweep(
     show = bar.write if use_bar else say
 
     def record(spec: RunSpec, result: dict, reused_from: str | None = None, concurrency: int | None = None) -> None:
-        new_rows.append(_row(spec, out_dir, result, reused_from=reused_from, concurrency=concurrency))
+        new_rows.append(spec_row(spec, out_dir, result, reused_from=reused_from, concurrency=concurrency))
         append_row(out_dir, new_rows[-1])
         bar.update()
 
