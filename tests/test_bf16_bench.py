@@ -53,6 +53,22 @@ def _row(variant: str, value: int, seed: int, ppl: float, t: float) -> dict:
     return {"variant": variant, "value": value, "seed": seed, "status": "ok", "val_ppl": ppl, "train_time_s": t}
 
 
+def test_the_pooled_difference_counts_a_shared_baseline_once():
+    """The default study's baseline (rank 16 = q,v = context 512) is one run listed under three values."""
+    rows = []
+    for seed, (fp32, bf16) in enumerate([(10.0, 9.0), (11.0, 10.5), (12.0, 12.2)]):
+        for value in ("lora_rank=16", "target_modules=q,v"):  # the same run twice
+            rows.append(_row("float32", value, seed, fp32, 2.0) | {"config_hash": f"base{seed}"})
+            rows.append(_row("bf16-fused", value, seed, bf16, 1.0) | {"config_hash": f"base{seed}"})
+        rows.append(_row("float32", "lora_rank=4", seed, fp32 + 1, 2.0) | {"config_hash": f"r4-{seed}"})
+        rows.append(_row("bf16-fused", "lora_rank=4", seed, fp32 + 0.5, 1.0) | {"config_hash": f"r4-{seed}"})
+    pooled = precision_study.summarize(rows, ["float32", "bf16-fused"])["bf16-fused - float32"]["val_ppl_pooled"]
+    want = paired([9.0, 10.5, 12.2, 10.5, 11.5, 12.5], [10.0, 11.0, 12.0, 11.0, 12.0, 13.0])
+    assert (
+        pooled["n"] == 6 and pooled["diff"] == pytest.approx(want.diff) and pooled["half"] == pytest.approx(want.half)
+    )
+
+
 def test_study_summary_pairs_by_value_and_seed():
     a = {(4, 0): 10.0, (4, 1): 11.0, (4, 2): 10.5, (8, 0): 9.0, (8, 1): 9.4, (8, 2): 9.1}
     b = {(4, 0): 10.3, (4, 1): 11.1, (4, 2): 10.4, (8, 0): 9.5, (8, 1): 9.6, (8, 2): 9.2}

@@ -101,8 +101,10 @@ def summarize(rows: list[dict], variants: list[str]) -> dict:
             keys = [s for vv, s in both if vv == v]
             d = paired([ok[a, v, s]["val_ppl"] for s in keys], [ok[b, v, s]["val_ppl"] for s in keys])
             per_value[str(v)] = {"diff": d.diff, "half": d.half, "n": d.n, "significant": d.significant}
-        d = paired([ok[a, v, s]["val_ppl"] for v, s in both], [ok[b, v, s]["val_ppl"] for v, s in both])
-        times = [ok[a, v, s]["train_time_s"] / ok[b, v, s]["train_time_s"] for v, s in both]
+        # Pooled over distinct runs: a baseline shared by several ablations is one run, listed under each value.
+        distinct = list({ok[a, v, s].get("config_hash", (v, s)): (v, s) for v, s in both}.values())
+        d = paired([ok[a, v, s]["val_ppl"] for v, s in distinct], [ok[b, v, s]["val_ppl"] for v, s in distinct])
+        times = [ok[a, v, s]["train_time_s"] / ok[b, v, s]["train_time_s"] for v, s in distinct]
         out[f"{a} - {b}"] = {
             "val_ppl_pooled": {"diff": d.diff, "half": d.half, "n": d.n, "significant": d.significant},
             "val_ppl_per_value": per_value,
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                 done[key] = run_variant(spec.cfg, variant, spec.run_dir(args.work / variant))
             r = done[key]
             value = f"{spec.ablation}={spec.value}"
-            rows.append({**r, "variant": variant, "value": value, "seed": spec.seed})
+            rows.append({**r, "variant": variant, "value": value, "seed": spec.seed, "config_hash": spec.config_hash})
             print(
                 f"{spec.name:28s} {variant:16s} {r['status']:8s} val ppl {r['val_ppl'] or float('nan'):9.3f} "
                 f"train {r['train_time_s'] or float('nan'):7.1f} s  [{time.perf_counter() - t0:6.0f} s]",
