@@ -119,6 +119,9 @@ def test_rows_without_a_cost_say_so_in_the_recommendation(tmp_path):
     assert "; train time unknown for rank 64 (rows without `train_time_s`), ranked as the most costly" in evidence
     (full, *_) = load_studies(write(tmp_path / "full", committed(DEFAULT)))
     assert "unknown" not in recommend(full).evidence
+    # a cost no value has ranks nobody: nothing to say (the costs compared are the ones some value has)
+    (none, *_) = load_studies(write(tmp_path / "none", without(committed(DEFAULT), "train_time_s", where=bool)))
+    assert "unknown" not in recommend(none).evidence
 
 
 def test_a_grid_value_whose_every_run_failed_shows_its_runs_as_failed(tmp_path):
