@@ -32,18 +32,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.train.measure import matmul_peak, time_steps
 from bench.train.profile import profile_steps
 from data.cache import write_json_atomic
+from experiments.base.pretrain import base_gpt_config
+from experiments.config.config import load_config
 from lora import LoRAConfig, LoRALinear, inject_lora
 from model import GPT, GPTConfig
 from training.distributed import device_name
 from training.precision import cpu_bf16_units, keep_frozen_in
 
 RESULTS = Path(__file__).parents[1] / "results"
+
+
+def _builtin() -> tuple[GPTConfig, int, int]:
+    """The default study's fine-tuning step, read from the lab's defaults: the built-in base (at the tokenizer's
+    largest vocabulary) and one micro-batch at the fine-tuning context."""
+    cfg = load_config()
+    seq = cfg.model.max_position_embeddings
+    return base_gpt_config(cfg.pretrain, cfg.pretrain.vocab_size), cfg.train.micro_batch_tokens // seq, seq
+
+
 SHAPES = {  # name -> (GPTConfig, batch, seq)
-    "builtin": (  # the default study's fine-tuning step: the built-in base (defaults.yaml's pretrain section)
-        GPTConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=128, d_ff=512, max_position_embeddings=2048),
-        8,
-        512,
-    ),
+    "builtin": _builtin(),
     "cpu": (
         GPTConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_position_embeddings=256),
         8,

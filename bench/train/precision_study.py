@@ -18,7 +18,6 @@ tables and recommended values and their paired differences; a study started agai
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from data.cache import write_json_atomic
 from experiments.config.config import Config, from_dict
+from experiments.finetune.row import read_result
 from experiments.finetune.train import train_run
 from experiments.report.stats import paired
 from experiments.run import build_parser, resolve_runs
@@ -68,11 +68,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def run_variant(spec_cfg: Config, variant: str, run_dir: Path) -> dict:
     """One lab run of one variant; LoRALinear.fused is restored whatever happens. A run that already finished in
     `run_dir` (an interrupted study started again) is read back, not trained again."""
-    done = run_dir / "result.json"
-    if done.is_file():
-        row = json.loads(done.read_text())
-        if row.get("status") == "ok":
-            return row
+    done = read_result(run_dir)
+    if done is not None and done.get("status") == "ok":
+        return done
     dtype, fused = VARIANTS[variant]
     data = spec_cfg.to_dict()
     data["train"]["dtype"] = dtype
