@@ -90,13 +90,13 @@ def chunked_cross_entropy(
             f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
             f"targets {tuple(targets.shape)}"
         )
+    device_type = hidden.device.type
     if chunk_size is None:
         chunk_size = max(1, LOGITS_BUDGET // weight.shape[0])
-        if hidden.device.type == "cpu":
+        if device_type == "cpu":
             chunk_size = min(chunk_size, CPU_CHUNK_TOKENS)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:

@@ -31,12 +31,16 @@ TINY_GPT = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_pos
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _ctrl_c_as_a_terminal_gives_it() -> None:
+def _ctrl_c_as_a_terminal_gives_it() -> Iterator[None]:
     """Tests that press Ctrl-C (SIGINT) on a sweep or a run start it as a terminal would. A shell starts a background
     job (`pytest ... &`, nohup, a CI step's subshell) with SIGINT ignored, every child inherits that, and Python
-    then installs no KeyboardInterrupt handler: the sweep under test would ignore the test's Ctrl-C."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    then installs no KeyboardInterrupt handler: the sweep under test would ignore the test's Ctrl-C. The suite's
+    own disposition is given back at the end."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(autouse=True)
