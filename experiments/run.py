@@ -337,13 +337,14 @@ def _join_torchrun(specs: list[RunSpec], states: list[str]) -> list[str]:
     """Under torchrun: one process group for the whole sweep (train_run joins it instead of making its own per run;
     re-creating groups back to back can deadlock), and rank 0's view of what is done, so every rank agrees."""
     import torch
-    import torch.distributed as dist
+
+    from training.distributed import init_group
 
     if torch.cuda.is_available() and any(s.cfg.train.device != "cpu" for s in specs):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        init_group("cpu:gloo,cuda:nccl")
     else:
-        dist.init_process_group(backend="gloo")
+        init_group("gloo")
     return _from_rank0(states)
 
 

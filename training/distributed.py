@@ -63,8 +63,20 @@ def setup(device_kind: str) -> DistInfo:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        init_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+
+def init_group(backend: str) -> None:
+    """init_process_group, with torch.distributed.nn imported first.
+
+    That module's functions take `group=group.WORLD` as a default argument, evaluated on its first import, which DDP
+    makes. Imported after the group exists, those ten defaults keep it alive past destroy_process_group: gloo's
+    threads then run on into interpreter exit, where a rank can abort ("terminate called without an active
+    exception", exit -6) after its work is done. Imported before, the defaults are None."""
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group(backend=backend)
 
 
 def teardown(info: DistInfo) -> None:
