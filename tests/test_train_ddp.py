@@ -17,6 +17,15 @@ from experiments.finetune.train import train_run
 REPO = Path(__file__).resolve().parents[1]
 
 
+def torchrun_two(*args: str) -> None:
+    """Two CPU processes under torchrun, one torch thread each; fails with their stderr if either does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def losses(run_dir: Path, key: str) -> list[float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in recs if key in r]
@@ -47,31 +56,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, tiny_config
 
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "experiments.finetune",
-            "--config-json",
-            str(cfg_file),
-            "--run-dir",
-            str(tmp_path / "two"),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    torchrun_two(
+        "-m",
+        "experiments.finetune",
+        "--config-json",
+        str(cfg_file),
+        "--run-dir",
+        str(tmp_path / "two"),
+        "--no-progress",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["status"] == "ok", two["error"]
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -118,26 +111,7 @@ def test_teardown_leaves_no_gloo_thread_running(tmp_path):
     this probe had them running after teardown in 5 runs of 5, and 2 of the 5 aborted so."""
     probe = tmp_path / "probe.py"
     probe.write_text(_TEARDOWN_PROBE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(probe),
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two(str(probe), str(tmp_path))
     for rank in (0, 1):
         during, after = (tmp_path / f"rank{rank}").read_text().split("|")
         assert during != "[]"  # the probe sees gloo's threads while the group lives (their names are gloo's)
