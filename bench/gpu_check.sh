@@ -66,7 +66,7 @@ step_quick() {  # the whole lab path on CUDA, in a private cache (base pretraini
     return $rc
 }
 
-step_targets() {  # the targets against this GPU's layer and train files
+step_targets() {  # our performance targets (bench/targets.py) against this GPU's layer and train files
     "$PY" -m bench.targets --layer "$R/layer_bfloat16_$tag.json" --train "$R/train_$tag.json" \
         | tee "$R/targets_$tag.md"
 }

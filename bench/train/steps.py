@@ -49,7 +49,7 @@ class Shape:
 
 
 SHAPES = {
-    # the CPU shape of the issue; ~0.5 s per step for transformers + PEFT on a quiet 2-core machine
+    # the CPU comparison shape; ~0.5 s per step for transformers + PEFT on a quiet 2-core machine
     "cpu": Shape(d_model=256, n_layer=4, n_head=4, d_ff=1024, vocab=8192, batch=8, seq=256),
     # opt-125m, 16k tokens per step at both lengths
     "gpu-512": Shape(d_model=768, n_layer=12, n_head=12, d_ff=3072, vocab=50272, batch=32, seq=512),
