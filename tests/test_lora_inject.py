@@ -6,6 +6,7 @@ from lora_helpers import Tiny
 from torch import nn
 
 from lora import LoRAConfig, LoRALinear, count_parameters, inject_lora, merge_lora, unmerge_lora
+from lora.inject import resolve_targets
 
 
 def names_for(targets, exclude=None):
@@ -140,6 +141,38 @@ def test_all_linear_skips_the_head_that_get_output_embeddings_names():
     assert len(names) == 10 and "embed_out" not in names
 
 
+class HeadNamedEmbedOut(Tiny):
+    """Tiny whose head is `embed_out` (found only through get_output_embeddings), with a top-level Linear too (as
+    OPT-350m's project_in): a leaf name with no dot in front of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_out = self.lm_head
+        del self.lm_head
+        self.project_in = nn.Linear(8, 8, bias=False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.embed_out
+
+
+def test_all_linear_in_a_list_stands_for_every_linear_leaf_name_but_the_head():
+    assert resolve_targets(HeadNamedEmbedOut(), ["all-linear"]) == [
+        "q_proj",
+        "v_proj",
+        "xq_proj",
+        "fc1",
+        "fc2",
+        "project_in",
+    ]
+
+
+def test_exclude_all_linear_keeps_a_head_found_through_get_output_embeddings():
+    names = inject_lora(
+        HeadNamedEmbedOut(), LoRAConfig(rank=2, target_modules=["embed_out", "q_proj"], exclude_modules="all-linear")
+    )
+    assert names == ["embed_out"]
+
+
 def test_all_linear_skips_a_nested_lm_head():
     model = nn.ModuleDict({"wrapper": nn.ModuleDict({"model": Tiny()})})
     names = inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"))
@@ -220,6 +253,15 @@ def test_each_target_name_must_match_a_module():
     assert msg == (
         "target_modules=['q_proj', 'vproj', 'dense']: 'vproj', 'dense' matched no module (did you mean 'v_proj' "
         f"for 'vproj'?). Linear modules in the model: {LINEARS}"
+    )
+
+
+def test_a_llama_name_on_an_opt_style_model_is_told_the_models_own_name():
+    """Two unmatched names, each with its hint from the name table (difflib alone would say 'v_proj' for both)."""
+    msg = error_of(lambda: names_for(["q_proj", "down_proj", "gate_proj"]))
+    assert msg == (
+        "target_modules=['q_proj', 'down_proj', 'gate_proj']: 'down_proj', 'gate_proj' matched no module (did you mean "
+        f"'fc2' for 'down_proj', 'fc1' for 'gate_proj'?). Linear modules in the model: {LINEARS}"
     )
 
 
