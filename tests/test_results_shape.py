@@ -117,6 +117,14 @@ def test_rows_without_a_cost_say_so_in_the_recommendation(tmp_path):
     (st, *_) = load_studies(write(tmp_path, rows))
     evidence = recommend(st).evidence
     assert "; train time unknown for rank 64 (rows without `train_time_s`), ranked as the most costly" in evidence
+    # two values without one cost, and a second cost missing: each cost its own clause, the values listed
+    two = without(rows, "train_time_s", where=lambda r: r["value"] == 32)
+    two = without(two, "peak_memory_bytes", where=lambda r: r["value"] == 64)
+    (st2, *_) = load_studies(write(tmp_path / "two", two))
+    assert recommend(st2).evidence.endswith(
+        "; train time unknown for rank 32, rank 64 (rows without `train_time_s`), ranked as the most costly"
+        "; peak memory unknown for rank 64 (rows without `peak_memory_bytes`), ranked as the most costly"
+    )
     (full, *_) = load_studies(write(tmp_path / "full", committed(DEFAULT)))
     assert "unknown" not in recommend(full).evidence
     # a cost no value has ranks nobody: nothing to say (the costs compared are the ones some value has)
