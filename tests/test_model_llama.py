@@ -16,6 +16,7 @@ import transformers.models.mistral.modeling_mistral as hf_mistral
 import transformers.models.qwen2.modeling_qwen2 as hf_qwen2
 from test_model_hub import hf_cache  # noqa: F401 (a fixture: an offline Hugging Face cache in tmp_path)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from data import load_tokenizer
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
@@ -275,11 +276,64 @@ def test_from_hf_takes_a_config_dict_and_transformers_names():
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1.5e-5)
-    state = {**hf.state_dict(), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}  # older files
+    state = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), **hf.state_dict()}  # older files; first
     from_hf(hf.config.to_dict(), state, source="memory")
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match=r"^memory: checkpoint lacks tensors \['layers.1.mlp.up_proj.weight'\]"):
         from_hf(hf.config.to_dict(), state, source="memory")
+
+
+@pytest.mark.parametrize("low,high", [(1.0, 4.0), (2.0, 3.0)])
+def test_llama3_frequencies_equal_transformers_at_other_band_edges(low, high):
+    """Both band edges moved (original / high = 10.7, original / low = 16 at (2, 3)): the wavelengths 6.3, 13.6, 29,
+    63, ... of head_dim 24 then fall in each band another way than at Llama 3's (1, 4)."""
+    scaling = {**LLAMA3, "low_freq_factor": low, "high_freq_factor": high}
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=96,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={**scaling, "rope_theta": 1e4},
+    )
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)
+    torch.testing.assert_close(rope_inv_freq(24, 1e4, scaling), theirs.double(), rtol=1e-6, atol=0)
+
+
+def test_rope_keys_of_either_config_layout_with_transformers_defaults():
+    """rope_theta absent is LlamaConfig's 10000.0 (pre-5 keys or rope_parameters alike); the rotary fraction is read
+    from rope_parameters or the top level, and is never passed on as a scaling key."""
+    base = hf_model("llama").config.to_dict()
+
+    def ours(**change) -> GPTConfig:
+        hf = {k: v for k, v in {**base, **change}.items() if v is not None}
+        return config_from_hf(hf, "test")[1]
+
+    assert ours(rope_parameters=None, rope_theta=None, rope_scaling=None).rope_base == 10000.0
+    assert ours(rope_parameters={"rope_type": "default"}).rope_base == 10000.0
+    plain = {"rope_type": "default", "rope_theta": 1e4}
+    assert ours(rope_parameters={**plain, "partial_rotary_factor": 0.5}).rotary_fraction == 0.5
+    assert ours(rope_parameters=plain, partial_rotary_factor=0.5).rotary_fraction == 0.5
+    scaled = ours(rope_parameters={**LLAMA3, "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    assert scaled.rope_scaling == LLAMA3 and scaled.rotary_fraction == 0.5
+
+
+SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
+NOT_ROPE = "rope_parameters must be one dict with a numeric rope_theta, got "
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"use_sliding_window": True}, SWA),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, SWA),
+        ({"rope_parameters": [1e4]}, NOT_ROPE + "[10000.0]"),
+        ({"rope_parameters": {"rope_theta": "1e4"}}, NOT_ROPE + "{'rope_theta': '1e4'}"),
+    ],
+    ids=["use_sliding_window", "layer_types", "rope_parameters-list", "rope_theta-text"],
+)
+def test_qwen2_sliding_window_and_rope_parameters_errors_are_exact(change, message):
+    with pytest.raises(ValueError) as err:
+        config_from_hf({**hf_model("qwen2").config.to_dict(), **change}, "test")
+    assert str(err.value) == f"test: {message}"
 
 
 # ---- bad input: named before any weight is read ---------------------------------------------------------
@@ -358,6 +412,15 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path, case, change, messa
         (dict(rope_scaling={**LLAMA3, "low_freq_factor": 4.0}), "needs high_freq_factor > low_freq_factor, got 4.0"),
         (dict(rope_scaling={**LLAMA3, "factor": "8"}), "llama3 rope_scaling values must be positive numbers"),
         (dict(rope_scaling={**LLAMA3, "low_freq_factor": 0}), "llama3 rope_scaling values must be positive numbers"),
+        (
+            dict(position_embedding="rope", rope_scaling=[8.0]),
+            "GPTConfig.rope_scaling must be a dict or None, got [8.0]",
+        ),
+        (
+            dict(position_embedding="rope", rope_scaling={**LLAMA3, "beta": 1.0}),
+            "llama3 rope_scaling needs exactly the keys factor, low_freq_factor, high_freq_factor, "
+            "original_max_position_embeddings; missing [], unknown ['beta']",
+        ),
     ],
 )
 def test_config_options_are_checked(options, message):
