@@ -316,6 +316,14 @@ def test_rope_keys_of_either_config_layout_with_transformers_defaults():
     assert scaled.rope_scaling == LLAMA3 and scaled.rotary_fraction == 0.5
 
 
+def test_llama_config_reads_dropout_and_context_and_absent_bias_keys_mean_none():
+    base = hf_model("llama").config.to_dict()
+    cfg = config_from_hf({**base, "attention_dropout": 0.1}, "test")[1]
+    assert (cfg.attention_dropout, cfg.max_position_embeddings) == (0.1, 64)  # 64: not GPTConfig's default
+    bare = config_from_hf({k: v for k, v in base.items() if k not in ("attention_bias", "mlp_bias")}, "test")[1]
+    assert (bare.attn_bias, bare.o_bias, bare.mlp_bias) == (False, False, False)  # LlamaConfig's defaults
+
+
 SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
 NOT_ROPE = "rope_parameters must be one dict with a numeric rope_theta, got "
 
