@@ -21,6 +21,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from data import load_tokenizer
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from model.attention import KVCache
+from model.gpt import RMSNorm
 from model.positions import rope_inv_freq
 from model.pretrained import config_from_hf, from_hf, read_config
 
@@ -322,6 +323,24 @@ def test_llama_config_reads_dropout_and_context_and_absent_bias_keys_mean_none()
     assert (cfg.attention_dropout, cfg.max_position_embeddings) == (0.1, 64)  # 64: not GPTConfig's default
     bare = config_from_hf({k: v for k, v in base.items() if k not in ("attention_bias", "mlp_bias")}, "test")[1]
     assert (bare.attn_bias, bare.o_bias, bare.mlp_bias) == (False, False, False)  # LlamaConfig's defaults
+
+
+def test_rmsnorm_of_a_bf16_input_is_computed_in_float32_and_rounded_before_the_weight():
+    """As transformers' LlamaRMSNorm: the mean of squares in float32 (bf16's 8 bits would shift it), the normalised
+    value rounded to bf16, then the float32 weight. Compared bit for bit with that recipe written out."""
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    h = x.float()
+    expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(norm(x), expected)
+
+
+def test_a_gated_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise():
+    gated = dict(mlp="gated", norm="rmsnorm", activation="silu", n_head=4, d_model=32)
+    assert GPT(GPTConfig(**gated, bias=True)).layers[0].mlp.gate_proj.bias is not None
+    assert GPT(GPTConfig(**gated, bias=True, mlp_bias=False)).layers[0].mlp.gate_proj.bias is None
 
 
 SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
