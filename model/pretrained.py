@@ -372,7 +372,7 @@ def _llama_config(hf: dict, model_type: str) -> GPTConfig:
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         head_dim=hf.get("head_dim") or d // n_head,
         rope_scaling=scaling,
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,  # MistralConfig's default
     )
 
 

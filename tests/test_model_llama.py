@@ -317,6 +317,16 @@ def test_rope_keys_of_either_config_layout_with_transformers_defaults():
     assert scaled.rope_scaling == LLAMA3 and scaled.rotary_fraction == 0.5
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_a_config_with_only_the_required_keys_takes_transformers_defaults(model_type):
+    """Our reading of a config.json that leaves every optional key out equals our reading of the same config filled
+    in by transformers' own config class (Mistral's absent sliding_window is its 4096, not none)."""
+    required = dict(COMMON, num_key_value_heads=2)
+    filled = transformers.AutoConfig.for_model(model_type, **required).to_dict()
+    bare = config_from_hf({"model_type": model_type, **required}, "test")[1]
+    assert bare == config_from_hf(filled, "test")[1]
+
+
 def test_llama_config_reads_dropout_and_context_and_absent_bias_keys_mean_none():
     base = hf_model("llama").config.to_dict()
     cfg = config_from_hf({**base, "attention_dropout": 0.1}, "test")[1]
