@@ -279,6 +279,8 @@ def test_from_hf_takes_a_config_dict_and_transformers_names():
         torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1.5e-5)
     state = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), **hf.state_dict()}  # older files; first
     from_hf(hf.config.to_dict(), state, source="memory")
+    with pytest.raises(ValueError, match=r"^memory: model_type 'bert' is not supported"):
+        from_hf({**hf.config.to_dict(), "model_type": "bert"}, hf.state_dict(), source="memory")
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match=r"^memory: checkpoint lacks tensors \['layers.1.mlp.up_proj.weight'\]"):
         from_hf(hf.config.to_dict(), state, source="memory")
@@ -345,6 +347,7 @@ def test_rmsnorm_of_a_bf16_input_is_computed_in_float32_and_rounded_before_the_w
     h = x.float()
     expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert torch.equal(norm(x), expected)
+    assert repr(norm) == "RMSNorm((64,), eps=1e-06)"
 
 
 def test_a_gated_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise():
