@@ -356,6 +356,27 @@ def test_a_gated_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise():
     assert GPT(GPTConfig(**gated, bias=True, mlp_bias=False)).layers[0].mlp.gate_proj.bias is None
 
 
+def test_rope_tables_grown_for_a_longer_sequence_keep_the_llama3_scaling():
+    """A model built with a 16-position table, run on 40 tokens, against the same weights built with 64 positions
+    (no growing): equal logits. Grown tables without the scaling would differ past the first wavelengths."""
+    options = dict(COMMON_GPT, n_head=4, d_model=96, head_dim=24, rope_scaling=LLAMA3, norm="rmsnorm", mlp="gated")
+    torch.manual_seed(0)
+    big = GPT(GPTConfig(**{**options, "max_position_embeddings": 64})).double()
+    small = GPT(GPTConfig(**{**options, "max_position_embeddings": 16})).double()
+    small.load_state_dict(big.state_dict())
+    x = tokens(T=40)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), big(x), rtol=0, atol=1e-12)
+
+
+def test_a_bf16_checkpoint_loads_as_float32(tmp_path):
+    hf = hf_model("qwen2")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.layers[0].self_attn.q_proj.weight, hf.model.layers[0].self_attn.q_proj.weight.float())
+
+
 SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
 NOT_ROPE = "rope_parameters must be one dict with a numeric rope_theta, got "
 
