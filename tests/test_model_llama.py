@@ -369,12 +369,13 @@ def test_rope_tables_grown_for_a_longer_sequence_keep_the_llama3_scaling():
         torch.testing.assert_close(small(x), big(x), rtol=0, atol=1e-12)
 
 
-def test_a_bf16_checkpoint_loads_as_float32(tmp_path):
+def test_from_hf_takes_bf16_tensors_over_as_float32():
+    """from_hf's promise (a float32 GPT) for a bf16 checkpoint's tensors, without from_pretrained's final .to()."""
     hf = hf_model("qwen2")
-    hf.to(torch.bfloat16).save_pretrained(tmp_path)
-    model = from_pretrained(tmp_path)
+    model = from_hf(hf.config.to_dict(), {k: v.bfloat16() for k, v in hf.state_dict().items()}, source="memory")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert torch.equal(model.layers[0].self_attn.q_proj.weight, hf.model.layers[0].self_attn.q_proj.weight.float())
+    q = hf.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(model.layers[0].self_attn.q_proj.weight, q.bfloat16().float())
 
 
 SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
