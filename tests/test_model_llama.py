@@ -378,6 +378,18 @@ def test_from_hf_takes_bf16_tensors_over_as_float32():
     assert torch.equal(model.layers[0].self_attn.q_proj.weight, q.bfloat16().float())
 
 
+def test_a_sliding_window_over_alibi_sees_only_the_window():
+    """ALiBi is relative, so with a window of 4 in one layer the last position's logits are those of the model run
+    on the last 4 tokens alone (float64): the window applied to ALiBi's float bias, not in place of it. (With more
+    layers the receptive field grows by 3 per layer.)"""
+    torch.manual_seed(0)
+    options = {**COMMON_GPT, "n_layer": 1, "position_embedding": "alibi", "sliding_window": 4}
+    model = GPT(GPTConfig(**options)).double().eval()
+    x = tokens(T=10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, -1], model(x[:, -4:])[:, -1], rtol=0, atol=1e-12)
+
+
 SWA = "Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)"
 NOT_ROPE = "rope_parameters must be one dict with a numeric rope_theta, got "
 
