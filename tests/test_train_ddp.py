@@ -107,7 +107,7 @@ Path(sys.argv[1], "rank" + os.environ["RANK"]).write_text(f"{during}|{gloo_threa
 def test_teardown_leaves_no_gloo_thread_running(tmp_path):
     """A DDP model imports torch.distributed.nn, whose functions hold the group in default arguments when it is
     imported after init_process_group: the group then outlives destroy_process_group, and gloo's threads run on into
-    interpreter exit, where a rank aborted once in ~10 suite runs (exit -6 after a finished run). Before the fix
+    interpreter exit, where a rank aborted once in 6 full suite runs (exit -6 after a finished run). Before the fix
     this probe had them running after teardown in 5 runs of 5, and 2 of the 5 aborted so."""
     probe = tmp_path / "probe.py"
     probe.write_text(_TEARDOWN_PROBE)
