@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import math
+import re
 import shutil
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from data import eot_id, load_tokenizer
-from model import from_pretrained
+from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from model.gguf import SUPPORTED_TYPES, llama3_divisors, read_gguf
 from model.hub import CheckpointNotFoundError, resolve_checkpoint
 
@@ -256,6 +258,34 @@ def test_a_tensor_without_a_place_is_named(tmp_path, tok):
     path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, extra_tensors=extra)
     with pytest.raises(ValueError, match=r"m\.gguf: tensor 'blk\.0\.ffn_gate_exps\.weight' has no place"):
         from_pretrained(path)
+
+
+def test_a_missing_tensor_is_named_with_the_file(tmp_path, tok):
+    """The config promises a tensor the file lacks: the check that loads the weights names the file too."""
+    hf = hf_model("llama", tok.get_vocab_size())
+    without = types.SimpleNamespace(
+        config=hf.config, state_dict=lambda: {k: v for k, v in hf.state_dict().items() if ".0.mlp.up_proj." not in k}
+    )
+    path = write_gguf(tmp_path / "m.gguf", without, tok, "F32")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: checkpoint lacks tensors \['layers\.0\.mlp\.up_proj"):
+        from_pretrained(path)
+
+
+def test_dtype_applies_to_a_gguf_base(tmp_path, tok):
+    path = write_gguf(tmp_path / "m.gguf", hf_model("qwen2", tok.get_vocab_size()), tok, "F32")
+    full, half = from_pretrained(path), from_pretrained(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters()):
+        assert torch.equal(a.bfloat16(), b), name
+
+
+def test_a_folder_whose_name_ends_in_gguf_is_a_checkpoint_folder(tmp_path):
+    """Only a file named *.gguf is read as GGUF; a checkpoint folder may carry the suffix in its name."""
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, d_ff=32, max_position_embeddings=16))
+    save_pretrained(model, tmp_path / "converted.gguf")
+    loaded = from_pretrained(tmp_path / "converted.gguf")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_a_config_our_gpt_refuses_is_named_before_dequantizing(tmp_path, tok, monkeypatch):

@@ -350,10 +350,14 @@ def test_rmsnorm_of_a_bf16_input_is_computed_in_float32_and_rounded_before_the_w
     assert repr(norm) == "RMSNorm((64,), eps=1e-06)"
 
 
-def test_a_gated_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise():
-    gated = dict(mlp="gated", norm="rmsnorm", activation="silu", n_head=4, d_model=32)
-    assert GPT(GPTConfig(**gated, bias=True)).layers[0].mlp.gate_proj.bias is not None
-    assert GPT(GPTConfig(**gated, bias=True, mlp_bias=False)).layers[0].mlp.gate_proj.bias is None
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize(("bias", "mlp_bias", "has_bias"), [(True, None, True), (True, False, False), (False, True, True)])
+def test_the_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise(gated, bias, mlp_bias, has_bias):
+    """Both MLP kinds: gate/up/down_proj (gated) and fc1/fc2 (GPT-2/OPT-style)."""
+    kind = dict(mlp="gated", norm="rmsnorm", activation="silu") if gated else {}
+    block = GPT(GPTConfig(**kind, n_head=4, d_model=32, bias=bias, mlp_bias=mlp_bias)).layers[0]
+    linears = (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj) if gated else (block.fc1, block.fc2)
+    assert [lin.bias is not None for lin in linears] == [has_bias] * len(linears)
 
 
 def test_rope_tables_grown_for_a_longer_sequence_keep_the_llama3_scaling():
