@@ -46,12 +46,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, hd
         self.layer_idx = layer_idx
         self.attn_dropout = config.attn_dropout
-        qkv_bias = config.bias if config.attn_bias is None else config.attn_bias
+        qkv_bias = config.part_bias("attn_bias")
         self.q_proj = nn.Linear(d, self.n_head * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
         self.out_name = "o_proj" if config.gated else "out_proj"
-        o_bias = config.bias if config.o_bias is None else config.o_bias
+        o_bias = config.part_bias("o_bias")
         self.add_module(self.out_name, nn.Linear(self.n_head * hd, d, bias=o_bias))
 
     def forward(

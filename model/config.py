@@ -169,6 +169,12 @@ class GPTConfig:
     def attn_dropout(self) -> float:
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
+    def part_bias(self, flag: str) -> bool:
+        """Whether one part's Linears have biases: its own flag ("attn_bias" for q/k/v, "o_bias", "mlp_bias"), or
+        `bias` where that flag is None (GPT-2/OPT: one switch; Qwen2: q/k/v only)."""
+        own = getattr(self, flag)
+        return self.bias if own is None else own
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -43,7 +43,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        bias = config.bias if config.mlp_bias is None else config.mlp_bias
+        bias = config.part_bias("mlp_bias")
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=bias)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=bias)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=bias)
@@ -72,7 +72,7 @@ class Block(nn.Module):
         if config.gated:
             self.mlp = GatedMLP(config)
         else:
-            bias = config.bias if config.mlp_bias is None else config.mlp_bias
+            bias = config.part_bias("mlp_bias")
             self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=bias)
             self.act = _ACTIVATIONS[config.activation]()
             self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=bias)

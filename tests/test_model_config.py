@@ -61,3 +61,12 @@ def test_the_smallest_embedding_projection_is_one():
     assert GPTConfig(vocab_size=11, word_embed_proj_dim=1).word_embed_proj_dim == 1
     with pytest.raises(ValueError, match="word_embed_proj_dim"):
         GPTConfig(vocab_size=11, word_embed_proj_dim=0)
+
+
+@pytest.mark.parametrize("flag", ["attn_bias", "o_bias", "mlp_bias"])
+def test_a_parts_own_bias_flag_overrides_bias_only_when_set(flag):
+    for bias in (True, False):
+        assert GPTConfig(bias=bias).part_bias(flag) is bias
+        assert GPTConfig(bias=bias, **{flag: not bias}).part_bias(flag) is (not bias)
+    others = {"attn_bias", "o_bias", "mlp_bias"} - {flag}
+    assert not any(GPTConfig(bias=False, **{flag: True}).part_bias(o) for o in others)
