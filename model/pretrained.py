@@ -348,6 +348,9 @@ def _llama_config(hf: dict, model_type: str) -> GPTConfig:
         raise ValueError("Qwen2 with use_sliding_window=true is not supported (its window covers only some layers)")
     theta, scaling, fraction = _rope(hf)
     attention_bias = bool(hf.get("attention_bias", False)) if model_type == "llama" else False
+    # an absent key is the config class's default (Qwen2Config 32, MistralConfig 8); null (and LlamaConfig's
+    # default) means one key/value head per query head
+    n_kv_head = hf.get("num_key_value_heads", {"qwen2": 32, "mistral": 8}.get(model_type)) or n_head
     return GPTConfig(
         vocab_size=hf["vocab_size"],
         n_layer=hf["num_hidden_layers"],
@@ -369,7 +372,7 @@ def _llama_config(hf: dict, model_type: str) -> GPTConfig:
         rotary_fraction=fraction,
         norm="rmsnorm",
         mlp="gated",
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_kv_head=n_kv_head,
         head_dim=hf.get("head_dim") or d // n_head,
         rope_scaling=scaling,
         sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,  # MistralConfig's default

@@ -322,11 +322,14 @@ def test_rope_keys_of_either_config_layout_with_transformers_defaults():
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
 def test_a_config_with_only_the_required_keys_takes_transformers_defaults(model_type):
     """Our reading of a config.json that leaves every optional key out equals our reading of the same config filled
-    in by transformers' own config class (Mistral's absent sliding_window is its 4096, not none)."""
-    required = dict(COMMON, num_key_value_heads=2)
+    in by transformers' own config class (Mistral's absent sliding_window is its 4096, not none; an absent
+    num_key_value_heads is 32 in Qwen2, 8 in Mistral, n_head in Llama: 64 heads here, which both divide)."""
+    required = dict(COMMON, hidden_size=512, num_attention_heads=64)
     filled = transformers.AutoConfig.for_model(model_type, **required).to_dict()
     bare = config_from_hf({"model_type": model_type, **required}, "test")[1]
     assert bare == config_from_hf(filled, "test")[1]
+    assert bare.kv_heads == {"llama": 64, "qwen2": 32, "mistral": 8}[model_type]
+    assert config_from_hf({"model_type": model_type, **required, "num_key_value_heads": None}, "test")[1].kv_heads == 64
 
 
 def test_llama_config_reads_dropout_and_context_and_absent_bias_keys_mean_none():
