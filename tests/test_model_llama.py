@@ -354,7 +354,10 @@ def test_rmsnorm_of_a_bf16_input_is_computed_in_float32_and_rounded_before_the_w
 
 
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize(("bias", "mlp_bias", "has_bias"), [(True, None, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize(
+    ("bias", "mlp_bias", "has_bias"),
+    [(True, None, True), (True, False, False), (False, True, True), (False, None, False)],
+)
 def test_the_mlp_takes_the_blocks_bias_unless_mlp_bias_says_otherwise(gated, bias, mlp_bias, has_bias):
     """Both MLP kinds: gate/up/down_proj (gated) and fc1/fc2 (GPT-2/OPT-style)."""
     kind = dict(mlp="gated", norm="rmsnorm", activation="silu") if gated else {}
