@@ -116,15 +116,19 @@ def write_gguf(
     extra_tensors: dict[str, tuple[np.ndarray, str]] | None = None,
     architecture: str | None = None,
     tokenizer_model: str = "gpt2",
+    metadata: dict[str, str | int | float] | None = None,
 ) -> Path:
     """`model` (transformers Llama / Qwen2) and `tok` as a GGUF: 2-D weights quantized to `qtype` (a K-quant: random
     blocks, see random_k_blocks), norms and biases F32, q/k rows permuted for llama; `drop_keys` leaves metadata keys
     out, `extra_tensors` adds {name: (array, type)}, `architecture` and `tokenizer_model` override
-    general.architecture and tokenizer.ggml.model (for the bad-input tests)."""
+    general.architecture and tokenizer.ggml.model, `metadata` replaces or adds `<arch>.<key>` values (str, int as
+    uint32, float as float32) (for the bad-input tests). `attention.key_length` is written when head_dim is not
+    hidden_size / heads, as llama.cpp's converter does."""
     import gguf
 
     cfg = model.config
     arch = cfg.model_type
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer = gguf.GGUFWriter(str(path), architecture or arch)
     kv = {
         "context_length": (writer.add_context_length, cfg.max_position_embeddings),
@@ -135,12 +139,18 @@ def write_gguf(
         "attention.head_count_kv": (writer.add_head_count_kv, cfg.num_key_value_heads),
         "rope.freq_base": (writer.add_rope_freq_base, float(cfg.rope_parameters["rope_theta"])),
         "attention.layer_norm_rms_epsilon": (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps),
-        "rope.dimension_count": (writer.add_rope_dimension_count, cfg.hidden_size // cfg.num_attention_heads),
+        "rope.dimension_count": (writer.add_rope_dimension_count, head_dim),
         "vocab_size": (writer.add_vocab_size, cfg.vocab_size),
     }
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        kv["attention.key_length"] = (writer.add_key_length, head_dim)
+    extra = dict(metadata or {})
     for key, (add, value) in kv.items():
         if key not in drop_keys:
-            add(value)
+            add(extra.pop(key, value))
+    for key, value in extra.items():
+        typed = {str: writer.add_string, int: writer.add_uint32, float: writer.add_float32}[type(value)]
+        typed(f"{arch}.{key}", value)
     if "tokenizer" not in drop_keys:
         spec = json.loads(tok.to_str())
         vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])

@@ -187,6 +187,67 @@ def test_llama3_divisors_equal_transformers_at_other_band_edges(low, high):
     np.testing.assert_allclose(llama3_divisors(24, 1e4, scaling), plain / llama3.double().numpy(), rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- optional metadata
+
+
+def _logits_equal_the_source(path: Path, hf: torch.nn.Module, vocab_size: int) -> None:
+    """An F32 file loses nothing: our model of it computes the source model's logits."""
+    x = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_logits_close(from_pretrained(path)(x), hf(x).logits)
+
+
+def test_optional_metadata_keys_take_their_defaults(tmp_path, tok):
+    """Without vocab_size, head_count_kv, freq_base and dimension_count: the token count, a key/value head per head,
+    theta 10000 and full rotation, as transformers' GGUF loading assumes."""
+    V = tok.get_vocab_size()
+    hf = hf_model("llama", V, num_key_value_heads=4)
+    dropped = ("vocab_size", "attention.head_count_kv", "rope.freq_base", "rope.dimension_count")
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, "F32", drop_keys=dropped)
+    config, _ = read_gguf(path, tensors=False)
+    assert (config["vocab_size"], config["num_key_value_heads"], config["rope_theta"]) == (V, 4, 10000.0)
+    assert config["head_dim"] == 16
+    _logits_equal_the_source(path, hf, V)
+
+
+def test_vocab_size_in_the_metadata_wins_over_the_token_count(tmp_path, tok):
+    """An embedding with more rows than the tokenizer has tokens (padded for speed): the metadata says how many."""
+    V = tok.get_vocab_size() + 8
+    hf = hf_model("qwen2", V)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, "F32")
+    assert from_pretrained(path).embed_tokens.weight.shape == (V, 64)
+    _logits_equal_the_source(path, hf, tok.get_vocab_size())
+
+
+def test_head_dim_from_key_length(tmp_path, tok):
+    """Heads of 24 dims in a 64-wide model (head_dim set apart from hidden_size / heads): attention.key_length."""
+    V = tok.get_vocab_size()
+    hf = hf_model("llama", V, head_dim=24)
+    path = write_gguf(tmp_path / "m.gguf", hf, tok, "F32")
+    assert read_gguf(path, tensors=False)[0]["head_dim"] == 24
+    _logits_equal_the_source(path, hf, V)
+
+
+def test_partial_rotation_is_refused_by_name(tmp_path, tok):
+    path = write_gguf(
+        tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, metadata={"rope.dimension_count": 8}
+    )
+    with pytest.raises(ValueError) as err:
+        from_pretrained(path)
+    assert str(err.value) == f"{path}: RoPE rotates 8 of each head's 16 dims; only full rotation is supported."
+
+
+def test_rope_scaling_type_none_is_plain_rope_and_another_is_refused(tmp_path, tok):
+    V = tok.get_vocab_size()
+    hf = hf_model("llama", V)
+    plain = write_gguf(tmp_path / "none.gguf", hf, tok, "F32", metadata={"rope.scaling.type": "none"})
+    _logits_equal_the_source(plain, hf, V)
+    linear = write_gguf(tmp_path / "linear.gguf", hf, tok, "F32", metadata={"rope.scaling.type": "linear"})
+    with pytest.raises(ValueError) as err:
+        from_pretrained(linear)
+    assert str(err.value) == f"{linear}: RoPE scaling 'linear' is not supported (Llama 3's, as rope_freqs, is)."
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -218,7 +279,11 @@ def test_truncated_file(tmp_path, tok, keep):
     full = write_gguf(tmp_path / "full.gguf", hf_model("llama", tok.get_vocab_size()), tok).read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(full[:keep])
-    with pytest.raises(ValueError, match=r"cut\.gguf (is not a GGUF file|cannot be read as GGUF; the file is trunc)"):
+    message = (
+        rf"(?s)^{re.escape(str(path))} (is not a GGUF file: it starts with b'GGU', not b'GGUF'\.|cannot be read as "
+        r"GGUF; the file is truncated or damaged \([A-Za-z]*Error: .*\)\. Download or convert it again\.)$"
+    )
+    with pytest.raises(ValueError, match=message):
         from_pretrained(path)
 
 
@@ -232,11 +297,16 @@ def test_unsupported_architecture(tmp_path, tok):
 
 def test_unsupported_tensor_type(tmp_path, tok):
     """TQ2_0 (ternary) is a type the gguf package writes but this loader does not take: named with the supported."""
-    extra = {"blk.0.ffn_extra.weight": (np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32), "TQ2_0")}
+    w = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)
+    extra = {"blk.0.ffn_extra.weight": (w, "TQ2_0"), "blk.1.ffn_extra.weight": (w, "TQ1_0")}
     path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, extra_tensors=extra)
-    with pytest.raises(ValueError, match=r"m\.gguf: tensor type\(s\) TQ2_0 cannot be dequantized here; supported: F32"):
+    with pytest.raises(ValueError) as err:
         from_pretrained(path)
-    assert "TQ2_0" not in SUPPORTED_TYPES
+    assert str(err.value) == (
+        f"{path}: tensor type(s) TQ1_0, TQ2_0 cannot be dequantized here; supported: F32, F16, BF16, Q4_0, Q4_1, "
+        "Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K. Use a GGUF quantized to one of those."
+    )
+    assert not {"TQ1_0", "TQ2_0"} & set(SUPPORTED_TYPES)
 
 
 def test_no_tokenizer_metadata(tmp_path, tok):
@@ -244,6 +314,12 @@ def test_no_tokenizer_metadata(tmp_path, tok):
     for load in (from_pretrained, load_tokenizer):
         with pytest.raises(ValueError, match=r"m\.gguf: the GGUF has no tokenizer metadata"):
             load(path)
+    with pytest.raises(ValueError) as err:
+        read_gguf(path)
+    assert str(err.value) == (
+        f"{path}: the GGUF has no tokenizer metadata (tokenizer.ggml.tokens); fine-tuning needs the model's own "
+        "tokenizer. Convert the model again with llama.cpp's convert_hf_to_gguf.py, which stores it."
+    )
 
 
 def test_missing_metadata_key(tmp_path, tok):
@@ -253,11 +329,18 @@ def test_missing_metadata_key(tmp_path, tok):
         from_pretrained(path)
 
 
-def test_a_tensor_without_a_place_is_named(tmp_path, tok):
-    extra = {"blk.0.ffn_gate_exps.weight": (np.ones((4, 32), np.float32), "F32")}
+@pytest.mark.parametrize("name", ["blk.0.ffn_gate_exps.weight", "token_types.weight", "token_embd.extra.weight"])
+def test_a_tensor_without_a_place_is_named(tmp_path, tok, name):
+    """A mixture-of-experts tensor, a top-level name we do not know, a known top-level name with a part too many."""
+    extra = {name: (np.ones((4, 32), np.float32), "F32")}
     path = write_gguf(tmp_path / "m.gguf", hf_model("llama", tok.get_vocab_size()), tok, extra_tensors=extra)
-    with pytest.raises(ValueError, match=r"m\.gguf: tensor 'blk\.0\.ffn_gate_exps\.weight' has no place"):
+    with pytest.raises(ValueError) as err:
         from_pretrained(path)
+    assert str(err.value) == (
+        f"{path}: tensor {name!r} has no place in a Llama-family model (known: token_embd, output_norm, output, "
+        "blk.N.{attn_norm,ffn_norm,attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}); a mixture-of-experts "
+        "or fused-QKV file is not supported."
+    )
 
 
 def test_a_missing_tensor_is_named_with_the_file(tmp_path, tok):

@@ -491,6 +491,8 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path, case, change, messa
         (dict(norm="batchnorm"), "GPTConfig.norm='batchnorm' is unknown; choose one of layernorm, rmsnorm"),
         (dict(mlp="moe"), "GPTConfig.mlp='moe' is unknown; choose one of standard, gated"),
         (dict(n_kv_head=0), "GPTConfig.n_kv_head must be a positive int or None, got 0"),
+        (dict(head_dim=True), "GPTConfig.head_dim must be a positive int or None, got True"),
+        (dict(sliding_window=64.0), "GPTConfig.sliding_window must be a positive int or None, got 64.0"),
         (dict(d_model=30), "GPTConfig.d_model (30) must be divisible by n_head (4); pick n_head among the divisors"),
         (dict(position_embedding="alibi", rope_scaling=LLAMA3), "rope_scaling applies to rope positions, not 'alibi'"),
         (dict(rope_scaling={**LLAMA3, "low_freq_factor": 4.0}), "needs high_freq_factor > low_freq_factor, got 4.0"),
