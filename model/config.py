@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 TABLE_POSITIONS = ("learned", "sinusoidal")  # position kinds with a fixed-size table: a hard length limit
@@ -169,7 +170,7 @@ class GPTConfig:
     def attn_dropout(self) -> float:
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
-    def part_bias(self, flag: str) -> bool:
+    def part_bias(self, flag: Literal["attn_bias", "o_bias", "mlp_bias"]) -> bool:
         """Whether one part's Linears have biases: its own flag ("attn_bias" for q/k/v, "o_bias", "mlp_bias"), or
         `bias` where that flag is None (GPT-2/OPT: one switch; Qwen2: q/k/v only)."""
         own = getattr(self, flag)

@@ -199,7 +199,9 @@ def _logits_equal_the_source(path: Path, hf: torch.nn.Module, vocab_size: int) -
 
 def test_optional_metadata_keys_take_their_defaults(tmp_path, tok):
     """Without vocab_size, head_count_kv, freq_base and dimension_count: the token count, a key/value head per head,
-    theta 10000 and full rotation, as transformers' GGUF loading assumes."""
+    theta 10000 and full rotation, the values transformers' GGUF loading puts in its config (checked by hand with
+    transformers 5.25, whose q/k weights of a file without head_count_kv come out permuted wrongly; ours equal the
+    source model's)."""
     V = tok.get_vocab_size()
     hf = hf_model("llama", V, num_key_value_heads=4)
     dropped = ("vocab_size", "attention.head_count_kv", "rope.freq_base", "rope.dimension_count")
@@ -211,7 +213,7 @@ def test_optional_metadata_keys_take_their_defaults(tmp_path, tok):
 
 
 def test_vocab_size_in_the_metadata_wins_over_the_token_count(tmp_path, tok):
-    """An embedding with more rows than the tokenizer has tokens (padded for speed): the metadata says how many."""
+    """An embedding with more rows than the token list has entries: the metadata's vocab_size says how many."""
     V = tok.get_vocab_size() + 8
     hf = hf_model("qwen2", V)
     path = write_gguf(tmp_path / "m.gguf", hf, tok, "F32")
